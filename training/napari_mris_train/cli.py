@@ -1,0 +1,40 @@
+"""`napari-mris-train`: one subcommand per module, so each stays readable on its own.
+
+Each subcommand module exposes `add_arguments(parser)` and `run(args) -> int`; it is imported only
+when its subcommand runs, so `napari-mris-train --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "tokenizers": ("napari_mris_train.tokenizer_training", "train (or --eval) the image, mask and text tokenizers"),
+    "train": ("napari_mris_train.trainer", "train the decoder with the NTP-MRISeg losses"),
+    "finetune": ("napari_mris_train.finetune", "LoRA fine-tuning on a dataset or a corrections folder"),
+    "eval": ("napari_mris_train.evaluate", "Dice / mIoU / text-shuffle / N-Acc on a validation split"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="napari-mris-train", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    chosen = argv[0] if argv else None
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text)
+        if name == chosen:  # import only the module that will run
+            importlib.import_module(module_name).add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
