@@ -1,0 +1,41 @@
+"""Shared test fixtures.
+
+Tests that need the real data beside the repository (`../shared/data`) use the `shared_data` fixture,
+which skips with a clear reason on a fresh clone where that folder is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MRIS_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real data folder (QaTa-COV19, ct-3slice); skips when it is not beside the repository."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (set MRIS_SHARED_DATA to point at it)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def qata_root(shared_data: Path) -> Path:
+    root = shared_data / "QaTa-COV19"
+    if not root.is_dir():
+        pytest.skip(f"QaTa-COV19 not found at {root}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def ct_3slice(shared_data: Path) -> Path:
+    root = shared_data / "ct-3slice"
+    if not root.is_dir():
+        pytest.skip(f"ct-3slice not found at {root}")
+    return root
