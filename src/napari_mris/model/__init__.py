@@ -1,0 +1,1 @@
+"""The token model: vocabulary layout, sequence building, the Llama decoder and decoding."""
