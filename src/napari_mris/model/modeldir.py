@@ -88,8 +88,7 @@ def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], 
         raise ModelDirectoryError(f"{source} does not match config.json: {exc}") from exc
     if missing or unexpected:
         raise ModelDirectoryError(
-            f"{source} does not match config.json: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
+            f"{source} does not match config.json: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
 
 
