@@ -1,0 +1,327 @@
+"""`napari-mris`: predict masks for files or LViT folders, open the demo, print model information.
+
+    napari-mris predict INPUT... (--prompt TEXT | --prompts FILE.csv|.xlsx) --out DIR [--model DIR]
+                        [--order scale|raster] [--samples N] [--device auto|cpu|cuda]
+    napari-mris demo [--model DIR]
+    napari-mris info [--model DIR] [--device auto|cpu|cuda]
+
+Every problem a user can cause (missing file, bad table, empty prompt, missing model) ends the command with
+one line on stderr and exit code 2, never a traceback. `predict` rewrites `predictions.csv` after every
+image, atomically, so an interrupted run leaves a table that matches the masks already written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from napari_mris import __version__
+from napari_mris.errors import DatasetError, MRISError, PromptError
+
+EXIT_USAGE = 2
+EXIT_BUG = 1
+MASK_PREFIX = "mask_"
+TEXT_SUFFIXES = (".csv", ".xlsx")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line (exit 2) instead of usage text + message."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise MRISError(f"{message} (see {self.prog} --help)")
+
+
+@dataclass
+class Job:
+    """One image to segment and the prompt to use for it."""
+
+    image: Path
+    prompt: str
+
+
+# ---------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.run(args) or 0)
+    except MRISError as exc:
+        print(f"napari-mris: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"napari-mris: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("napari-mris: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: still one line, with a way to see the traceback
+        if os.environ.get("NAPARI_MRIS_DEBUG"):
+            raise
+        print(
+            f"napari-mris: internal error: {type(exc).__name__}: {exc} (set NAPARI_MRIS_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_BUG
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="napari-mris", description="Medical referring image segmentation with a token model.")
+    parser.add_argument("--version", action="version", version=f"napari-mris {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    predict = commands.add_parser("predict", help="write a mask PNG per input image and predictions.csv")
+    predict.add_argument(
+        "inputs", nargs="+", type=Path, metavar="INPUT", help="image files, DICOM folders or LViT split folders"
+    )
+    prompts = predict.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", help="one description used for every input")
+    prompts.add_argument(
+        "--prompts", type=Path, metavar="FILE", help="table (.csv/.xlsx) with columns Image, Description"
+    )
+    predict.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    _model_options(predict)
+    predict.add_argument("--order", choices=("scale", "raster"), default="scale", help="coarse-to-fine or raster")
+    predict.add_argument("--samples", type=int, default=1, help="N > 1: consensus of N sampled masks")
+    predict.add_argument("--beam", type=int, default=1, help="beam width (raster order only)")
+    predict.set_defaults(run=run_predict)
+
+    demo = commands.add_parser("demo", help="open napari with a phantom chest X-ray and segment its description")
+    demo.add_argument("--model", default="default", help="model directory (default: the packaged model)")
+    demo.add_argument("--seed", type=int, default=7, help="which phantom to draw")
+    demo.set_defaults(run=run_demo)
+
+    info = commands.add_parser("info", help="print the model, the device and software versions")
+    _model_options(info)
+    info.set_defaults(run=run_info)
+    return parser
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default", help="model directory (default: the packaged model)")
+    parser.add_argument("--adapter", default=None, help="LoRA adapter name inside the model directory")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run the model")
+
+
+# ---------------------------------------------------------------------- predict
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from napari_mris.io import read_slice, write_png
+    from napari_mris.io.atomic import write_text_atomic
+    from napari_mris.pipeline import MRISPipeline
+
+    jobs = collect_jobs(args.inputs, args.prompt, args.prompts)
+    _check_unique_stems(jobs)
+    pipeline = MRISPipeline.from_pretrained(args.model, device=args.device, adapter=args.adapter)
+    settings = pipeline.settings(order=args.order, samples=args.samples, beam=args.beam)  # fail before any work
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[tuple[str, str, bool, float]] = []
+    for number, job in enumerate(jobs, start=1):
+        start = time.perf_counter()
+        image = read_slice(job.image, expect_2d=True)
+        result = pipeline.segment(
+            image.pixels, job.prompt, window=image.window, order=settings.order, samples=settings.samples,
+            temperature=settings.temperature, beam=settings.beam,
+        )  # fmt: skip
+        write_png(args.out / f"{MASK_PREFIX}{_stem(job.image)}.png", result.mask, binary=True)
+        seconds = time.perf_counter() - start
+        rows.append((job.image.name, job.prompt, result.rejected, seconds))
+        write_text_atomic(args.out / "predictions.csv", _predictions_csv(rows))
+        verdict = "target not found" if result.rejected else f"{int(result.mask.sum())} pixels"
+        print(f"[{number}/{len(jobs)}] {job.image.name}: {verdict}, {seconds:.2f} s", flush=True)
+    return 0
+
+
+def collect_jobs(inputs: list[Path], prompt: str | None, prompts_file: Path | None) -> list[Job]:
+    """Expand LViT split folders to their images and give every image its prompt."""
+    table = read_prompt_table(prompts_file) if prompts_file is not None else None
+    jobs: list[Job] = []
+    for item in inputs:
+        if not item.exists():
+            raise DatasetError(f"{item}: no such file or folder")
+        image_dir = _child(item, "img") if item.is_dir() else None
+        if image_dir is None:
+            jobs.append(Job(item, _prompt_for(item, prompt, table, None)))
+            continue
+        split_table = table if (prompt is not None or table is not None) else read_prompt_table(find_text_file(item))
+        images = sorted(
+            p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        )
+        if not images:
+            raise DatasetError(f"{image_dir}: no images (.png/.jpg/.tif) in this LViT img/ folder")
+        jobs.extend(Job(path, _prompt_for(path, prompt, split_table, item)) for path in images)
+    return jobs
+
+
+def _prompt_for(image: Path, prompt: str | None, table: dict[str, str] | None, split: Path | None) -> str:
+    if prompt is not None:
+        if not prompt.strip():
+            raise PromptError("--prompt is empty; describe the finding, e.g. --prompt 'lower left lung'")
+        return prompt
+    if table is None:
+        raise MRISError(
+            f"No prompt for {image.name}: give --prompt TEXT or --prompts FILE (columns Image, Description)"
+        )
+    text = table.get(_key(image.name))
+    if not text:
+        where = f"the description table of {split}" if split is not None else "the --prompts table"
+        raise PromptError(f"No description for {image.name} in {where}")
+    return text
+
+
+def find_text_file(folder: Path) -> Path:
+    """The LViT split's description table: exactly one `*_text.csv` or `*_text.xlsx`."""
+    found = [
+        p
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES and p.stem.lower().endswith("_text")
+        and not p.name.startswith(("~$", "."))
+    ]  # fmt: skip
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)}"
+        raise DatasetError(f"{folder}: {what} description tables (*_text.csv / *_text.xlsx); expected exactly one")
+    return found[0]
+
+
+def read_prompt_table(path: Path) -> dict[str, str]:
+    """{image key: description} from an LViT table (columns Image, Description; .csv with , ; or tab, or .xlsx)."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: prompt table not found")
+    if path.suffix.lower() not in TEXT_SUFFIXES:
+        raise DatasetError(f"{path}: a prompt table must be .csv or .xlsx")
+    rows = _xlsx_rows(path) if path.suffix.lower() == ".xlsx" else _csv_rows(path)
+    if not rows:
+        raise DatasetError(f"{path}: the prompt table is empty")
+    header = [str(cell or "").strip().lower() for cell in rows[0]]
+    if "image" not in header or "description" not in header:
+        raise DatasetError(f"{path}: expected columns Image and Description in the first row, found {rows[0]}")
+    image_col, text_col = header.index("image"), header.index("description")
+    table: dict[str, str] = {}
+    for row in rows[1:]:
+        image = str(row[image_col] or "").strip() if image_col < len(row) else ""
+        text = str(row[text_col] or "").strip() if text_col < len(row) else ""
+        if image and text:
+            table.setdefault(_key(image), text)
+    return table
+
+
+def _csv_rows(path: Path) -> list[list[object]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        text = path.read_text(encoding="latin-1")
+    lines = text.splitlines()
+    first = lines[0].lower() if lines else ""
+    delimiter = next((sep for sep in (";", "\t") if {"image", "description"} <= _cells(first, sep)), ",")
+    return [row for row in csv.reader(lines, delimiter=delimiter) if any(cell.strip() for cell in row)]
+
+
+def _cells(line: str, sep: str) -> set[str]:
+    return {cell.strip().strip('"') for cell in line.split(sep)}
+
+
+def _xlsx_rows(path: Path) -> list[list[object]]:
+    import openpyxl
+
+    try:
+        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except Exception as exc:  # openpyxl raises several unrelated types for a damaged file
+        raise DatasetError(f"{path}: cannot read the Excel file ({type(exc).__name__}: {exc})") from exc
+    try:
+        return [list(row) for row in book.worksheets[0].iter_rows(values_only=True) if any(c is not None for c in row)]
+    finally:
+        book.close()
+
+
+def _key(name: str) -> str:
+    """`mask_abc.png`, `abc.png` and `abc` all name image `abc` (case-insensitive)."""
+    stem = Path(name.replace("\\", "/")).name.lower()
+    if Path(stem).suffix in IMAGE_SUFFIXES + (".dcm",):
+        stem = Path(stem).stem
+    return stem[len(MASK_PREFIX) :] if stem.startswith(MASK_PREFIX) else stem
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz",):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem if path.is_file() else name
+
+
+def _check_unique_stems(jobs: list[Job]) -> None:
+    seen: dict[str, Path] = {}
+    for job in jobs:
+        stem = _stem(job.image)
+        if stem in seen:
+            raise DatasetError(f"{job.image} and {seen[stem]} would both write mask_{stem}.png; rename one of them")
+        seen[stem] = job.image
+
+
+def _child(folder: Path, name: str) -> Path | None:
+    return next((p for p in folder.iterdir() if p.is_dir() and p.name.lower() == name), None)
+
+
+def _predictions_csv(rows: list[tuple[str, str, bool, float]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", "prompt", "rejected", "seconds"])
+    for image, prompt, rejected, seconds in rows:
+        writer.writerow([image, prompt, str(bool(rejected)).lower(), f"{seconds:.3f}"])
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------- demo and info
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """napari with a phantom chest X-ray, the widget docked, its description typed in and Segment pressed."""
+    import napari
+    import numpy as np
+
+    from napari_mris._widget import MRISWidget
+    from napari_mris.io import Slice
+    from napari_mris.phantom import make_phantom
+    from napari_mris.pipeline import resolve_model_dir
+
+    model = resolve_model_dir(args.model)  # a missing model fails here, before a window opens
+    phantom = make_phantom(args.seed)
+    source = Slice(phantom.image, spacing=(1.0, 1.0), origin=(0.0, 0.0), direction=np.eye(2), name="phantom")
+    viewer = napari.Viewer(title="napari-mris demo")
+    viewer.add_image(phantom.image, name="phantom chest X-ray", metadata={"mris_slice": source})
+    widget = MRISWidget(viewer, model=model)
+    viewer.window.add_dock_widget(widget, name="MRIS", area="right")
+    widget.set_prompt(phantom.description)
+    widget.segment()
+    napari.run()
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from napari_mris.export import software_versions
+    from napari_mris.pipeline import MRISPipeline
+
+    for name, version in software_versions().items():
+        print(f"{name:13s} {version}")
+    info = MRISPipeline.from_pretrained(args.model, device=args.device, adapter=args.adapter).info()
+    print(f"{'model':13s} {info['model_id']} (hash {info['model_hash']})")
+    print(f"{'model dir':13s} {info['model_dir']}")
+    print(f"{'adapter':13s} {info['adapter'] or 'none'}")
+    print(f"{'device':13s} {info['device']}")
+    print(f"{'orders':13s} {', '.join(info['orders'])}")
+    print(f"{'image size':13s} {info['image_size']} px")
+    print(f"{'parameters':13s} {info['parameters']:,} (decoder)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""The decoder: a small `transformers.LlamaForCausalLM` plus a scale embedding and NkTP heads.
+
+Llama (RMSNorm, grouped-query attention, SwiGLU, rotary positions) is the paper's architecture; here it is
+sized by `DecoderConfig` to train on a CPU and scaled up by config on a GPU. Around it:
+
+- `scale_embed`: a learned embedding added to the input of next-scale slots (`scale_ids` = k for scale k,
+  0 = none; row 0 stays zero), so the slots of different scales are told apart.
+- `nktp_heads`: for offsets j = 2..k, a zero-initialised residual block (Medusa) whose output goes through
+  the SHARED `lm_head`. They are trained to predict the token j steps ahead (NkTP) and propose tokens for
+  self-speculative decoding. `nktp_logits` can slice the unembedding to the mask codes, so 15 heads cost
+  15 x (hidden x K) rather than 15 x (hidden x vocab).
+
+Embeddings are untied (`tie_word_embeddings=False`): the same id means different things as an input slot
+(an upsampled coarser code) and as an output (a code of this scale), and untied weights keep the
+safetensors file free of shared tensors and the LoRA merge simple.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from napari_mris.errors import ModelDirectoryError
+from napari_mris.model import modeldir
+from napari_mris.model.vocab import BOS, EOS, PAD, VocabLayout
+
+WEIGHTS_NAME = "model.safetensors"
+ADAPTERS_DIR = "adapters"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_BASE = "base_model.json"
+
+
+@dataclass
+class DecoderConfig:
+    """Architecture of the decoder; stored as the `decoder` section of config.json."""
+
+    vocab_size: int
+    hidden_size: int = 256
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    intermediate_size: int = 704
+    max_position_embeddings: int = 1024
+    dropout: float = 0.1
+    nktp_k: int = 16
+    n_scales: int = 8
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.nktp_k < 1:
+            raise ValueError(f"nktp_k must be >= 1 (1 = no extra heads), got {self.nktp_k}")
+        if self.n_scales < 0:
+            raise ValueError(f"n_scales must be >= 0, got {self.n_scales}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DecoderConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown decoder settings {unknown}")
+        return cls(**data)
+
+    def llama_config(self) -> LlamaConfig:
+        return LlamaConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            hidden_act="silu",
+            max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            attention_dropout=self.dropout,
+            tie_word_embeddings=False,
+            pad_token_id=PAD,
+            bos_token_id=BOS,
+            eos_token_id=EOS,
+            attn_implementation="sdpa",
+        )
+
+
+@dataclass
+class DecoderOutput:
+    logits: torch.Tensor  # [B, Q, V] (or the last `logits_to_keep` positions)
+    hidden_states: torch.Tensor  # [B, Q, H], last layer after the final RMSNorm (what lm_head sees)
+    past_key_values: Any  # transformers Cache when use_cache, else None
+
+
+class ResidualBlock(nn.Module):
+    """Medusa head body: x + SiLU(W x + b), zero-initialised so a new head starts as the next-token head."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.silu(self.linear(x))
+
+
+class MRISDecoder(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.llama = LlamaForCausalLM(config.llama_config())
+        self.scale_embed = nn.Embedding(config.n_scales + 1, config.hidden_size, padding_idx=0)
+        nn.init.normal_(self.scale_embed.weight, std=0.02)
+        with torch.no_grad():
+            self.scale_embed.weight[0].zero_()
+        self.nktp_heads = nn.ModuleList(ResidualBlock(config.hidden_size) for _ in range(config.nktp_k - 1))
+
+    def base_llama(self) -> LlamaForCausalLM:
+        """The LlamaForCausalLM, also when `self.llama` is wrapped in a peft model during fine-tuning."""
+        get_base = getattr(self.llama, "get_base_model", None)
+        return get_base() if callable(get_base) else self.llama
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.base_llama().lm_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        scale_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+        position_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> DecoderOutput:
+        """Logits and final hidden states; `attention_mask` is None (causal) or additive float [B, 1, Q, K]."""
+        llama = self.base_llama()
+        embeds = llama.get_input_embeddings()(input_ids)
+        if scale_ids is not None:
+            embeds = embeds + self.scale_embed(scale_ids)
+        if attention_mask is not None:
+            if attention_mask.dim() != 4:
+                raise ValueError(
+                    f"attention_mask must be additive float [B, 1, Q, K], got shape {tuple(attention_mask.shape)}"
+                )
+            if attention_mask.dtype == torch.bool:
+                raise ValueError(
+                    "attention_mask must be additive float (0 = attend, large negative = blocked), not bool"
+                )
+            attention_mask = attention_mask.to(embeds.dtype)
+        out = llama.model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_ids=position_ids,
+        )
+        hidden = out.last_hidden_state
+        logits = llama.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        return DecoderOutput(logits, hidden, out.past_key_values if use_cache else None)
+
+    def nktp_logits(self, hidden_states: torch.Tensor, offset: int, vocab_slice: slice | None = None) -> torch.Tensor:
+        """Logits for the token `offset` steps ahead (offset 1 is `lm_head` itself, 2..k are the NkTP heads)."""
+        if not 2 <= offset <= self.config.nktp_k:
+            raise ValueError(f"NkTP offset must be in 2..{self.config.nktp_k}, got {offset}")
+        weight = self.lm_head.weight if vocab_slice is None else self.lm_head.weight[vocab_slice]
+        return F.linear(self.nktp_heads[offset - 2](hidden_states), weight)
+
+
+def lora_target_modules() -> list[str]:
+    """The Llama projections LoRA adapts (attention and SwiGLU MLP)."""
+    return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# -- model directory ---------------------------------------------------------------------------------------------
+
+
+def save_decoder(decoder: MRISDecoder, layout: VocabLayout, model_dir: str | Path) -> None:
+    """Write `model.safetensors` and the `decoder`/`vocab`/`nktp_k` sections of config.json."""
+    if decoder.base_llama() is not decoder.llama:
+        raise ValueError("save_decoder needs a plain decoder; save a LoRA fine-tune with save_adapter()")
+    if layout.vocab_size != decoder.config.vocab_size:
+        raise ValueError(f"vocabulary has {layout.vocab_size} ids but the decoder {decoder.config.vocab_size}")
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    modeldir.save_weights(model_dir / WEIGHTS_NAME, decoder.state_dict(), metadata={"format": "pt"})
+    modeldir.update_config(
+        model_dir, decoder=decoder.config.to_dict(), vocab=layout.to_dict(), nktp_k=decoder.config.nktp_k
+    )
+
+
+def read_decoder_config(model_dir: str | Path) -> tuple[DecoderConfig, VocabLayout]:
+    """The decoder and vocabulary sections of config.json, checked against each other."""
+    config = modeldir.read_config(model_dir)
+    path = Path(model_dir) / modeldir.CONFIG_NAME
+    for section in ("decoder", "vocab"):
+        if section not in config:
+            raise ModelDirectoryError(f"{path} has no '{section}' section; the decoder was never saved here")
+    try:
+        decoder_config = DecoderConfig.from_dict(config["decoder"])
+        layout = VocabLayout.from_dict(config["vocab"])
+    except (TypeError, ValueError) as exc:
+        raise ModelDirectoryError(f"{path}: invalid decoder/vocab section: {exc}") from exc
+    if layout.vocab_size != decoder_config.vocab_size:
+        raise ModelDirectoryError(
+            f"{path}: the vocab section gives {layout.vocab_size} ids but the decoder has {decoder_config.vocab_size}"
+        )
+    return decoder_config, layout
+
+
+def load_decoder(
+    model_dir: str | Path, adapter: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[MRISDecoder, VocabLayout]:
+    """Build the decoder from config.json, load `model.safetensors`, optionally merge a LoRA adapter; eval mode."""
+    model_dir = Path(model_dir)
+    decoder_config, layout = read_decoder_config(model_dir)
+    decoder = MRISDecoder(decoder_config)
+    state = modeldir.load_weights(model_dir, WEIGHTS_NAME)
+    modeldir.load_state_checked(decoder, state, model_dir / WEIGHTS_NAME)
+    if adapter is not None:
+        decoder.llama = _merged_adapter(decoder.llama, model_dir, adapter)
+    return decoder.to(device).eval(), layout
+
+
+def adapter_dir(model_dir: str | Path, name: str) -> Path:
+    if not name or "/" in name or "\\" in name or name in {".", ".."}:
+        raise ModelDirectoryError(f"invalid adapter name {name!r}")
+    return Path(model_dir) / ADAPTERS_DIR / name
+
+
+def _merged_adapter(llama: LlamaForCausalLM, model_dir: Path, name: str) -> LlamaForCausalLM:
+    """Load `adapters/<name>` (safetensors only), refuse it if it was trained on other base weights, merge it."""
+    from peft import PeftModel
+
+    folder = adapter_dir(model_dir, name)
+    if not folder.is_dir():
+        available = sorted(p.name for p in (model_dir / ADAPTERS_DIR).glob("*") if p.is_dir())
+        raise ModelDirectoryError(f"adapter {name!r} not found in {model_dir / ADAPTERS_DIR} (available: {available})")
+    for required in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_BASE):
+        modeldir.require_file(folder, required)
+    base_file = folder / ADAPTER_BASE
+    try:
+        recorded = json.loads(base_file.read_text(encoding="utf-8"))["base_model_hash"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ModelDirectoryError(f"{base_file} does not hold a base_model_hash: {exc}") from exc
+    actual = modeldir.model_hash(model_dir)
+    if recorded != actual:
+        raise ModelDirectoryError(
+            f"adapter {folder} was trained on base model {recorded}, but {model_dir} holds model {actual}; "
+            "retrain the adapter on this model"
+        )
+    try:
+        peft_model = PeftModel.from_pretrained(llama, str(folder), is_trainable=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelDirectoryError(f"{folder / ADAPTER_WEIGHTS} does not fit this decoder: {exc}") from exc
+    return peft_model.merge_and_unload()
+
+
+def save_adapter(peft_llama: Any, model_dir: str | Path, name: str) -> Path:
+    """Save a peft-wrapped `decoder.llama` as `adapters/<name>/` (safetensors + base hash), replacing it atomically."""
+    model_dir = Path(model_dir)
+    target = adapter_dir(model_dir, name)
+    base_hash = modeldir.model_hash(model_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        peft_llama.save_pretrained(str(staging), safe_serialization=True)
+        (staging / ADAPTER_BASE).write_text(json.dumps({"base_model_hash": base_hash}) + "\n", encoding="utf-8")
+        if target.exists():
+            old = target.with_name(f".{name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

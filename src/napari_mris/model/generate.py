@@ -1,0 +1,248 @@
+"""Autoregressive decoding of a mask, as one generator that streams partial results.
+
+`autoregressive_infer` runs the prefix once (KV cache), lets the model decide `[SOV]` (target present) or
+`[REJ]` (absent), feeds the forced header `[SOV] [ORDER] [Gm] [Gm] [SOT]` and then writes the mask:
+
+- raster: one token per forward pass, row by row; greedy, sampling, beam search, or greedy with
+  self-speculative decoding (the NkTP heads propose, one forward pass verifies; output identical to greedy);
+- next-scale: one forward pass per scale over all its slots (block attention: the slots see the cache and
+  each other), so a 1x1 preview comes first and every later scale refines it.
+
+Only legal tokens are ever emitted: `LegalTokens` (a transformers `LogitsProcessor`, so the same object also
+plugs into `generate()`) sets every other logit to -inf before any choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import LogitsProcessor
+
+from napari_mris.model.decoder import MRISDecoder
+from napari_mris.model.sequence import check_scales, mask_header, scale_slots
+from napari_mris.model.vocab import REJ, SOV, VocabLayout
+
+
+@dataclass
+class DecodeStep:
+    """One streamed update. Codes are mask codes 0..K-1 (not vocabulary ids)."""
+
+    order: str
+    codes: list[torch.Tensor] | torch.Tensor  # scale: [B, s*s] per completed scale; raster: [B, n_done]
+    tokens_done: int
+    tokens_total: int
+    rejected: bool  # the model wrote [REJ]: the described target is not in the image
+    finished: bool
+    reject_probability: float = 0.0  # p([REJ]) / (p([SOV]) + p([REJ])) at the decision position
+
+
+class LegalTokens(LogitsProcessor):
+    """Sets the logits of every token outside `allowed` to -inf (works on [..., V] scores)."""
+
+    def __init__(self, vocab_size: int, allowed: list[int] | range) -> None:
+        self.allowed = torch.zeros(vocab_size, dtype=torch.bool)
+        self.allowed[list(allowed)] = True
+
+    def __call__(self, input_ids: torch.LongTensor | None, scores: torch.Tensor) -> torch.Tensor:
+        if self.allowed.device != scores.device:
+            self.allowed = self.allowed.to(scores.device)
+        return scores.masked_fill(~self.allowed, float("-inf"))
+
+
+def mask_code_tokens(layout: VocabLayout, order: str) -> LegalTokens:
+    return LegalTokens(layout.vocab_size, range(*layout.mask_range(order)))
+
+
+def choose(scores: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None):
+    """Greedy (temperature 0) or temperature/top-k sampling over the last dimension of legal-masked scores."""
+    if temperature == 0:
+        return scores.argmax(-1)
+    scores = scores.float() / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = scores.softmax(-1).reshape(-1, scores.shape[-1])
+    return torch.multinomial(probs, 1, generator=generator).reshape(scores.shape[:-1])
+
+
+@torch.no_grad()
+def autoregressive_infer(
+    decoder: MRISDecoder,
+    layout: VocabLayout,
+    prefix: torch.Tensor,
+    order: str,
+    scales: tuple[int, ...] | list[int],
+    *,
+    samples: int = 1,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    beam: int = 1,
+    generator: torch.Generator | None = None,
+    update_every: int | None = None,
+    speculative: bool = True,
+) -> Iterator[DecodeStep]:
+    """Decode one mask (or `samples` masks in one batch) for `prefix` = `prefix_ids(...)`, streaming updates.
+
+    The presence decision is always the more likely of [SOV]/[REJ] (shared by all samples); sampling only
+    varies the mask. Beam search returns the best beam (B = 1) and exists for raster order only.
+    """
+    scales = check_scales(order, scales)
+    _check_arguments(decoder, layout, prefix, order, scales, samples, temperature, top_k, beam, update_every)
+    decoder.eval()
+    device = next(decoder.parameters()).device
+    total = sum(s * s for s in scales)
+
+    # 1. The prefix, once, into the KV cache; the decision is read at its last position.
+    out = decoder(prefix.to(device)[None], use_cache=True, logits_to_keep=1)
+    decision = LegalTokens(layout.vocab_size, [SOV, REJ])(None, out.logits[0, -1])
+    p_reject = float(decision.float().softmax(-1)[REJ])
+    if int(decision.argmax()) == REJ:
+        empty = torch.empty(1, 0, dtype=torch.long) if order == "raster" else []
+        yield DecodeStep(order, empty, 0, total, rejected=True, finished=True, reject_probability=p_reject)
+        return
+
+    # 2. The forced header, for every row of the batch (samples or beams share the cached prefix).
+    batch = beam if beam > 1 else samples
+    cache = out.past_key_values
+    if batch > 1:
+        cache.batch_repeat_interleave(batch)
+    header = torch.tensor(mask_header(layout, order, scales[-1]), device=device).expand(batch, -1)
+    out = decoder(header, past_key_values=cache, use_cache=True)
+    legal = mask_code_tokens(layout, order)
+
+    def step(codes, done: int) -> DecodeStep:
+        return DecodeStep(order, codes, done, total, False, done == total, p_reject)
+
+    # 3a. Next-scale: one forward pass per scale over all of its slots.
+    if order == "scale":
+        logits = out.logits[:, -1:]  # the [SOT] output predicts the 1x1 scale
+        codes: list[torch.Tensor] = []
+        for k, size in enumerate(scales):
+            if k > 0:
+                slots = scale_slots(layout, codes[-1], scales[k - 1], size)
+                logits = _scale_forward(decoder, slots, k + 1, cache)
+            ids = choose(legal(None, logits), temperature, top_k, generator)
+            codes.append(layout.mask_codes(order, ids))
+            yield step(list(codes), sum(s * s for s in scales[: k + 1]))
+        return
+
+    # 3b. Raster: one token at a time, streamed every `update_every` tokens (default: one grid row).
+    every = update_every or scales[0]
+    if beam > 1:
+        tokens = (best for best, _ in raster_beam_search(decoder, legal, out.logits[:, -1], cache, total, beam))
+    elif speculative and temperature == 0 and samples == 1 and decoder.config.nktp_k > 1:
+        mask_slice = slice(*layout.mask_range(order))
+        tokens = raster_speculative(
+            decoder, legal, out.logits[:, -1], out.hidden_states[:, -1], cache, total, mask_slice
+        )
+    else:
+        tokens = raster_tokens(decoder, legal, out.logits[:, -1], cache, total, temperature, top_k, generator)
+    last_yield = 0
+    for ids in tokens:
+        done = ids.shape[1]
+        if done - last_yield >= every or done == total:
+            last_yield = done
+            yield step(layout.mask_codes(order, ids), done)
+
+
+def raster_tokens(decoder, legal, logits, cache, n_tokens, temperature, top_k, generator) -> Iterator[torch.Tensor]:
+    """Plain decoding: choose, feed, repeat. Yields the vocabulary ids so far, [B, n]."""
+    tokens = torch.empty(logits.shape[0], n_tokens, dtype=torch.long, device=logits.device)
+    for i in range(n_tokens):
+        tokens[:, i] = choose(legal(None, logits), temperature, top_k, generator)
+        yield tokens[:, : i + 1].clone()
+        if i + 1 < n_tokens:
+            logits = decoder(tokens[:, i : i + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+
+
+def raster_speculative(decoder, legal, logits, hidden, cache, n_tokens, mask_slice) -> Iterator[torch.Tensor]:
+    """Greedy decoding where the NkTP heads draft the next tokens and one forward pass checks them all.
+
+    From the hidden state h that predicts token t (greedy `nxt`), head j drafts token t+j-1. Feeding
+    [nxt, d_2, ..., d_k] gives the greedy token after each; drafts are kept while they equal it, and the
+    greedy token after the last kept one comes for free. Every kept token is the greedy token, so the
+    output is the plain greedy output; only the number of forward passes changes.
+    """
+    tokens = torch.empty(1, n_tokens, dtype=torch.long, device=logits.device)
+    tokens[:, 0] = legal(None, logits).argmax(-1)
+    done = 1
+    yield tokens[:, :done].clone()
+    while done < n_tokens:
+        # `hidden` is the state that predicted tokens[done - 1], which is not in the cache yet
+        n_draft = min(decoder.config.nktp_k - 1, n_tokens - done)
+        drafts = torch.stack(
+            [decoder.nktp_logits(hidden, j, mask_slice).argmax(-1) + mask_slice.start for j in range(2, n_draft + 2)],
+            dim=-1,
+        )  # [1, n_draft]: guesses for tokens[done : done + n_draft]
+        out = decoder(torch.cat([tokens[:, done - 1 : done], drafts], 1), past_key_values=cache, use_cache=True)
+        greedy = legal(None, out.logits).argmax(-1)  # [1, n_draft + 1]: the greedy token after each fed token
+        accepted = int((drafts == greedy[:, :n_draft]).long().cumprod(-1).sum())
+        new = greedy[:, : accepted + 1][:, : n_tokens - done]  # the kept drafts (== greedy) and one more
+        tokens[:, done : done + new.shape[1]] = new
+        done += new.shape[1]
+        yield tokens[:, :done].clone()
+        cache.crop(-(n_draft - accepted))  # forget the rejected drafts
+        hidden = out.hidden_states[:, accepted]
+
+
+def raster_beam_search(decoder, legal, logits, cache, n_tokens, beam) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Beam search over the KV cache (all sequences have the same length, so no length penalty).
+
+    Yields (best beam's ids [1, n], beam log-probabilities [beam], best first) after every token.
+    """
+    scores = torch.full((beam,), float("-inf"), device=logits.device)
+    scores[0] = 0.0  # the beams start identical: expand only one of them
+    tokens = torch.empty(beam, 0, dtype=torch.long, device=logits.device)
+    for i in range(n_tokens):
+        logp = F.log_softmax(legal(None, logits).float(), dim=-1)  # renormalised over the legal tokens
+        top = (scores[:, None] + logp).flatten().topk(beam)
+        origin, token = top.indices // logp.shape[-1], top.indices % logp.shape[-1]
+        scores = top.values
+        tokens = torch.cat([tokens[origin], token[:, None]], dim=1)
+        yield tokens[:1].clone(), scores.clone()
+        if i + 1 < n_tokens:
+            cache.reorder_cache(origin)
+            logits = decoder(token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+
+
+def _scale_forward(decoder: MRISDecoder, slots: torch.Tensor, scale_id: int, cache) -> torch.Tensor:
+    """All slots of one scale in one pass: each sees the whole cache and every slot of its own scale."""
+    batch, n = slots.shape
+    past = cache.get_seq_length()
+    mask = torch.zeros(batch, 1, n, past + n, device=slots.device)
+    scale_ids = torch.full_like(slots, scale_id)
+    return decoder(slots, scale_ids=scale_ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+
+
+def _check_arguments(decoder, layout, prefix, order, scales, samples, temperature, top_k, beam, update_every) -> None:
+    if decoder.config.vocab_size != layout.vocab_size:
+        raise ValueError(f"decoder has {decoder.config.vocab_size} ids but the vocabulary {layout.vocab_size}")
+    layout.order_token(order)
+    if not isinstance(prefix, torch.Tensor) or prefix.dim() != 1 or prefix.numel() == 0:
+        raise ValueError("prefix must be a non-empty 1-D LongTensor from prefix_ids()")
+    if samples < 1 or beam < 1:
+        raise ValueError(f"samples and beam must be >= 1, got samples={samples} beam={beam}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if update_every is not None and update_every < 1:
+        raise ValueError(f"update_every must be >= 1 or None, got {update_every}")
+    if beam > 1:
+        if order != "raster":
+            raise ValueError("beam search is for raster order; next-scale order writes a whole scale per step")
+        if samples > 1 or temperature > 0:
+            raise ValueError("beam search is deterministic: use samples=1 and temperature=0 with beam > 1")
+        n_codes = layout.mask_range(order)[1] - layout.mask_range(order)[0]
+        if beam > n_codes:
+            raise ValueError(f"beam {beam} is wider than the {n_codes} mask codes")
+    if order == "scale" and len(scales) > decoder.config.n_scales:
+        raise ValueError(f"{len(scales)} scales but the decoder has scale embeddings for {decoder.config.n_scales}")
+    length = prefix.numel() + len(mask_header(layout, order, scales[-1])) + sum(s * s for s in scales)
+    if length > decoder.config.max_position_embeddings:
+        raise ValueError(
+            f"prefix + mask is {length} tokens, more than the decoder's {decoder.config.max_position_embeddings}"
+        )

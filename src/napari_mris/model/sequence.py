@@ -1,0 +1,212 @@
+"""The unified token sequence (NTP-MRISeg), its loss targets and its block-causal attention mask.
+
+    [BOS] [SOV] [Gg] [Gg] [SOT] image(g*g) [EOV] text... [SOV] [ORDER] [Gm] [Gm] [SOT] mask... [EOV] [EOS]
+    [BOS] [SOV] [Gg] [Gg] [SOT] image(g*g) [EOV] text... [REJ] [EOS]                       (target absent)
+
+`labels[t]` is the target of the output at position t (already shifted: do not shift again), -100 where
+there is no loss. Raster order is plain next-token prediction. Next-scale order is not: the `[SOT]` output
+predicts scale 1, and scale k >= 2 is predicted in one step from s_k*s_k input *slots* holding scale k-1's
+codes nearest-upsampled to s_k x s_k (plus a learned scale embedding chosen by `scale_ids`); all slots of
+one scale share a block of the block-causal attention mask, so they see each other and everything before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from napari_mris.errors import PromptError
+from napari_mris.model.vocab import BOS, EOS, EOV, PAD, REJ, SOT, SOV, VocabLayout
+
+IGNORE = -100
+HEADER_LENGTH = 5  # [SOV] [ORDER] [Gm] [Gm] [SOT]
+
+
+@dataclass
+class TrainingSequence:
+    """One example as the decoder sees it; all tensors are LongTensor[T]."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor  # target of the output at each position, IGNORE = no loss
+    scale_ids: torch.Tensor  # k for the slots of scale k >= 2, 0 elsewhere
+    block_ids: torch.Tensor  # non-decreasing; a position sees every position whose block id is <= its own
+    mask_positions: torch.Tensor  # positions whose label is a mask code, in target order (empty when rejected)
+    order: str
+
+    def __len__(self) -> int:
+        return int(self.input_ids.numel())
+
+
+def prefix_ids(
+    layout: VocabLayout, image_codes: torch.Tensor, text_ids: Sequence[int] | torch.Tensor, image_grid: int
+) -> torch.Tensor:
+    """`[BOS] [SOV] [Gg] [Gg] [SOT] image [EOV] text` as vocabulary ids; the model decides what follows."""
+    image_codes = torch.as_tensor(image_codes).reshape(-1)
+    if image_codes.numel() != image_grid * image_grid:
+        raise ValueError(
+            f"image codes do not match the image grid: {image_codes.numel()} codes for a "
+            f"{image_grid}x{image_grid} grid ({image_grid * image_grid} expected)"
+        )
+    text = torch.as_tensor(text_ids, dtype=torch.long).reshape(-1)
+    if text.numel() == 0:
+        raise PromptError("The prompt produced no text tokens; type a description of the finding")
+    g = layout.grid_token(image_grid)
+    head = torch.tensor([BOS, SOV, g, g, SOT], dtype=torch.long)
+    tail = torch.tensor([EOV], dtype=torch.long)
+    return torch.cat([head, layout.image_ids(image_codes), tail, layout.text_ids(text)])
+
+
+def mask_header(layout: VocabLayout, order: str, grid: int) -> list[int]:
+    """`[SOV] [ORDER] [Gm] [Gm] [SOT]`: forced once the model has chosen [SOV]."""
+    g = layout.grid_token(grid)
+    return [SOV, layout.order_token(order), g, g, SOT]
+
+
+def check_scales(order: str, scales: Sequence[int]) -> tuple[int, ...]:
+    """Validate the token grid sizes of a decoding order (raster: one grid; scale: 1 = s_1 < s_2 < ...)."""
+    scales = tuple(int(s) for s in scales)
+    if not scales:
+        raise ValueError("scales must name at least one token grid size")
+    if order == "raster" and len(scales) != 1:
+        raise ValueError(f"raster order uses a single-scale mask tokenizer, got scales {scales}")
+    if order == "scale":
+        if scales[0] != 1:
+            raise ValueError(f"next-scale order must start at a 1x1 scale (predicted by [SOT]), got scales {scales}")
+        if any(b <= a for a, b in zip(scales, scales[1:], strict=False)):
+            raise ValueError(f"next-scale sizes must increase strictly, got {scales}")
+    return scales
+
+
+def scale_slots(layout: VocabLayout, prev_codes: torch.Tensor, prev_size: int, size: int) -> torch.Tensor:
+    """Scale k-1's codes [B, p*p] nearest-upsampled to [B, size*size] scale-order vocabulary ids (the slot inputs)."""
+    if prev_codes.dim() != 2 or prev_codes.shape[1] != prev_size * prev_size:
+        raise ValueError(
+            f"previous-scale codes must be [B, {prev_size * prev_size}] for a {prev_size}x{prev_size} scale, "
+            f"got {tuple(prev_codes.shape)}"
+        )
+    source = (torch.arange(size, device=prev_codes.device) * prev_size) // size  # torch 'nearest' index rule
+    index = (source[:, None] * prev_size + source[None, :]).reshape(-1)
+    return layout.mask_ids("scale", prev_codes[:, index])
+
+
+def _mask_code_list(order: str, mask_codes: Sequence[torch.Tensor] | torch.Tensor, scales: tuple[int, ...]):
+    if isinstance(mask_codes, torch.Tensor):
+        mask_codes = [mask_codes] if order == "raster" else list(mask_codes)
+    codes = [torch.as_tensor(c).reshape(-1) for c in mask_codes]
+    if len(codes) != len(scales):
+        raise ValueError(f"{order} mask: {len(codes)} code grids for {len(scales)} scales {scales}")
+    for c, s in zip(codes, scales, strict=True):
+        if c.numel() != s * s:
+            raise ValueError(f"{order} mask: {c.numel()} codes for a {s}x{s} scale ({s * s} expected)")
+    return codes
+
+
+def build_training_sequence(
+    layout: VocabLayout,
+    image_codes: torch.Tensor,
+    text_ids: Sequence[int] | torch.Tensor,
+    image_grid: int,
+    order: str,
+    mask_codes: Sequence[torch.Tensor] | torch.Tensor | None,
+    scales: Sequence[int],
+) -> TrainingSequence:
+    """One training example; `mask_codes=None` builds the `[REJ]` form (target absent)."""
+    layout.order_token(order)  # fails early on an order this model lacks
+    scales = check_scales(order, scales)
+    prefix = prefix_ids(layout, image_codes, text_ids, image_grid)
+    n = prefix.numel()
+    if mask_codes is None:
+        input_ids = torch.cat([prefix, torch.tensor([REJ, EOS])])
+        labels = torch.full_like(input_ids, IGNORE)
+        labels[n - 1] = REJ
+        return TrainingSequence(
+            input_ids,
+            labels,
+            torch.zeros_like(input_ids),
+            torch.arange(len(input_ids)),
+            torch.empty(0, dtype=torch.long),
+            order,
+        )
+
+    codes = _mask_code_list(order, mask_codes, scales)
+    header = torch.tensor(mask_header(layout, order, scales[-1]))
+    if order == "raster":
+        targets = layout.mask_ids(order, codes[0])
+        body = torch.cat([targets, torch.tensor([EOV, EOS])])
+        input_ids = torch.cat([prefix, header, body])
+        labels = torch.full_like(input_ids, IGNORE)
+        sot = n + HEADER_LENGTH - 1
+        labels[sot : sot + targets.numel()] = targets
+        labels[sot + targets.numel()] = EOV
+        mask_positions = torch.arange(sot, sot + targets.numel())
+        scale_ids = torch.zeros_like(input_ids)
+        block_ids = torch.arange(len(input_ids))
+    else:
+        slot_inputs = [
+            scale_slots(layout, codes[k - 1][None], scales[k - 1], scales[k])[0] for k in range(1, len(scales))
+        ]
+        input_ids = torch.cat([prefix, header, *slot_inputs])
+        labels = torch.full_like(input_ids, IGNORE)
+        scale_ids = torch.zeros_like(input_ids)
+        block_ids = torch.arange(len(input_ids))
+        sot = n + HEADER_LENGTH - 1
+        labels[sot] = layout.mask_ids(order, codes[0])[0]
+        start = sot + 1
+        for k in range(1, len(scales)):  # scale number k+1 (1-based), held by s*s slots
+            stop = start + scales[k] ** 2
+            labels[start:stop] = layout.mask_ids(order, codes[k])
+            scale_ids[start:stop] = k + 1
+            block_ids[start:stop] = start
+            start = stop
+        mask_positions = torch.arange(sot, len(input_ids))
+    labels[n - 1] = SOV  # the presence decision, at the last text position
+    return TrainingSequence(input_ids, labels, scale_ids, block_ids, mask_positions, order)
+
+
+def block_causal_allowed(block_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Bool [T, T]: query q may see key k when block(k) <= block(q) and k is a real token.
+
+    Every row keeps its own diagonal, so a padding row is never fully masked (that would give NaN in softmax).
+    """
+    allowed = (block_ids[None, :] <= block_ids[:, None]) & valid[None, :]
+    return allowed | torch.eye(len(block_ids), dtype=torch.bool, device=block_ids.device)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Bool "may attend" -> the additive float mask transformers expects (0 = attend, dtype min = blocked)."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def collate(sequences: Sequence[TrainingSequence]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """Right-pad a batch and build its (B, 1, T, T) additive block-causal attention mask.
+
+    `sample_positions[b][i]` is the position whose output predicts the i-th mask code of example b, so a
+    per-(sample, target index) memory (HET) can find the same target again in later epochs.
+    """
+    if not sequences:
+        raise ValueError("collate needs at least one sequence")
+    length = max(len(s) for s in sequences)
+    batch = len(sequences)
+    input_ids = torch.full((batch, length), PAD, dtype=torch.long)
+    labels = torch.full((batch, length), IGNORE, dtype=torch.long)
+    scale_ids = torch.zeros((batch, length), dtype=torch.long)
+    attention = torch.empty((batch, 1, length, length), dtype=torch.float32)
+    for b, seq in enumerate(sequences):
+        t = len(seq)
+        input_ids[b, :t] = seq.input_ids
+        labels[b, :t] = seq.labels
+        scale_ids[b, :t] = seq.scale_ids
+        block_ids = torch.arange(length)
+        block_ids[:t] = seq.block_ids
+        valid = torch.arange(length) < t
+        attention[b, 0] = additive_mask(block_causal_allowed(block_ids, valid))
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "scale_ids": scale_ids,
+        "attention_mask": attention,
+        "sample_positions": [seq.mask_positions.clone() for seq in sequences],
+    }

@@ -1,0 +1,448 @@
+"""`MRISPipeline`: a model directory turned into streamed masks for one slice and one prompt.
+
+`stream()` is the one decoding path for the widget, the CLI and the benchmarks: it preprocesses the slice,
+encodes the prompt, runs `autoregressive_infer` and turns the codes decoded so far into a mask at the
+slice's own resolution, at a throttled rate (once per scale in coarse-to-fine order, once per completed
+token row in raster order) because decoding a mask costs far more than one token. `segment()` consumes
+the stream and returns the final mask with the provenance an export needs (model id and hash, settings).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from napari_mris.errors import ModelDirectoryError, MRISError, UnsupportedImageError
+from napari_mris.export import software_versions
+from napari_mris.model.decoder import load_decoder
+from napari_mris.model.generate import autoregressive_infer
+from napari_mris.model.modeldir import model_hash, read_config
+from napari_mris.model.sequence import prefix_ids
+from napari_mris.tokenizers import load_tokenizers
+from napari_mris.tokenizers.preprocess import resize_probability, to_model_image
+from napari_mris.tokenizers.text import normalize_prompt
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
+ORDER_LABELS = {"scale": "coarse-to-fine", "raster": "raster"}
+SAMPLING_TEMPERATURE = 1.0  # used when samples > 1 but no temperature was given: greedy samples would all agree
+MAX_SAMPLES = 32
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    """How the mask tokens are chosen; recorded in every export's sidecar."""
+
+    order: str = "scale"
+    samples: int = 1
+    temperature: float = 0.0
+    beam: int = 1
+    top_k: int | None = None
+    seed: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StreamUpdate:
+    """The mask as known after some tokens; arrays are at the input slice's resolution."""
+
+    mask: np.ndarray  # bool (H, W)
+    probability: np.ndarray | None  # float32 (H, W), mean over samples; None when the target was rejected
+    uncertainty: np.ndarray | None  # float32 (H, W), std of the samples' probabilities; None for one sample
+    progress: float  # 0..1
+    tokens_done: int
+    tokens_total: int
+    rejected: bool  # the model said the described target is not in the image ([REJ])
+    finished: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()  # e.g. "prompt truncated", for the widget's status line
+
+
+@dataclass
+class SegmentationResult:
+    """The last update of a stream plus what produced it."""
+
+    mask: np.ndarray
+    probability: np.ndarray | None
+    uncertainty: np.ndarray | None
+    rejected: bool
+    finished: bool
+    prompt: str
+    settings: DecodingSettings
+    timings: dict[str, float]
+    model_id: str
+    model_hash: str
+    adapter: str | None
+    warnings: tuple[str, ...] = ()
+
+    def provenance(self) -> dict[str, Any]:
+        """JSON-ready description of this result (for sidecars and CSV reports)."""
+        return {
+            "prompt": self.prompt,
+            "rejected": self.rejected,
+            "finished": self.finished,
+            "model_id": self.model_id,
+            "model_hash": self.model_hash,
+            "adapter": self.adapter,
+            "settings": self.settings.to_dict(),
+            "timings": dict(self.timings),
+        }
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    """'default' is the packaged model; anything else is a directory path."""
+    if str(model) == "default":
+        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+            raise ModelDirectoryError(
+                f"The default model is not installed ({DEFAULT_MODEL_DIR} has no config.json); "
+                "choose a model directory (napari-mris --model DIR, or the widget's model button)"
+            )
+        return DEFAULT_MODEL_DIR
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ModelDirectoryError(f"Model directory not found: {path}")
+    return path
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' is CUDA when available, else the CPU; asking for CUDA without one is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MRISError(f"Device {device!r} was requested but this machine has no usable CUDA GPU; use --device cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise MRISError(f"Unknown device {device!r}: use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def as_plane(image: np.ndarray) -> np.ndarray:
+    """Check that `image` is one grayscale 2D slice and return it as float32."""
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[-1] in (3, 4):
+        raise UnsupportedImageError(
+            f"The image is RGB(A) {array.shape}; MRIS segments grayscale slices (convert it to grayscale first)"
+        )
+    if array.ndim == 3:
+        raise UnsupportedImageError(
+            f"The image is a {array.shape[0]}-plane stack {array.shape}; pick one slice (2D plane) to segment"
+        )
+    if array.ndim != 2:
+        raise UnsupportedImageError(f"Expected a 2D grayscale slice, got an array of shape {array.shape}")
+    if min(array.shape) < 2:
+        raise UnsupportedImageError(f"The image {array.shape} is too small to segment")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise UnsupportedImageError(f"The image has non-numeric pixels ({array.dtype})")
+    array = array.astype(np.float32, copy=False)
+    if not np.isfinite(array).all():
+        raise UnsupportedImageError("The image has NaN or infinite pixels; MRIS cannot window it")
+    return array
+
+
+class MRISPipeline:
+    """A loaded model directory: tokenizers, decoder and vocabulary layout on one device."""
+
+    def __init__(self, model_dir: Path, config: dict, tokenizers, decoder, layout, device, adapter, weights_hash):
+        self.model_dir = model_dir
+        self.config = config
+        self.tokenizers = tokenizers
+        self.decoder = decoder
+        self.layout = layout
+        self.device = device
+        self.adapter = adapter
+        self.model_hash = weights_hash
+        self._background_codes: dict[str, int] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str | Path = "default", device: str = "auto", adapter: str | None = None
+    ) -> MRISPipeline:
+        """Load a model directory ('default' = the packaged model); every file problem is a ModelDirectoryError."""
+        model_dir = resolve_model_dir(model)
+        torch_device = resolve_device(device)
+        config = read_config(model_dir)
+        tokenizers = load_tokenizers(model_dir)
+        decoder, layout = load_decoder(model_dir, adapter=adapter, device=torch_device)
+        decoder.eval()
+        missing = [order for order in layout.orders if order not in tokenizers.masks]
+        if missing:
+            raise ModelDirectoryError(f"{model_dir}: the decoder knows orders {missing} but no mask tokenizer for them")
+        return cls(model_dir, config, tokenizers, decoder, layout, torch_device, adapter, model_hash(model_dir))
+
+    # ------------------------------------------------------------------ description
+
+    @property
+    def model_id(self) -> str:
+        return str(self.config.get("model_id") or self.model_dir.name)
+
+    @property
+    def orders(self) -> tuple[str, ...]:
+        return tuple(order for order in self.layout.orders if order in self.tokenizers.masks)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.tokenizers.image.image_size)
+
+    def info(self) -> dict[str, Any]:
+        """Model id, weights hash, device, orders and software versions (for `napari-mris info` and sidecars)."""
+        return {
+            "model_id": self.model_id,
+            "model_hash": self.model_hash,
+            "model_dir": str(self.model_dir),
+            "adapter": self.adapter,
+            "device": str(self.device),
+            "orders": list(self.orders),
+            "image_size": self.image_size,
+            "parameters": sum(p.numel() for p in self.decoder.parameters()),
+            "versions": software_versions(),
+        }
+
+    # ------------------------------------------------------------------ decoding
+
+    def settings(
+        self,
+        order: str = "scale",
+        samples: int = 1,
+        temperature: float = 0.0,
+        beam: int = 1,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> DecodingSettings:
+        """Validate decoding options against this model; samples > 1 implies sampling."""
+        if order not in self.orders:
+            names = ", ".join(f"{o} ({ORDER_LABELS.get(o, o)})" for o in self.orders)
+            raise MRISError(f"This model cannot decode in {order!r} order; it has: {names}")
+        if not 1 <= int(samples) <= MAX_SAMPLES:
+            raise MRISError(f"samples must be between 1 and {MAX_SAMPLES}, got {samples}")
+        if int(beam) < 1:
+            raise MRISError(f"beam must be at least 1, got {beam}")
+        if int(beam) > 1 and (int(samples) > 1 or float(temperature) > 0):
+            raise MRISError("Beam search is deterministic: use beam > 1 with one sample and temperature 0")
+        if int(beam) > 1 and order != "raster":
+            raise MRISError("Beam search works in raster order only (coarse-to-fine writes a whole scale per step)")
+        if float(temperature) < 0:
+            raise MRISError(f"temperature must be >= 0, got {temperature}")
+        if int(samples) > 1 and float(temperature) == 0.0:
+            temperature = SAMPLING_TEMPERATURE
+        return DecodingSettings(order, int(samples), float(temperature), int(beam), top_k, seed)
+
+    def stream(
+        self,
+        image: np.ndarray,
+        prompt: str,
+        order: str = "scale",
+        samples: int = 1,
+        temperature: float = 0.0,
+        beam: int = 1,
+        window: tuple[float, float] | None = None,
+        *,
+        top_k: int | None = None,
+        seed: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[StreamUpdate]:
+        """Yield the growing mask for `prompt` on the 2D `image`; the last update has finished=True.
+
+        `should_stop` is polled between decoding steps; when it returns True the stream ends without a
+        finished update (the caller keeps the last partial mask or discards it).
+        """
+        settings = self.settings(order, samples, temperature, beam, top_k, seed)
+        return self._stream(as_plane(image), prompt, settings, window, should_stop or (lambda: False))
+
+    def segment(self, image: np.ndarray, prompt: str, **options: Any) -> SegmentationResult:
+        """Run a stream to its end and return the final mask with its provenance."""
+        settings = self.settings(
+            **{k: options[k] for k in ("order", "samples", "temperature", "beam", "top_k", "seed") if k in options}
+        )
+        last = None
+        for last in self.stream(image, prompt, **options):  # noqa: B007 - only the last update is wanted
+            pass
+        if last is None:
+            raise MRISError("The decoder produced no output")  # only possible with should_stop=lambda: True
+        return SegmentationResult(
+            mask=last.mask,
+            probability=last.probability,
+            uncertainty=last.uncertainty,
+            rejected=last.rejected,
+            finished=last.finished,
+            prompt=prompt,
+            settings=settings,
+            timings=last.timings,
+            model_id=self.model_id,
+            model_hash=self.model_hash,
+            adapter=self.adapter,
+            warnings=last.warnings,
+        )
+
+    def _stream(
+        self,
+        pixels: np.ndarray,
+        prompt: str,
+        settings: DecodingSettings,
+        window: tuple[float, float] | None,
+        should_stop: Callable[[], bool],
+    ) -> Iterator[StreamUpdate]:
+        start = time.perf_counter()
+        text_ids, notes = self._encode_prompt(prompt)
+        prefix = self._prefix(pixels, window, text_ids)
+        timings = {"preprocess_s": time.perf_counter() - start}
+        mask_tokenizer = self.tokenizers.masks[settings.order]
+        scales = tuple(mask_tokenizer.scales)
+        throttle = _Throttle(settings.order, scales)
+        steps = autoregressive_infer(
+            self.decoder,
+            self.layout,
+            prefix,
+            settings.order,
+            scales,
+            samples=settings.samples,
+            temperature=settings.temperature,
+            top_k=settings.top_k,
+            beam=settings.beam,
+            generator=self._generator(settings.seed),
+            update_every=scales[-1] if settings.order == "raster" else None,
+        )
+        decode_time = 0.0
+        while not should_stop():
+            with torch.inference_mode():
+                step = next(steps, None)
+            if step is None:
+                return
+            rejected = _rejected_fraction(step.rejected) > 0.5
+            if not (step.finished or rejected or throttle.due(step)):
+                continue
+            tick = time.perf_counter()
+            probs = None if rejected else self._probabilities(step, settings.order)
+            decode_time += time.perf_counter() - tick
+            update = self._update(step, probs, pixels.shape, several=settings.samples > 1)
+            elapsed = time.perf_counter() - start
+            timings.setdefault("first_update_s", elapsed)
+            timings.update(mask_decode_s=decode_time, total_s=elapsed)
+            timings["tokens_per_s"] = step.tokens_done / max(elapsed - timings["preprocess_s"], 1e-9)
+            update.timings = dict(timings)
+            update.warnings = notes
+            yield update
+            if update.finished:
+                return
+
+    # ------------------------------------------------------------------ helpers
+
+    def _encode_prompt(self, prompt: str) -> tuple[list[int], tuple[str, ...]]:
+        """Token ids of the prompt, plus a note for the status line when it was cut to the model's limit.
+
+        The tokenizer itself warns about truncation (seen on the console and by `pytest.warns`); the note
+        repeats it for the widget, which does not show Python warnings.
+        """
+        text = self.tokenizers.text
+        ids = list(text.encode(prompt))
+        if len(ids) < text.max_length:
+            return ids, ()
+        full = len(text.hf.encode(normalize_prompt(prompt), add_special_tokens=False))
+        if full <= text.max_length:
+            return ids, ()
+        return ids, (f"prompt truncated: only its first {text.max_length} of {full} tokens were used",)
+
+    def _prefix(self, pixels: np.ndarray, window: tuple[float, float] | None, text_ids: list[int]) -> torch.Tensor:
+        image = to_model_image(pixels, window, self.image_size)
+        with torch.inference_mode():
+            batch = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)[None, None]
+            codes = self.tokenizers.image.encode(batch)[0]
+            prefix = prefix_ids(self.layout, codes, text_ids, int(self.tokenizers.image.grid))
+        return prefix.to(self.device)
+
+    def _generator(self, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        return torch.Generator(device=self.device).manual_seed(int(seed))
+
+    def _probabilities(self, step, order: str) -> np.ndarray:
+        """Per-sample probabilities (B, S, S) of the codes so far; rejected samples count as empty masks."""
+        codes = [c.detach().to("cpu") for c in step.codes] if isinstance(step.codes, list) else [step.codes.cpu()]
+        tokenizer = self.tokenizers.masks[order]
+        if order == "raster":
+            codes = [_pad_raster(codes[-1] if codes else None, tokenizer, self._background_code(order))]
+        if not codes:
+            return np.zeros((1, tokenizer.image_size, tokenizer.image_size), np.float32)
+        with torch.inference_mode():
+            probs = tokenizer.decode(codes)[:, 0].float().numpy()
+        rejected = np.broadcast_to(np.asarray(_as_bool_array(step.rejected)), (probs.shape[0],))
+        probs[rejected] = 0.0
+        return probs
+
+    def _update(self, step, probs: np.ndarray | None, shape: tuple[int, int], *, several: bool) -> StreamUpdate:
+        """Consensus over samples: mean probability thresholded at 0.5; std as the uncertainty."""
+        progress = step.tokens_done / step.tokens_total if step.tokens_total else 1.0
+        if probs is None:
+            return StreamUpdate(
+                mask=np.zeros(shape, bool),
+                probability=None,
+                uncertainty=None,
+                progress=1.0,
+                tokens_done=int(step.tokens_done),
+                tokens_total=int(step.tokens_total),
+                rejected=True,
+                finished=True,
+            )
+        probability = resize_probability(probs.mean(axis=0), shape).astype(np.float32)
+        uncertainty = resize_probability(probs.std(axis=0), shape).astype(np.float32) if several else None
+        return StreamUpdate(
+            mask=probability >= 0.5,
+            probability=probability,
+            uncertainty=uncertainty,
+            progress=float(min(max(progress, 0.0), 1.0)) if not step.finished else 1.0,
+            tokens_done=int(step.tokens_done),
+            tokens_total=int(step.tokens_total),
+            rejected=False,
+            finished=bool(step.finished),
+        )
+
+    def _background_code(self, order: str) -> int:
+        """The code an empty mask patch gets: fills the not-yet-decoded rows of a raster preview."""
+        if order not in self._background_codes:
+            tokenizer = self.tokenizers.masks[order]
+            size = tokenizer.image_size
+            with torch.inference_mode():
+                codes = tokenizer.encode(torch.zeros(1, 1, size, size))[-1]
+            self._background_codes[order] = int(torch.mode(codes.flatten()).values)
+        return self._background_codes[order]
+
+
+class _Throttle:
+    """Decides when a partial mask is worth decoding: a new scale, or a new completed raster row."""
+
+    def __init__(self, order: str, scales: tuple[int, ...]) -> None:
+        self.order = order
+        self.row = scales[-1]
+        self.seen = 0
+
+    def due(self, step) -> bool:
+        done = len(step.codes) if self.order == "scale" else int(step.tokens_done) // self.row
+        if done > self.seen:
+            self.seen = done
+            return True
+        return False
+
+
+def _pad_raster(codes: torch.Tensor | None, tokenizer, background: int) -> torch.Tensor:
+    """Raster codes done so far (B, n) completed with the empty-patch code to the full grid (B, s*s)."""
+    total = tokenizer.scales[-1] ** 2
+    if codes is None:
+        return torch.full((1, total), background, dtype=torch.long)
+    padded = torch.full((codes.shape[0], total), background, dtype=torch.long)
+    padded[:, : codes.shape[1]] = codes[:, :total]
+    return padded
+
+
+def _as_bool_array(rejected) -> np.ndarray:
+    if isinstance(rejected, torch.Tensor):
+        return rejected.detach().cpu().numpy().astype(bool)
+    return np.asarray(bool(rejected))
+
+
+def _rejected_fraction(rejected) -> float:
+    return float(np.mean(_as_bool_array(rejected)))

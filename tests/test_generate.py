@@ -1,0 +1,242 @@
+"""Decoding: legal tokens only, greedy determinism, [REJ], samples, beam search, speculative == greedy, and
+agreement between the cached decoding path and the training layout (teacher forcing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from napari_mris.model.decoder import DecoderConfig, MRISDecoder
+from napari_mris.model.generate import (
+    autoregressive_infer,
+    mask_code_tokens,
+    raster_beam_search,
+    raster_tokens,
+)
+from napari_mris.model.sequence import build_training_sequence, collate, mask_header, prefix_ids
+from napari_mris.model.vocab import REJ, SOV, VocabLayout
+
+LAYOUT = VocabLayout(n_text=12, n_image=8, n_mask={"raster": 6, "scale": 6})
+RASTER = (4,)
+SCALES = (1, 2, 4)
+IMAGE = torch.tensor([1, 5, 2, 7])
+TEXT = [3, 9, 4]
+
+
+def tiny_decoder(seed: int = 0, nktp_k: int = 4) -> MRISDecoder:
+    torch.manual_seed(seed)
+    config = DecoderConfig(
+        vocab_size=LAYOUT.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        dropout=0.0,
+        nktp_k=nktp_k,
+        n_scales=len(SCALES),
+    )
+    decoder = MRISDecoder(config).eval()
+    with torch.no_grad():  # a livelier random model than the 0.02 init: more varied greedy sequences
+        decoder.llama.lm_head.weight.normal_(std=1.0)
+    return decoder
+
+
+def force_decision(decoder: MRISDecoder, token: int) -> None:
+    """Point the lm_head rows of [SOV]/[REJ] along (or against) the decision hidden state, so `token` wins."""
+    with torch.no_grad():
+        hidden = decoder(PREFIX[None]).hidden_states[0, -1]
+        other = REJ if token == SOV else SOV
+        decoder.llama.lm_head.weight[token] = hidden
+        decoder.llama.lm_head.weight[other] = -hidden
+
+
+PREFIX = prefix_ids(LAYOUT, IMAGE, TEXT, 2)
+
+
+def final(decoder, order, scales=None, **kwargs):
+    steps = list(
+        autoregressive_infer(
+            decoder, LAYOUT, PREFIX, order, scales or (RASTER if order == "raster" else SCALES), **kwargs
+        )
+    )
+    assert steps[-1].finished and all(not s.finished for s in steps[:-1])
+    return steps
+
+
+@pytest.fixture(scope="module")
+def decoder() -> MRISDecoder:
+    model = tiny_decoder()
+    force_decision(model, SOV)
+    return model
+
+
+def test_raster_streams_rows_and_only_legal_codes(decoder):
+    saved = decoder.llama.lm_head.weight.detach().clone()
+    scale_start, scale_stop = LAYOUT.mask_range("scale")
+    with torch.no_grad():  # make illegal tokens (text, the other order's codes) far more likely than legal ones
+        decoder.llama.lm_head.weight[LAYOUT.text_start : LAYOUT.image_start] *= 50
+        decoder.llama.lm_head.weight[scale_start:scale_stop] *= 50
+        out, _ = _decode_start(decoder)
+        assert LAYOUT.token_name(int(out.logits[0, -1].argmax())).startswith(("text", "scale"))  # the premise
+    try:
+        for kwargs in ({}, {"speculative": False}, {"temperature": 1.5, "samples": 3}, {"beam": 3}):
+            steps = final(decoder, "raster", **kwargs)
+            assert [s.tokens_done for s in steps] == [4, 8, 12, 16]  # one grid row per update
+            codes = steps[-1].codes
+            assert codes.shape == (kwargs.get("samples", 1), 16)
+            assert codes.min() >= 0 and codes.max() < 6 and not steps[-1].rejected
+        scale_steps = final(decoder, "scale")
+        assert [s.tokens_done for s in scale_steps] == [1, 5, 21]
+        assert [c.shape for c in scale_steps[-1].codes] == [(1, 1), (1, 4), (1, 16)]
+        assert all(int(c.max()) < 6 and int(c.min()) >= 0 for c in scale_steps[-1].codes)
+        assert [s.tokens_done for s in final(decoder, "raster", update_every=5)] == [5, 10, 15, 16]
+    finally:
+        with torch.no_grad():
+            decoder.llama.lm_head.weight.copy_(saved)
+
+
+def test_greedy_is_deterministic_and_sampling_is_seeded(decoder):
+    for order in ("raster", "scale"):
+        first, second = final(decoder, order)[-1], final(decoder, order)[-1]
+        assert torch.equal(_flat(first), _flat(second))
+        a = final(decoder, order, temperature=1.0, samples=4, generator=torch.Generator().manual_seed(3))[-1]
+        b = final(decoder, order, temperature=1.0, samples=4, generator=torch.Generator().manual_seed(3))[-1]
+        c = final(decoder, order, temperature=1.0, samples=4, generator=torch.Generator().manual_seed(4))[-1]
+        assert torch.equal(_flat(a), _flat(b))
+        assert _flat(a).shape[0] == 4 and not torch.equal(_flat(a), _flat(c))
+
+
+def _flat(step) -> torch.Tensor:
+    return torch.cat(step.codes, dim=1) if isinstance(step.codes, list) else step.codes
+
+
+def test_rejection_path():
+    model = tiny_decoder(seed=1)
+    force_decision(model, REJ)
+    for order, scales in (("raster", RASTER), ("scale", SCALES)):
+        steps = list(autoregressive_infer(model, LAYOUT, PREFIX, order, scales, samples=3, temperature=1.0))
+        assert len(steps) == 1
+        assert steps[0].rejected and steps[0].finished and steps[0].tokens_done == 0
+        assert steps[0].reject_probability > 0.5
+
+
+def test_cached_decoding_agrees_with_the_training_layout(decoder):
+    """Teacher-forcing the greedy result through the training sequence reproduces it token for token."""
+    for order, scales in (("raster", RASTER), ("scale", SCALES)):
+        codes = final(decoder, order, scales)[-1].codes
+        codes = [codes[0]] if order == "raster" else [c[0] for c in codes]
+        seq = build_training_sequence(LAYOUT, IMAGE, TEXT, 2, order, codes, scales)
+        batch = collate([seq])
+        with torch.no_grad():
+            logits = decoder(batch["input_ids"], batch["scale_ids"], batch["attention_mask"]).logits[0]
+        legal = mask_code_tokens(LAYOUT, order)
+        predicted = legal(None, logits[seq.mask_positions]).argmax(-1)
+        assert torch.equal(predicted, seq.labels[seq.mask_positions]), order
+
+
+def test_speculative_decoding_equals_greedy():
+    for seed, head_std in ((0, 0.0), (1, 0.5), (2, 3.0)):
+        model = tiny_decoder(seed=seed, nktp_k=5)
+        force_decision(model, SOV)
+        with torch.no_grad():
+            for head in model.nktp_heads:
+                head.linear.weight.normal_(std=head_std)
+        calls = _count_forward_calls(model)
+        greedy = final(model, "raster", speculative=False)[-1].codes
+        plain_calls = calls.pop()
+        fast = final(model, "raster", speculative=True)[-1].codes
+        fast_calls = calls.pop()
+        assert torch.equal(fast, greedy), f"seed {seed}"
+        assert plain_calls == 2 + 15  # prefix, header, then one pass per token after the first
+        assert fast_calls <= plain_calls
+
+
+def test_speculative_with_perfect_drafts_needs_few_passes():
+    model = tiny_decoder(seed=3, nktp_k=5)
+    force_decision(model, SOV)
+    mask_start = LAYOUT.mask_range("raster")[0]
+    with torch.no_grad():  # every position prefers the same code: the zero-init heads then draft it exactly
+        model.llama.lm_head.weight[mask_start + 2] = model.llama.model.norm.weight * 20
+    calls = _count_forward_calls(model)
+    greedy = final(model, "raster", speculative=False)[-1].codes
+    calls.pop()
+    fast = final(model, "raster", speculative=True)[-1].codes
+    assert torch.equal(fast, greedy) and (greedy == 2).all()
+    assert calls.pop() == 2 + 3  # 16 tokens = the first + 3 x (4 accepted drafts + 1 greedy token)
+
+
+def _count_forward_calls(model: MRISDecoder) -> list[int]:
+    """Record how many forward passes each decode run makes (one entry per finished run)."""
+    counts: list[int] = []
+    original = model.forward
+
+    def counting(*args, **kwargs):
+        if kwargs.get("logits_to_keep") == 1:  # the prefix pass starts a run
+            counts.append(0)
+        counts[-1] += 1
+        return original(*args, **kwargs)
+
+    model.forward = counting
+    return counts
+
+
+def _decode_start(model):
+    """The cache and logits right after the header, as autoregressive_infer has them."""
+    cache = model(PREFIX[None], use_cache=True).past_key_values
+    header = torch.tensor([mask_header(LAYOUT, "raster", 4)])
+    return model(header, past_key_values=cache, use_cache=True), cache
+
+
+def _sequence_logprob(model, ids: torch.Tensor) -> float:
+    """log p(ids) under the model, restricted to the legal codes, without a cache."""
+    full = torch.cat([PREFIX, torch.tensor(mask_header(LAYOUT, "raster", 4)), ids])[None]
+    logits = mask_code_tokens(LAYOUT, "raster")(None, model(full).logits[0, -len(ids) - 1 : -1])
+    return float(F.log_softmax(logits, -1).gather(-1, ids[:, None]).sum())
+
+
+def test_beam_search(decoder):
+    legal = mask_code_tokens(LAYOUT, "raster")
+    with torch.no_grad():
+        out, cache = _decode_start(decoder)
+        greedy = list(raster_tokens(decoder, legal, out.logits[:, -1], cache, 5, 0.0, None, None))[-1]
+        out, cache = _decode_start(decoder)
+        width_one = list(raster_beam_search(decoder, legal, out.logits[:, -1], cache, 5, 1))[-1][0]
+        assert torch.equal(width_one, greedy)
+
+        # two tokens, six codes: a beam of 6 keeps every first token, so it finds the exact best pair
+        out, cache = _decode_start(decoder)
+        best, scores = list(raster_beam_search(decoder, legal, out.logits[:, -1], cache, 2, 6))[-1]
+        start = LAYOUT.mask_range("raster")[0]
+        pairs = torch.cartesian_prod(torch.arange(6), torch.arange(6)) + start
+        exact = max(pairs, key=lambda p: _sequence_logprob(decoder, p))
+        assert torch.equal(best[0], exact)
+
+        # the reported score of the best beam of a longer search is its true log-probability (cache reordering)
+        out, cache = _decode_start(decoder)
+        best, scores = list(raster_beam_search(decoder, legal, out.logits[:, -1], cache, 6, 4))[-1]
+        assert scores[0] == pytest.approx(_sequence_logprob(decoder, best[0]), abs=1e-4)
+        assert scores[0] >= scores[1:].max()
+
+
+def test_invalid_arguments_are_refused(decoder):
+    def run(order="raster", scales=RASTER, **kwargs):
+        return list(autoregressive_infer(decoder, LAYOUT, PREFIX, order, scales, **kwargs))
+
+    with pytest.raises(ValueError, match="beam search is for raster order"):
+        run("scale", SCALES, beam=2)
+    with pytest.raises(ValueError, match="deterministic"):
+        run(beam=2, temperature=1.0)
+    with pytest.raises(ValueError, match="wider than the 6 mask codes"):
+        run(beam=7)
+    with pytest.raises(ValueError, match="single-scale"):
+        run(scales=(2, 4))
+    with pytest.raises(ValueError, match="temperature"):
+        run(temperature=-1)
+    with pytest.raises(ValueError, match="more than the decoder's 128"):
+        run(scales=(12,))
+    only_raster = VocabLayout(n_text=12, n_image=8, n_mask={"raster": 6})
+    with pytest.raises(ValueError, match="ids but the vocabulary"):
+        list(autoregressive_infer(decoder, only_raster, PREFIX, "raster", RASTER))

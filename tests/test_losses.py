@@ -1,0 +1,102 @@
+"""Each NTP-MRISeg loss against numbers worked out by hand from its formula."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from napari_mris_train.het_memory import HETMemory, sample_key
+from napari_mris_train.losses import focal_loss, het_loss, het_select, preceding_negatives, tcl_loss
+
+
+def softmax_p(row: list[float], index: int) -> float:
+    return math.exp(row[index]) / sum(math.exp(v) for v in row)
+
+
+def test_focal_matches_formula_per_token():
+    logits = [[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]]
+    targets = [0, 1]
+    alpha, gamma = 0.75, 2.0
+    expected = []
+    for row, y in zip(logits, targets, strict=True):
+        p = softmax_p(row, y)
+        expected.append(-alpha * (1 - p) ** gamma * math.log(p))
+    got = focal_loss(torch.tensor(logits), torch.tensor(targets), alpha, gamma)
+    assert got.tolist() == pytest.approx(expected, rel=1e-5)
+    # gamma = 0 is plain cross-entropy; a confident right token costs far less than a wrong one
+    ce = focal_loss(torch.tensor(logits), torch.tensor(targets), 1.0, 0.0)
+    assert ce.tolist() == pytest.approx([-math.log(softmax_p(r, y)) for r, y in zip(logits, targets, strict=True)])
+    assert got[0] < got[1]
+
+
+def test_preceding_negatives_are_distinct_and_exclude_the_target():
+    targets = torch.tensor([4, 7, 4, 4, 9, 7])
+    neg = preceding_negatives(targets, m=3)
+    as_sets = [sorted(v for v in row if v >= 0) for row in neg.tolist()]
+    assert as_sets == [[], [4], [7], [7], [4, 7], [4, 9]]
+    # position 5 (target 7): preceding 4, 4, 9 -> {4, 9}; only one copy of 4 survives
+    assert sorted(neg[5].tolist()) == [-1, 4, 9]
+
+
+def test_tcl_matches_formula():
+    logits = torch.tensor([[1.0, 2.0, 0.0, -1.0], [0.5, 0.0, 1.5, 2.5], [3.0, 1.0, 1.0, 0.0]])
+    targets = torch.tensor([1, 2, 0])
+    negatives = torch.tensor([[-1, -1], [1, -1], [1, 2]])  # row 0 has none and is skipped
+    alpha, gamma = 1.0, 2.0
+    expected = []
+    for row, y, negs in [(logits[1].tolist(), 2, [1]), (logits[2].tolist(), 0, [1, 2])]:
+        p_ct = math.exp(row[y]) / (math.exp(row[y]) + sum(math.exp(row[j]) for j in negs))
+        expected.append(-alpha * (1 - p_ct) ** gamma * math.log(p_ct))
+    got = tcl_loss(logits, targets, negatives, alpha, gamma)
+    assert got.item() == pytest.approx(sum(expected) / 2, rel=1e-5)
+
+
+def test_tcl_without_negatives_is_zero_and_differentiable():
+    logits = torch.randn(2, 5, requires_grad=True)
+    loss = tcl_loss(logits, torch.tensor([0, 1]), torch.full((2, 3), -1), 1.0, 2.0)
+    loss.backward()
+    assert loss.item() == 0.0 and logits.grad is not None
+
+
+def test_het_select_keeps_extremes_of_z_minus_zy():
+    logits = torch.tensor([[0.0, 5.0, 4.0, 3.0, 2.0, 1.0, -1.0, 0.5]])
+    targets = torch.tensor([0])
+    remembered = torch.tensor([[1, 2, 3, 4, 5, 6, 0, -1]])  # 0 is the target itself: never a negative
+    chosen = het_select(logits, targets, remembered, keep=4)
+    # ranking of z[j] - z[y] over {1..6}: 1 (5.0), 2, 3, 4, 5, 6 (-1.0) -> keep 1, 2 and 5, 6
+    assert sorted(v for v in chosen[0].tolist() if v >= 0) == [1, 2, 5, 6]
+    # with l at least the number remembered, all of them are kept
+    everything = het_select(logits, targets, remembered, keep=50)[0].tolist()
+    assert sorted(v for v in everything if v >= 0) == [1, 2, 3, 4, 5, 6]
+
+
+def test_het_loss_matches_formula_over_mispredicted_positions():
+    logits = torch.tensor([[0.0, 2.0, 1.0, -1.0], [3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 4.0]])
+    targets = torch.tensor([0, 0, 2])  # rows 0 and 2 are mispredicted (argmax 1 and 3), row 1 is right
+    remembered = torch.tensor([[1, 3, -1], [1, 2, 3], [-1, -1, -1]])
+    row0 = logits[0].tolist()
+    l0 = -math.log(math.exp(row0[0]) / (math.exp(row0[0]) + math.exp(row0[1]) + math.exp(row0[3])))
+    l2 = 0.0  # mispredicted but nothing remembered: -log(1)
+    got = het_loss(logits, targets, remembered, keep=50)
+    assert got.item() == pytest.approx((l0 + l2) / 2, rel=1e-5)
+
+
+def test_het_memory_bounds_recency_and_round_trip():
+    memory = HETMemory(per_key=3, max_keys=2)
+    memory.update([(1, 0)] * 5, [10, 11, 12, 10, 13])
+    assert memory.lookup([(1, 0)]).tolist() == [[13, 10, 12]]  # most recent first, no duplicates, 3 at most
+    memory.update([(2, 0), (3, 5)], [7, 8])
+    assert len(memory) == 2 and memory.lookup([(1, 0)]).tolist() == [[-1, -1, -1]]  # oldest key dropped
+    restored = HETMemory(per_key=3, max_keys=2)
+    restored.load_state_dict(memory.state_dict())
+    assert restored.lookup([(2, 0), (3, 5)]).tolist() == [[7, -1, -1], [8, -1, -1]]
+    assert list(restored.state_dict()["keys"].tolist()) == [[2, 0], [3, 5]]
+    with pytest.raises(ValueError, match="bounds"):
+        HETMemory(per_key=4, max_keys=2).load_state_dict(memory.state_dict())
+
+
+def test_sample_key_is_stable():
+    assert sample_key(3, "raster", "upper left lung") == sample_key(3, "raster", "upper left lung")
+    assert sample_key(3, "raster", "a") != sample_key(3, "scale", "a")
+    assert 0 <= sample_key("x") < 2**63

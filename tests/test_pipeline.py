@@ -1,0 +1,160 @@
+"""MRISPipeline on a tiny model: streaming shapes, legal codes, determinism, [REJ], consensus, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _model_fixtures import force_decision, tiny_model_dir, tiny_pipeline  # noqa: F401 (fixtures)
+
+from napari_mris import pipeline as pipeline_module
+from napari_mris.errors import ModelDirectoryError, MRISError, PromptError, UnsupportedImageError
+from napari_mris.pipeline import MRISPipeline
+
+PROMPT = "lower left lung"
+
+
+@pytest.fixture
+def image() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return (rng.random((45, 61)) * 1000 - 200).astype(np.float32)  # odd size, CT-like range
+
+
+@pytest.fixture
+def present(tiny_pipeline):  # noqa: F811
+    with force_decision(tiny_pipeline, "SOV"):
+        yield tiny_pipeline
+
+
+@pytest.mark.parametrize("order", ["scale", "raster"])
+def test_stream_gives_masks_at_input_resolution(present, image, order) -> None:
+    updates = list(present.stream(image, PROMPT, order=order))
+    scales = present.tokenizers.masks[order].scales
+    expected_updates = len(scales) if order == "scale" else scales[-1]  # one per scale / per raster row
+    assert len(updates) == expected_updates
+    for update in updates:
+        assert update.mask.shape == image.shape and update.mask.dtype == bool
+        assert update.probability.shape == image.shape and update.probability.dtype == np.float32
+        assert update.uncertainty is None and not update.rejected
+        np.testing.assert_array_equal(update.mask, update.probability >= 0.5)
+    assert [u.finished for u in updates] == [False] * (len(updates) - 1) + [True]
+    progress = [u.progress for u in updates]
+    assert progress == sorted(progress) and progress[-1] == 1.0
+    assert updates[-1].tokens_done == updates[-1].tokens_total == sum(s * s for s in scales)
+    assert {"preprocess_s", "first_update_s", "total_s", "tokens_per_s"} <= set(updates[-1].timings)
+
+
+@pytest.mark.parametrize("order", ["scale", "raster"])
+def test_only_legal_mask_codes_reach_the_tokenizer(present, image, order, monkeypatch) -> None:
+    tokenizer = present.tokenizers.masks[order]
+    seen: list[list[torch.Tensor]] = []
+    original = tokenizer.decode
+
+    def spy(codes, *args, **kwargs):
+        seen.append([c.clone() for c in codes])
+        return original(codes, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "decode", spy)
+    list(present.stream(image, PROMPT, order=order))
+    assert seen
+    for codes in seen:
+        for size, scale_codes in zip(tokenizer.scales, codes, strict=False):
+            assert scale_codes.shape[-1] == size * size
+            assert int(scale_codes.min()) >= 0 and int(scale_codes.max()) < tokenizer.codebook_size
+
+
+def test_greedy_is_deterministic(present, image) -> None:
+    first = present.segment(image, PROMPT, order="raster")
+    second = present.segment(image, PROMPT, order="raster")
+    np.testing.assert_array_equal(first.probability, second.probability)
+    assert first.settings.temperature == 0.0 and first.model_hash == present.model_hash
+
+
+def test_rejection_paints_nothing(tiny_pipeline, image) -> None:  # noqa: F811
+    with force_decision(tiny_pipeline, "REJ"):
+        updates = list(tiny_pipeline.stream(image, PROMPT))
+    assert len(updates) == 1
+    (update,) = updates
+    assert update.rejected and update.finished and update.probability is None
+    assert update.mask.shape == image.shape and not update.mask.any()
+
+
+def test_consensus_of_samples_gives_uncertainty(present, image) -> None:
+    result = present.segment(image, PROMPT, samples=3, seed=3)
+    assert result.settings.samples == 3 and result.settings.temperature > 0  # sampling switched on for consensus
+    assert result.uncertainty.shape == image.shape and result.uncertainty.dtype == np.float32
+    assert float(result.uncertainty.min()) >= 0.0 and float(result.uncertainty.max()) <= 0.5
+    again = present.segment(image, PROMPT, samples=3, seed=3)
+    np.testing.assert_array_equal(result.probability, again.probability)  # a seed makes sampling repeatable
+
+
+def test_huge_image_is_downsampled_and_mask_upsampled(present) -> None:
+    huge = np.zeros((2600, 2100), np.float32)
+    huge[500:900, 300:700] = 1000.0
+    result = present.segment(huge, PROMPT, order="scale")
+    assert result.mask.shape == huge.shape and result.probability.shape == huge.shape
+
+
+def test_bad_images_are_refused_clearly(present) -> None:
+    with pytest.raises(UnsupportedImageError, match="RGB"):
+        present.segment(np.zeros((32, 32, 3), np.uint8), PROMPT)
+    with pytest.raises(UnsupportedImageError, match="pick one slice"):
+        present.segment(np.zeros((5, 32, 32), np.float32), PROMPT)
+    with pytest.raises(UnsupportedImageError, match="NaN"):
+        present.segment(np.full((32, 32), np.nan, np.float32), PROMPT)
+
+
+def test_prompt_checks(present, image) -> None:
+    for empty in ("", "   \n", "..."):
+        with pytest.raises(PromptError):
+            present.segment(image, empty)
+    limit = present.tokenizers.text.max_length
+    overlong = " ".join(["bilateral pulmonary infection in the lower left lung"] * limit)
+    with pytest.warns(UserWarning, match="first"):
+        result = present.segment(image, overlong)
+    assert result.warnings and "truncated" in result.warnings[0]
+    assert result.mask.shape == image.shape
+
+
+def test_decoding_options_are_checked(present, image) -> None:
+    with pytest.raises(MRISError, match="raster order only"):
+        present.segment(image, PROMPT, order="scale", beam=2)
+    with pytest.raises(MRISError, match="samples"):
+        present.segment(image, PROMPT, samples=0)
+    with pytest.raises(MRISError, match="cannot decode"):
+        present.segment(image, PROMPT, order="spiral")
+
+
+def test_beam_search_runs_in_raster_order(present, image) -> None:
+    result = present.segment(image, PROMPT, order="raster", beam=2)
+    assert result.finished and result.mask.shape == image.shape and result.settings.beam == 2
+
+
+def test_should_stop_ends_the_stream_early(present, image) -> None:
+    updates = []
+    stream = present.stream(image, PROMPT, order="raster", should_stop=lambda: len(updates) >= 1)
+    updates.extend(stream)
+    assert len(updates) == 1 and not updates[0].finished
+
+
+def test_missing_default_model_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(pipeline_module, "DEFAULT_MODEL_DIR", tmp_path / "default")
+    with pytest.raises(ModelDirectoryError, match="default model is not installed"):
+        MRISPipeline.from_pretrained("default")
+    with pytest.raises(ModelDirectoryError, match="not found"):
+        MRISPipeline.from_pretrained(tmp_path / "nowhere")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without a GPU")
+def test_cuda_without_gpu_is_a_clear_error(tiny_model_dir) -> None:  # noqa: F811
+    with pytest.raises(MRISError, match="no usable CUDA"):
+        MRISPipeline.from_pretrained(tiny_model_dir, device="cuda")
+
+
+def test_info_names_model_device_and_versions(tiny_pipeline) -> None:  # noqa: F811
+    info = tiny_pipeline.info()
+    assert info["model_hash"] == tiny_pipeline.model_hash and info["device"] == "cpu"
+    assert set(info["orders"]) == {"raster", "scale"}
+    assert {"napari-mris", "torch", "transformers"} <= set(info["versions"])

@@ -1,0 +1,187 @@
+"""`napari-mris-train finetune`: adapt a model to new data (often the widget's corrections) with LoRA.
+
+peft wraps the decoder's inner Llama (`lora_target_modules()`: attention and MLP projections); every
+other weight stays frozen and the vocabulary is fixed, so no new token rows are needed. The adapter is
+saved as `<model>/adapters/<name>/` (adapter_model.safetensors, adapter_config.json, base_model.json
+with the base weights' hash) by writing a temporary folder and renaming it: `model.safetensors` is never
+touched, and a stopped or failed run leaves no adapter folder behind.
+
+Replay: a fraction of every batch can come from the original training data, so that a few dozen
+corrections teach the model without making it forget the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from napari_mris.errors import DatasetError, ModelDirectoryError, MRISError
+from napari_mris.model.decoder import ADAPTERS_DIR, load_decoder, lora_target_modules, save_adapter
+from napari_mris.model.sequence import collate
+from napari_mris.pipeline import resolve_device, resolve_model_dir
+from napari_mris.tokenizers import load_tokenizers
+from napari_mris_train.config import TrainRecipe
+from napari_mris_train.data import load_split
+from napari_mris_train.encode_cache import encode_split
+from napari_mris_train.losses import LossConfig, compute_losses
+from napari_mris_train.mixing import SequenceMixer, to_device
+
+ProgressCallback = Callable[[int, int, float], None]  # (step done, total steps, loss)
+
+
+class FinetuneCancelled(MRISError):
+    """The user stopped fine-tuning; no adapter was written."""
+
+
+def open_dataset(path: str | Path):
+    """An LViT split folder (a corrections folder is one), or an LViT root: its training split."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DatasetError(f"{path}: dataset folder not found")
+    return load_split(path) if any(p.name.lower() == "img" for p in path.iterdir()) else load_split(path, split="train")
+
+
+def adapter_name(model_dir: Path, out: str) -> str:
+    """`--out` is a plain name, or a path inside `<model>/adapters/` (adapters live beside their base)."""
+    candidate = Path(out)
+    if len(candidate.parts) == 1:
+        return out
+    if candidate.parent.resolve() != (model_dir / ADAPTERS_DIR).resolve():
+        raise ModelDirectoryError(
+            f"adapters are stored beside their base model: give a name, or a path in {model_dir / ADAPTERS_DIR} "
+            f"(got {out})"
+        )
+    return candidate.name
+
+
+def attach_lora(decoder, rank: int, alpha: int, targets: list[str] | None, dropout: float = 0.05):
+    """Freeze the decoder and wrap its Llama with trainable LoRA matrices (in place)."""
+    from peft import LoraConfig, get_peft_model
+
+    decoder.requires_grad_(False)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets or lora_target_modules(), bias="none"
+    )
+    decoder.llama = get_peft_model(decoder.llama, config)
+    return decoder
+
+
+def train_adapter(
+    model_dir: Path,
+    dataset: str | Path,
+    steps: int,
+    *,
+    rank: int = 8,
+    alpha: int = 16,
+    targets: list[str] | None = None,
+    lr: float = 2e-4,
+    batch_size: int = 4,
+    replay_data: str | Path | None = None,
+    replay_fraction: float = 0.5,
+    seed: int = 0,
+    device: str = "cpu",
+    progress_callback: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    progress: bool = False,
+):
+    """The fine-tuning loop; returns (decoder with its peft-wrapped Llama, layout). Nothing is written."""
+    if steps < 1:
+        raise MRISError(f"fine-tuning needs at least one step, got {steps}")
+    if not 0.0 <= replay_fraction < 1.0:
+        raise MRISError(f"replay fraction must be in [0, 1), got {replay_fraction}")
+    torch.manual_seed(seed)
+    torch_device = resolve_device(device)
+    tokenizers = load_tokenizers(model_dir)
+    decoder, layout = load_decoder(model_dir)
+    size = int(tokenizers.image.image_size)
+    orders = tuple(o for o in layout.orders if o in tokenizers.masks)
+    # The new data is taught as given (its own prompt -> its own mask); replay keeps the full training mix.
+    as_given = TrainRecipe(orders=orders, absent_fraction=0.0, zone_fraction=0.0, foreign_fraction=0.0, flip=False)
+    own_data = encode_split(open_dataset(dataset), tokenizers, size, progress=progress)
+    n_replay = round(batch_size * replay_fraction) if replay_data is not None else 0
+    mixers = [(SequenceMixer(own_data, tokenizers, layout, replace(as_given, seed=seed)), batch_size - n_replay)]
+    if n_replay:
+        replay_split = encode_split(open_dataset(replay_data), tokenizers, size, progress=progress)
+        replay_recipe = TrainRecipe(orders=orders, seed=seed + 1)
+        mixers.append((SequenceMixer(replay_split, tokenizers, layout, replay_recipe), n_replay))
+    attach_lora(decoder, rank, alpha, targets).to(torch_device).train()
+    params = [p for p in decoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = LossConfig(het=False)
+    for step in tqdm(range(steps), desc="finetune", disable=not progress):
+        if should_stop is not None and should_stop():
+            raise FinetuneCancelled(f"fine-tuning stopped at step {step} of {steps}; no adapter was saved")
+        samples = [s for mixer, n in mixers if n > 0 for s in mixer.batch(step, n)]
+        batch = to_device(collate([s.sequence for s in samples]), torch_device)
+        output = decoder(batch["input_ids"], batch["scale_ids"], batch["attention_mask"])
+        loss = compute_losses(decoder, output, batch, [s.sequence.order for s in samples], layout, losses)["loss"]
+        if not torch.isfinite(loss):
+            raise MRISError(f"fine-tuning diverged at step {step + 1} (loss {float(loss)}); try a lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if progress_callback is not None:
+            progress_callback(step + 1, steps, float(loss))
+    return decoder.eval(), layout
+
+
+def finetune(
+    model_dir: str | Path,
+    dataset: str | Path,
+    name: str,
+    steps: int = 200,
+    **options,
+) -> Path:
+    """Fine-tune with LoRA and save `<model_dir>/adapters/<name>/`; returns that folder.
+
+    Runs in the caller's thread (the widget uses a background worker): `progress_callback(step, total,
+    loss)` is called after each step and `should_stop()` before it; a stop raises FinetuneCancelled and,
+    like any failure, leaves no adapter folder behind. Options: see `train_adapter`.
+    """
+    model_dir = resolve_model_dir(model_dir)
+    name = adapter_name(model_dir, name)
+    decoder, _ = train_adapter(model_dir, dataset, steps, **options)
+    return save_adapter(decoder.llama.cpu(), model_dir, name)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model directory (or 'default')")
+    parser.add_argument("--data", required=True, type=Path, help="LViT root, split folder, or corrections folder")
+    parser.add_argument("--out", required=True, help="adapter name (saved as <model>/adapters/<name>)")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    parser.add_argument("--alpha", type=int, default=16, help="LoRA alpha (scale = alpha / r)")
+    parser.add_argument("--targets", help=f"comma-separated modules (default {','.join(lora_target_modules())})")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--replay-data", type=Path, help="LViT root mixed in to avoid forgetting")
+    parser.add_argument("--replay-fraction", type=float, default=0.5)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    folder = finetune(
+        args.model,
+        args.data,
+        args.out,
+        args.steps,
+        rank=args.rank,
+        alpha=args.alpha,
+        targets=args.targets.split(",") if args.targets else None,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        replay_data=args.replay_data,
+        replay_fraction=args.replay_fraction,
+        device=args.device,
+        seed=args.seed,
+        progress=True,
+    )
+    print(f"adapter saved: {folder}")
+    return 0

@@ -1,0 +1,342 @@
+"""`napari-mris-train train`: the NTP-MRISeg decoder recipe with HF accelerate.
+
+One loop, nanoGPT style: build a batch (mixing.py), forward, the four losses (losses.py), AdamW with
+warmup + cosine, gradient clipping, validation Dice on a fixed Val_Folder subset, checkpoints. The same
+command runs on a CPU, a GPU (bf16 autocast) or several GPUs (`accelerate launch`).
+
+Files of a run (`--out` is a model directory that already holds the tokenizers; with `--tag NAME` the
+run gets its own model directory `<out>/runs/NAME/` with a copy of the tokenizer files):
+
+    model.safetensors        best decoder so far by validation Dice (via save_decoder)
+    checkpoints/last/        full training state for --resume (safetensors + JSON)
+    train_log.jsonl          one JSON line per step and per validation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from napari_mris.errors import DatasetError, MRISError
+from napari_mris.model.decoder import DecoderConfig, MRISDecoder, save_decoder
+from napari_mris.model.modeldir import read_config
+from napari_mris.model.sequence import HEADER_LENGTH, collate
+from napari_mris.model.vocab import VocabLayout
+from napari_mris.pipeline import MRISPipeline
+from napari_mris.tokenizers import load_tokenizers
+from napari_mris_train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_optimizer,
+    part,
+    restore_rng,
+    save_checkpoint,
+)
+from napari_mris_train.config import Recipe, load_recipe
+from napari_mris_train.data import load_split
+from napari_mris_train.encode_cache import cached_encoding
+from napari_mris_train.evaluate import evaluate_split
+from napari_mris_train.het_memory import HETMemory
+from napari_mris_train.losses import compute_losses
+from napari_mris_train.mixing import SequenceMixer, to_device
+
+TOKENIZER_FILES = ("config.json", "image_tokenizer.safetensors", "mask_tokenizer.safetensors", "tokenizer.json")
+LOG_NAME = "train_log.jsonl"
+LAST = "last"
+
+
+class TrainingDiverged(MRISError):
+    """The loss or the gradient became NaN/inf; training stopped before the weights were touched."""
+
+
+# --- model -------------------------------------------------------------------------------------------------
+
+
+def vocab_layout(tokenizers) -> VocabLayout:
+    return VocabLayout(
+        n_text=tokenizers.text.vocab_size,
+        n_image=tokenizers.image.codebook_size,
+        n_mask={order: tok.codebook_size for order, tok in tokenizers.masks.items()},
+    )
+
+
+def max_sequence_length(tokenizers) -> int:
+    """Longest training sequence, rounded up to 64: prefix + mask header + mask block + [EOV] [EOS]."""
+    prefix = 5 + tokenizers.image.grid**2 + 1 + tokenizers.text.max_length
+    blocks = [
+        tok.scales[-1] ** 2 + 2 if order == "raster" else sum(s * s for s in tok.scales[1:])
+        for order, tok in tokenizers.masks.items()
+    ]
+    return 64 * math.ceil((prefix + HEADER_LENGTH + max(blocks)) / 64)
+
+
+def build_decoder(recipe: Recipe, tokenizers, layout: VocabLayout) -> MRISDecoder:
+    scale = tokenizers.masks.get("scale")
+    config = DecoderConfig(
+        vocab_size=layout.vocab_size,
+        max_position_embeddings=max_sequence_length(tokenizers),
+        n_scales=len(scale.scales) if scale is not None else 0,
+        **asdict(recipe.decoder),
+    )
+    return MRISDecoder(config)
+
+
+# --- schedule ----------------------------------------------------------------------------------------------
+
+
+def learning_rate(step: int, total: int, lr: float, min_lr: float, warmup: int) -> float:
+    """Linear warmup to `lr`, then cosine down to `min_lr` at the last step (`step` counts from 0)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# --- run folder --------------------------------------------------------------------------------------------
+
+
+def prepare_run_dir(out: Path, tag: str | None) -> Path:
+    """`out` itself, or `out/runs/<tag>/` with a copy of the tokenizer files so it is a complete model dir."""
+    for name in TOKENIZER_FILES:
+        if not (out / name).is_file():
+            raise MRISError(
+                f"{out} has no {name}: train the tokenizers first (napari-mris-train tokenizers --out {out})"
+            )
+    if tag is None:
+        return out
+    run_dir = out / "runs" / tag
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if not (run_dir / name).exists():
+            shutil.copy2(out / name, run_dir / name)
+    return run_dir
+
+
+def append_log(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+# --- training ----------------------------------------------------------------------------------------------
+
+
+def train(
+    recipe: Recipe,
+    data_root: Path,
+    out: Path,
+    *,
+    tag: str | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train (or resume) the decoder of the model directory `out`; returns the run's model directory."""
+    from accelerate import Accelerator
+
+    run_dir = prepare_run_dir(Path(out), tag)
+    last = run_dir / "checkpoints" / LAST
+    if last.exists() and not resume:
+        raise CheckpointError(f"{last} already exists: pass --resume to continue that run, or --tag for a new one")
+    cfg = recipe.train
+    torch.manual_seed(cfg.seed)
+    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    tokenizers = load_tokenizers(run_dir)
+    layout = vocab_layout(tokenizers)
+    decoder = build_decoder(recipe, tokenizers, layout)
+    train_split = load_split(data_root, split="train")
+    val_split = load_split(data_root, split="val")
+    data = cached_encoding(run_dir, train_split, tokenizers, int(tokenizers.image.image_size), progress=progress)
+    mixer = SequenceMixer(data, tokenizers, layout, cfg)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    losses = cfg.losses
+    memory = HETMemory(losses.het_memory, losses.het_max_keys) if losses.het else None
+    step, best = 0, -1.0
+    if resume:
+        step, best = restore(last, recipe, decoder, optimizer, memory)
+    model, optimizer = accelerator.prepare(decoder, optimizer)
+    log_path = run_dir / LOG_NAME
+    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {recipe.name}", disable=not progress)
+    while step < end:
+        model.train()
+        lr = learning_rate(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        tick = time.perf_counter()
+        samples = mixer.batch(step, cfg.batch_size, accelerator.process_index, accelerator.num_processes)
+        batch = collate([s.sequence for s in samples])
+        device_batch = to_device(batch, accelerator.device)
+        het_active = losses.het and step >= losses.het_start * cfg.steps
+        with accelerator.autocast():
+            output = model(device_batch["input_ids"], device_batch["scale_ids"], device_batch["attention_mask"])
+            terms = compute_losses(
+                accelerator.unwrap_model(model),
+                output,
+                device_batch,
+                [s.sequence.order for s in samples],
+                layout,
+                losses,
+                sample_keys=[s.key for s in samples],
+                memory=memory,
+                het_active=het_active,
+            )
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        if not math.isfinite(values["loss"]):
+            raise TrainingDiverged(
+                f"loss became {values['loss']} at step {step + 1} (terms {values}); training stopped, "
+                f"{run_dir / 'model.safetensors'} and {last} keep the last good weights. Lower train.lr and resume."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(terms["loss"])
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        if not math.isfinite(grad_norm):
+            raise TrainingDiverged(
+                f"gradient norm became {grad_norm} at step {step + 1}; training stopped before the update, "
+                f"{last} keeps the last good state. Lower train.lr and resume."
+            )
+        optimizer.step()
+        step += 1
+        tokens = int((batch["input_ids"] != 0).sum())
+        record = {
+            "step": step,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / (time.perf_counter() - tick),
+            "het_active": het_active,
+            **values,
+        }
+        bar.update(1)
+        bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "ntp", "tcl", "nktp", "het", "tokens_per_s")})
+        if accelerator.is_main_process:
+            append_log(log_path, record)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            best = validate(accelerator, model, tokenizers, layout, run_dir, val_split, recipe, step, best, log_path)
+        if step % cfg.checkpoint_every == 0 or step == end:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                info = {"step": step, "best_dice": best, "recipe": recipe_snapshot(recipe)}
+                state = accelerator.unwrap_model(model).state_dict()
+                save_checkpoint(last, state, optimizer, memory.state_dict() if memory else None, info)
+    bar.close()
+    return run_dir
+
+
+def recipe_snapshot(recipe: Recipe) -> dict[str, Any]:
+    return {"decoder": asdict(recipe.decoder), "train": asdict(recipe.train)}
+
+
+def restore(last: Path, recipe: Recipe, decoder, optimizer, memory: HETMemory | None) -> tuple[int, float]:
+    """Load a checkpoint into the fresh decoder, optimizer and HET memory; returns (step, best Dice)."""
+    tensors, info = load_checkpoint(last)
+    saved = info["recipe"]["decoder"]
+    if saved != asdict(recipe.decoder):
+        raise CheckpointError(
+            f"{last} was trained with decoder {saved}; the recipe now asks for {asdict(recipe.decoder)}"
+        )
+    decoder.load_state_dict(part(tensors, "model"))
+    load_optimizer(optimizer, part(tensors, "optim"), info["param_groups"])
+    if memory is not None and "het.keys" in tensors:
+        memory.load_state_dict(part(tensors, "het"))
+    restore_rng(tensors, info["rng"])
+    return int(info["step"]), float(info["best_dice"])
+
+
+@torch.no_grad()
+def validate(
+    accelerator,
+    model,
+    tokenizers,
+    layout,
+    run_dir: Path,
+    val_split,
+    recipe: Recipe,
+    step: int,
+    best: float,
+    log_path: Path,
+) -> float:
+    """Greedy Dice on the first `val_images` of Val_Folder, mean over the trained orders; keeps the best."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return best
+    decoder = accelerator.unwrap_model(model)
+    decoder.eval()
+    pipeline = MRISPipeline(
+        run_dir, read_config(run_dir), tokenizers, decoder, layout, accelerator.device, None, f"training-step-{step}"
+    )
+    scores = {}
+    for order in recipe.train.orders:
+        report = evaluate_split(
+            pipeline,
+            val_split,
+            order=order,
+            limit=recipe.train.val_images,
+            shuffled=False,
+            absent=False,
+            progress=False,
+        )
+        scores[order] = report["dice"]
+    dice = sum(scores.values()) / len(scores)
+    improved = dice > best
+    if improved:
+        save_decoder(decoder, layout, run_dir)
+    append_log(log_path, {"step": step, "val_dice": dice, "val_dice_by_order": scores, "saved_best": improved})
+    tqdm.write(f"step {step}: validation Dice {100 * dice:.2f} %" + (" (best, saved)" if improved else ""))
+    decoder.train()
+    return max(best, dice)
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, type=Path, help="recipe, e.g. training/configs/default.yaml")
+    parser.add_argument("--data", required=True, type=Path, help="LViT root with Train_Folder and Val_Folder")
+    parser.add_argument("--out", required=True, type=Path, help="model directory holding the trained tokenizers")
+    parser.add_argument("--resume", action="store_true", help="continue from <run>/checkpoints/last exactly")
+    parser.add_argument("--steps", type=int, help="total training steps (overrides train.steps)")
+    parser.add_argument("--stop-after", type=int, help="run at most N steps now, checkpoint, and exit")
+    parser.add_argument("--no-tcl", action="store_true", help="switch off the contrastive token loss")
+    parser.add_argument("--no-nktp", action="store_true", help="switch off next-k-token prediction")
+    parser.add_argument("--no-het", action="store_true", help="switch off the hard-example token loss")
+    parser.add_argument("--tag", help="a separate run in <out>/runs/TAG (for ablations)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    recipe = load_recipe(args.config)
+    train_cfg = recipe.train
+    losses = replace(
+        train_cfg.losses,
+        tcl=train_cfg.losses.tcl and not args.no_tcl,
+        nktp=train_cfg.losses.nktp and not args.no_nktp,
+        het=train_cfg.losses.het and not args.no_het,
+    )
+    train_cfg = replace(train_cfg, losses=losses, steps=args.steps or train_cfg.steps)
+    return replace(recipe, train=train_cfg)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        run_dir = train(
+            recipe_from_args(args),
+            args.data,
+            args.out,
+            tag=args.tag,
+            resume=args.resume,
+            stop_after=args.stop_after,
+            progress=not args.quiet,
+        )
+    except (TrainingDiverged, CheckpointError, DatasetError) as exc:
+        print(f"error: {exc}")
+        return 1
+    print(f"model directory: {run_dir}")
+    return 0
