@@ -1,72 +1,37 @@
 """A small model directory for the pipeline, widget, CLI and screenshot tests, built once per session.
 
-The tests here check plumbing (shapes, streaming, threading, layers, files), not accuracy, so whichever
-tiny model is at hand will do: the training package's `build_tiny_model` when it is installed, else an
-untrained model assembled from the runtime's own classes (a second, not a minute). Because an untrained or
-barely trained model may answer [SOV] or [REJ] at random, `force_decision` pins the presence decision with a
-forward hook on the output layer: a test that needs a mask forces [SOV], the [REJ] test forces [REJ].
+The tests here check plumbing (shapes, streaming, threading, layers, files), not accuracy, so the training
+package's tiny model (trained for seconds on phantoms) is enough. Because such a model answers [SOV] or
+[REJ] close to at random, `force_decision` pins the presence decision with a forward hook on the output
+layer: a test that needs a mask forces [SOV], the [REJ] test forces [REJ].
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
-import torch
 
-PROMPTS = [
-    "Bilateral pulmonary infection, two infected areas, lower left lung and upper right lung.",
-    "Unilateral pulmonary infection, one infected area, middle left lung.",
-    "Lower right lung infection",
-    "all left lung",
-]
+from napari_mris.pipeline import DecodingSettings, StreamUpdate
 
 
 def build_model(out_dir: Path) -> Path:
-    """The training package's tiny model if available, else an untrained model of the same kind."""
-    try:
-        from napari_mris_train.tiny import build_tiny_model
-    except ImportError:
-        return build_untrained_model(out_dir)
+    """The training package's tiny model (phantoms, tiny.yaml; about a minute on a busy 2-core machine).
+
+    `MRIS_TINY_MODEL=DIR` reuses a model directory built earlier (`python -m napari_mris_train.tiny DIR`),
+    which saves the build on every local test run.
+    """
+    prebuilt = os.environ.get("MRIS_TINY_MODEL")
+    if prebuilt:
+        return Path(prebuilt)
+    from napari_mris_train.tiny import build_tiny_model
+
     return Path(build_tiny_model(out_dir))
-
-
-def build_untrained_model(out_dir: Path, image_size: int = 32) -> Path:
-    """Randomly initialised tokenizers and decoder, saved through the runtime's own writers."""
-    from napari_mris.model.decoder import DecoderConfig, MRISDecoder, save_decoder
-    from napari_mris.model.modeldir import update_config
-    from napari_mris.model.vocab import VocabLayout
-    from napari_mris.tokenizers import save_tokenizers
-    from napari_mris.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
-    from napari_mris.tokenizers.mask import MaskTokenizer, MaskTokenizerConfig
-    from napari_mris.tokenizers.text import TextTokenizer
-
-    torch.manual_seed(0)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    image = ImageTokenizer(ImageTokenizerConfig(image_size=image_size, grid=4, fsq_levels=(4, 4), channels=(8, 16, 16)))
-    masks = {
-        "raster": MaskTokenizer(MaskTokenizerConfig(image_size, (4,), 8, 32, (8, 16, 16))),
-        "scale": MaskTokenizer(MaskTokenizerConfig(image_size, (1, 2, 4), 8, 32, (8, 16, 16))),
-    }
-    text = TextTokenizer.train(PROMPTS * 4, vocab_size=120, max_length=12)
-    save_tokenizers(out_dir, image, masks, text)
-    layout = VocabLayout(n_text=text.vocab_size, n_image=image.codebook_size, n_mask={k: 32 for k in masks})
-    config = DecoderConfig(
-        vocab_size=layout.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        nktp_k=4,
-        n_scales=3,
-    )
-    save_decoder(MRISDecoder(config).eval(), layout, out_dir)
-    update_config(out_dir, model_id="untrained-tiny", orders=["raster", "scale"])
-    return out_dir
 
 
 @pytest.fixture(scope="session")
@@ -98,3 +63,49 @@ def force_decision(pipeline, token: str) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+class ScriptedPipeline:
+    """A stand-in for MRISPipeline that streams masks chosen by the test (widget logic, not the model).
+
+    `masks` is a list of (H, W) bool arrays, or a function of the image shape returning one; with `gate`,
+    the stream waits after its first update until the gate opens or the widget asks it to stop.
+    """
+
+    model_id = "scripted"
+    model_hash = "0123456789abcdef"
+    adapter = None
+    device = "cpu"
+    orders = ("raster", "scale")
+    model_dir = Path("scripted")
+
+    def __init__(self, masks, *, rejected=False, uncertainty=None, gate: threading.Event | None = None):
+        self.masks = masks
+        self.rejected = rejected
+        self.uncertainty = uncertainty
+        self.gate = gate
+        self.calls: list[dict] = []
+
+    def settings(self, order="scale", samples=1, temperature=0.0, beam=1, top_k=None, seed=None):
+        return DecodingSettings(order, samples, temperature, beam, top_k, seed)
+
+    def stream(self, image, prompt, order="scale", samples=1, window=None, should_stop=None, **_):
+        self.calls.append({"shape": image.shape, "prompt": prompt, "order": order, "samples": samples})
+        masks = self.masks(image.shape) if callable(self.masks) else self.masks
+        for i, mask in enumerate(masks):
+            finished = i == len(masks) - 1
+            yield StreamUpdate(
+                mask=mask,
+                probability=mask.astype(np.float32),
+                uncertainty=self.uncertainty if finished else None,
+                progress=(i + 1) / len(masks),
+                tokens_done=i + 1,
+                tokens_total=len(masks),
+                rejected=self.rejected,
+                finished=finished,
+                timings={"total_s": 0.01, "tokens_per_s": 100.0},
+            )
+            if i == 0 and self.gate is not None:
+                while not self.gate.wait(0.01):
+                    if should_stop is not None and should_stop():
+                        return

@@ -7,11 +7,15 @@ which skips with a clear reason on a fresh clone where that folder is absent.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# napari's canvas needs OpenGL: pytest-xvfb (a test dependency) starts a virtual X server when Xvfb is
+# installed. Without Xvfb and without a display, fall back to Qt's offscreen platform (no canvas tests).
+if shutil.which("Xvfb") is None and not os.environ.get("DISPLAY"):
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MRIS_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

@@ -25,6 +25,15 @@ from napari_mris.model.vocab import VocabLayout
 LAYOUT = VocabLayout(n_text=12, n_image=8, n_mask={"raster": 6, "scale": 6})
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models decode fastest on one thread; two threads fight the other processes on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(**overrides) -> DecoderConfig:
     settings = dict(
         vocab_size=LAYOUT.vocab_size,

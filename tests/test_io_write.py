@@ -66,6 +66,9 @@ def test_png_refuses_stacks_and_bad_values(tmp_path):
     with pytest.raises(ExportError, match=r"labels\.jpg.*unknown label file type"):
         write_labels(tmp_path / "labels.jpg", np.zeros((4, 4), np.uint8))
     assert not list(tmp_path.iterdir())
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    with pytest.raises(ExportError, match=r"x\.png: the file could not be written"):
+        write_png(tmp_path / "file.txt" / "x.png", np.zeros((4, 4), np.uint8))
 
 
 # ----------------------------------------------------------------------------- NIfTI / NRRD / MHA
@@ -135,9 +138,10 @@ def test_seg_of_ct_stack_aligns_with_source(tmp_path, ct_stack, liver_labels):
 def test_seg_label_values_become_consecutive_segments(tmp_path, ct_stack, liver_labels):
     labels = liver_labels.astype(np.uint16) * 7
     labels[:, 10:20, 10:20] = 2
-    path = write_labels(tmp_path / "two.dcm", labels, like=ct_stack, segment_labels={2: "corner", 7: "liver"})
+    prompts = {2: "corner", 7: "Leber – größter Lappen"}  # any character: the SEG is written in UTF-8
+    path = write_labels(tmp_path / "two.dcm", labels, like=ct_stack, segment_labels=prompts)
     seg = hd.seg.segread(path)
-    assert [seg.get_segment_description(n).SegmentLabel for n in (1, 2)] == ["corner", "liver"]
+    assert [seg.get_segment_description(n).SegmentLabel for n in (1, 2)] == ["corner", prompts[7]]
     source_uids = [d.SOPInstanceUID for d in ct_stack.dicom]
     pixels = seg.get_pixels_by_source_instance(source_uids, segment_numbers=[1, 2], combine_segments=True)
     np.testing.assert_array_equal(pixels, np.select([labels == 2, labels == 7], [1, 2], 0))

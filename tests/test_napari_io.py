@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import highdicom as hd
+import napari
 import numpy as np
 import pydicom
 import pytest
+from napari.components import ViewerModel
+from napari.layers import Labels
+from npe2 import PluginManager
 from pydicom.pixels import apply_modality_lut
 
 from napari_mris._reader import napari_get_reader, read_layers
@@ -41,8 +47,20 @@ def test_reader_raises_mris_error_on_bad_file(tmp_path):
         reader(str(tmp_path / "bad.dcm"))
 
 
-def test_viewer_opens_ct_slice_in_hu_with_pixel_spacing(make_napari_viewer, ct_3slice):
-    viewer = make_napari_viewer()
+@pytest.fixture
+def viewer(request):
+    """A Qt napari viewer where OpenGL can render, else napari's ViewerModel (the same open/reader/layer path).
+
+    Qt's offscreen platform gets OpenGL only through an X server (e.g. `xvfb-run -a pytest`); without one,
+    adding an image layer to a Qt viewer fails inside vispy before any plugin code is involved.
+    """
+    if os.environ.get("DISPLAY"):
+        return request.getfixturevalue("make_napari_viewer")()
+    PluginManager.instance().discover(include_npe1=False)  # what a Qt viewer does on start
+    return ViewerModel()
+
+
+def test_viewer_opens_ct_slice_in_hu_with_pixel_spacing(viewer, ct_3slice):
     path = ct_3slice / "01.dcm"
     [layer] = viewer.open(str(path), plugin="napari-mris")
     ds = pydicom.dcmread(path)
@@ -52,16 +70,20 @@ def test_viewer_opens_ct_slice_in_hu_with_pixel_spacing(make_napari_viewer, ct_3
     assert layer.metadata["mris_slice"].dicom[0].SOPInstanceUID == ds.SOPInstanceUID
 
 
-def test_npe2_writer_uses_source_slice_and_prompts(tmp_path, ct_3slice):
+def test_napari_save_uses_source_slice_and_prompts(tmp_path, ct_3slice):
     image = read_slice(ct_3slice)
     labels = np.zeros(image.shape, np.uint8)
     labels[1, 200:260, 200:300] = 1
-    meta = {"metadata": {"mris_slice": image, "mris_segment_labels": {1: "the liver"}}}
-    written = write_labels(str(tmp_path / "out.dcm"), labels, meta)
+    layer = Labels(labels, metadata={"mris_slice": image, "mris_segment_labels": {1: "the liver"}})
+    PluginManager.instance().discover(include_npe1=False)
+    written = napari.save_layers(str(tmp_path / "out.dcm"), [layer], plugin="napari-mris")  # through the manifest
     assert written == [str(tmp_path / "out.dcm")]
     seg = hd.seg.segread(written[0])
     assert seg.get_segment_description(1).SegmentLabel == "the liver"
-    assert seg.get_source_image_uids()[0][2] == image.dicom[1].SOPInstanceUID  # the only non-empty plane
+    assert seg.number_of_frames == 1  # empty planes are omitted; the one left refers to the painted slice
+    frame = seg.PerFrameFunctionalGroupsSequence[0]
+    referenced = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+    assert referenced == image.dicom[1].SOPInstanceUID
 
 
 def test_npe2_writer_without_source_keeps_layer_scale(tmp_path):

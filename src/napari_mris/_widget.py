@@ -260,6 +260,19 @@ class MRISWidget(QWidget):
         self.model, self.adapter, self._pipeline = model, adapter, None
         self._show_model()
 
+    def set_pipeline(self, pipeline: MRISPipeline) -> None:
+        """Use a pipeline that is already loaded (scripts, notebooks, tests) instead of loading `self.model`."""
+        if self.is_running:
+            self._fail("Wait for the running segmentation to finish (or press Stop) before changing the model")
+            return
+        self.model, self.adapter, self._pipeline = pipeline.model_dir, pipeline.adapter, pipeline
+        self._show_model()
+
+    @property
+    def pipeline(self) -> MRISPipeline | None:
+        """The loaded pipeline, or None before the first Segment."""
+        return self._pipeline
+
     def _model_dialog(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Choose a napari-mris model directory")
         if folder:

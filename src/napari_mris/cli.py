@@ -18,6 +18,7 @@ import io
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,16 +129,19 @@ def run_predict(args: argparse.Namespace) -> int:
     for number, job in enumerate(jobs, start=1):
         start = time.perf_counter()
         image = read_slice(job.image, expect_2d=True)
-        result = pipeline.segment(
-            image.pixels, job.prompt, window=image.window, order=settings.order, samples=settings.samples,
-            temperature=settings.temperature, beam=settings.beam,
-        )  # fmt: skip
+        with warnings.catch_warnings():  # the tokenizer's truncation warning is printed below as a note
+            warnings.simplefilter("ignore", UserWarning)
+            result = pipeline.segment(
+                image.pixels, job.prompt, window=image.window, order=settings.order, samples=settings.samples,
+                temperature=settings.temperature, beam=settings.beam,
+            )  # fmt: skip
         write_png(args.out / f"{MASK_PREFIX}{_stem(job.image)}.png", result.mask, binary=True)
         seconds = time.perf_counter() - start
         rows.append((job.image.name, job.prompt, result.rejected, seconds))
         write_text_atomic(args.out / "predictions.csv", _predictions_csv(rows))
         verdict = "target not found" if result.rejected else f"{int(result.mask.sum())} pixels"
-        print(f"[{number}/{len(jobs)}] {job.image.name}: {verdict}, {seconds:.2f} s", flush=True)
+        notes = "".join(f" ({note})" for note in result.warnings)
+        print(f"[{number}/{len(jobs)}] {job.image.name}: {verdict}, {seconds:.2f} s{notes}", flush=True)
     return 0
 
 

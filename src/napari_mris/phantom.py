@@ -13,11 +13,13 @@ Geometry (fractions of the image size, shared with the training prompt construct
   the diaphragm. These fractions were fitted to the QaTa-COV19 training descriptions (see docs/data.md):
   the annotators' "lower lung" starts higher than a geometric third of the lung field would.
 
-Only numpy and scikit-image are used, so the runtime can make a phantom without the repository.
+Drawing needs only numpy and scipy.ndimage (installed with scikit-image), so the runtime can make a
+phantom without the repository; PNGs are written with scikit-image, tables with openpyxl or csv.
 """
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,7 +178,10 @@ def _ribs(u: np.ndarray, v: np.ndarray, dx: float, dy: float, size: int) -> np.n
 
 
 def zone_box(zone: str, size: int) -> tuple[float, float, float, float]:
-    """(row0, row1, col0, col1) in pixels of a zone: a third of the lung rows on one side of the midline."""
+    """(row0, row1, col0, col1) in pixels where a zone's lesion is placed.
+
+    A third of ZONE_TOP..ZONE_BOTTOM on one side of the midline; the lower zone reaches down to LUNG_BOTTOM.
+    """
     level, side = split_zone(zone)
     third = (ZONE_BOTTOM - ZONE_TOP) / 3
     row0 = ZONE_TOP + LEVELS.index(level) * third
@@ -271,9 +276,9 @@ def write_lvit_dataset(root: str | Path, n_train: int, n_val: int, size: int = 2
 
 def write_png(path: Path, pixels: np.ndarray) -> None:
     """An 8-bit grayscale PNG, written atomically."""
-    from skimage import io as skio
+    from skimage import io as skio  # imported on first use: it takes about a second
 
-    from napari_mris.io.atomic import atomic_path
+    from napari_mris.io.atomic import atomic_path  # importing napari_mris.io loads pydicom and SimpleITK
 
     with atomic_path(path) as tmp:
         skio.imsave(tmp, pixels, check_contrast=False)
@@ -281,8 +286,6 @@ def write_png(path: Path, pixels: np.ndarray) -> None:
 
 def write_text_table(path: Path, rows: list[tuple[str, str]]) -> None:
     """An LViT description table (Image, Description) as .xlsx or .csv, written atomically."""
-    import csv
-
     from napari_mris.io.atomic import atomic_path
 
     with atomic_path(path) as tmp:

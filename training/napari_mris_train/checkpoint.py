@@ -45,11 +45,11 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    """Inverse of `optimizer_tensors`; `tensors` are keyed `<param index>.<name>` (prefix removed)."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
     for group in groups:
         if "betas" in group:
             group["betas"] = tuple(group["betas"])

@@ -34,17 +34,30 @@ images of patients.
 """
 
 
-def build_tiny_model(out_dir: str | Path, data_root: str | Path | None = None, seed: int = 0) -> Path:
-    """Write phantoms (unless `data_root` already holds an LViT dataset), train everything, return `out_dir`."""
+def build_tiny_model(
+    out_dir: str | Path,
+    data_root: str | Path | None = None,
+    seed: int = 0,
+    *,
+    tokenizer_steps: int | None = None,
+    decoder_steps: int | None = None,
+) -> Path:
+    """Write phantoms (unless `data_root` already holds an LViT dataset), train everything, return `out_dir`.
+
+    `tokenizer_steps` / `decoder_steps` override the recipe (0 tokenizer steps = untrained tokenizers, a
+    valid but even faster directory for tests that only need the files and the code paths).
+    """
     out_dir = Path(out_dir)
     recipe = load_recipe(TINY_CONFIG)
-    recipe = replace(recipe, train=replace(recipe.train, seed=seed))
+    steps = recipe.train.steps if decoder_steps is None else decoder_steps
+    recipe = replace(recipe, train=replace(recipe.train, seed=seed, steps=steps))
     with tempfile.TemporaryDirectory(prefix="mris-tiny-data-") as scratch:
         root = Path(data_root) if data_root is not None else Path(scratch)
         if not (root / "Train_Folder").is_dir():
             write_lvit_dataset(root, N_TRAIN, N_VAL, size=SIZE, seed=seed)
         tokenizer_recipe = replace(recipe_from_sections(recipe.sections, str(TINY_CONFIG)), seed=seed)
-        train_tokenizers(tokenizer_recipe, load_split(root, split="train"), out_dir, progress=False)
+        train_split = load_split(root, split="train")
+        train_tokenizers(tokenizer_recipe, train_split, out_dir, steps=tokenizer_steps, progress=False)
         train(recipe, root, out_dir, progress=False)
     update_config(out_dir, model_id="tiny-phantom")
     write_text_atomic(out_dir / "MODEL_CARD.md", MODEL_CARD.format(n_train=N_TRAIN, seed=seed))

@@ -78,7 +78,7 @@ class TokenizerRecipe:
     image: ImageRecipe = field(default_factory=ImageRecipe)
     mask: MaskRecipe = field(default_factory=MaskRecipe)
     text: TextRecipe = field(default_factory=TextRecipe)
-    checkpoint_every: int = 250
+    checkpoint_every: int = 100
     seed: int = 0
 
     def image_config(self) -> ImageTokenizerConfig:
@@ -269,7 +269,7 @@ def train_stage(
     lr: float,
     ckpt_dir: Path | None = None,
     resume: bool = False,
-    checkpoint_every: int = 250,
+    checkpoint_every: int = 100,
     seed: int = 0,
     progress: bool = True,
 ) -> nn.Module:

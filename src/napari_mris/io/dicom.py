@@ -19,6 +19,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import SegmentationStorage
 
@@ -145,6 +146,9 @@ def check_is_image(ds: Dataset, path: Path) -> None:
     if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
         sop = ds.get("SOPClassUID")
         kind = f" ({sop.name})" if sop is not None else ""
+        # pydicom stops quietly at the end of a cut-off file: an image header without pixels was cut
+        if len(ds) == 0 or "Rows" in ds or (sop is not None and "Image Storage" in sop.name):
+            raise ImageReadError(f"{path}: the DICOM file{kind} ends before its pixel data; the file is truncated")
         raise ImageReadError(f"{path}: the DICOM file{kind} holds no pixel data, so it is not an image")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric == "PALETTE COLOR":
@@ -218,6 +222,9 @@ def dataset_planes(ds: Dataset, path: Path) -> list[Plane]:
         frame_number = index + 1 if n_frames > 1 else None
         label = f"{path.name} frame {frame_number}" if frame_number else path.name
         planes.append(Plane(pixels, window, meta, ds, frame_number, label))
+    for keyword in PIXEL_KEYWORDS:  # decoded above; the header is all an export needs
+        if keyword in ds:
+            delattr(ds, keyword)
     return planes
 
 
@@ -290,7 +297,7 @@ def _invert(
 def _first(value) -> float | None:
     if value is None or value == "":
         return None
-    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+    if isinstance(value, (list, tuple, MultiValue)):
         return float(value[0]) if len(value) else None
     return float(value)
 

@@ -29,6 +29,8 @@ class Slice:
     direction: np.ndarray
     window: tuple[float, float] | None = None
     source_path: Path | None = None
+    # source DICOM headers, one per plane (the same object for every frame of a multi-frame file); the
+    # pixel data is dropped after decoding - `pixels` holds it - which is all a DICOM SEG export needs
     dicom: list[pydicom.Dataset] = field(default_factory=list)
     name: str = ""
     # 1-based frame numbers in the (single) multi-frame source dataset, one per plane of `pixels`;

@@ -6,14 +6,14 @@ failed export never leaves a partial file. `like` is the `Slice` the labels were
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import SimpleITK as sitk
 import skimage.io
-from pydicom.sr.codedict import codes
 
 import napari_mris
 from napari_mris.errors import ExportError
@@ -65,7 +65,7 @@ def write_png(path: str | Path, labels: np.ndarray, *, binary: bool = True) -> P
         out = np.where(labels > 0, 255, 0).astype(np.uint8)
     else:
         out = labels.astype(np.uint8 if labels.max(initial=0) <= 255 else np.uint16)
-    with atomic_path(path) as tmp:
+    with _atomic_target(path) as tmp:
         skimage.io.imsave(tmp, out, check_contrast=False)
     return path
 
@@ -90,7 +90,7 @@ def write_nifti(path: str | Path, labels: np.ndarray, like: Slice | None = None)
             labels, (spacing, origin, direction) = labels[None], geometry3
     dtype = np.uint8 if labels.max(initial=0) <= 255 else np.uint16
     image = to_sitk_image(labels.astype(dtype), spacing, origin, direction)
-    with atomic_path(path) as tmp:
+    with _atomic_target(path) as tmp:
         try:
             sitk.WriteImage(image, str(tmp), useCompression=path.name.lower().endswith((".nii.gz", ".nrrd", ".mha")))
         except RuntimeError as exc:
@@ -112,6 +112,9 @@ def write_dicom_seg(
     segment label is the prompt (`segment_labels[value]`) cut to DICOM's 64 characters, the full prompt is
     kept in SegmentDescription. Frames follow the source slices plane by plane; empty planes are omitted.
     """
+    import highdicom as hd  # imported here: it (and pydicom.sr) adds ~0.5 s to every start of the reader
+    from pydicom.sr.codedict import codes
+
     path = Path(path)
     segment_labels = segment_labels or {}
     labels = _as_label_array(labels, path)
@@ -167,9 +170,19 @@ def write_dicom_seg(
             f"{path}: highdicom could not build a DICOM SEG from {like.name or 'the source'} ({exc})"
         ) from exc
     seg.SeriesDescription = "napari-mris segmentation"
-    with atomic_path(path) as tmp:
+    with _atomic_target(path) as tmp:
         seg.save_as(tmp)
     return path
+
+
+@contextlib.contextmanager
+def _atomic_target(path: Path) -> Iterator[Path]:
+    """`atomic_path`, with file-system failures (no space, no permission, bad folder) as ExportError."""
+    try:
+        with atomic_path(path) as tmp:
+            yield tmp
+    except OSError as exc:
+        raise ExportError(f"{path}: the file could not be written ({exc.strerror or exc})") from exc
 
 
 def _source_frames(segments: np.ndarray, like: Slice) -> tuple[list, np.ndarray]:

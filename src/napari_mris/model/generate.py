@@ -15,6 +15,7 @@ plugs into `generate()`) sets every other logit to -inf before any choice.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -90,62 +91,70 @@ def autoregressive_infer(
     varies the mask. Beam search returns the best beam (B = 1) and exists for raster order only.
     """
     scales = check_scales(order, scales)
-    _check_arguments(decoder, layout, prefix, order, scales, samples, temperature, top_k, beam, update_every)
-    decoder.eval()
+    _check_arguments(decoder, layout, prefix, order, scales, samples, temperature, top_k, beam, update_every, generator)
     device = next(decoder.parameters()).device
     total = sum(s * s for s in scales)
-
-    # 1. The prefix, once, into the KV cache; the decision is read at its last position.
-    out = decoder(prefix.to(device)[None], use_cache=True, logits_to_keep=1)
-    decision = LegalTokens(layout.vocab_size, [SOV, REJ])(None, out.logits[0, -1])
-    p_reject = float(decision.float().softmax(-1)[REJ])
-    if int(decision.argmax()) == REJ:
-        empty = torch.empty(1, 0, dtype=torch.long) if order == "raster" else []
-        yield DecodeStep(order, empty, 0, total, rejected=True, finished=True, reject_probability=p_reject)
-        return
-
-    # 2. The forced header, for every row of the batch (samples or beams share the cached prefix).
-    batch = beam if beam > 1 else samples
-    cache = out.past_key_values
-    if batch > 1:
-        cache.batch_repeat_interleave(batch)
-    header = torch.tensor(mask_header(layout, order, scales[-1]), device=device).expand(batch, -1)
-    out = decoder(header, past_key_values=cache, use_cache=True)
     legal = mask_code_tokens(layout, order)
 
-    def step(codes, done: int) -> DecodeStep:
+    def step(codes, done: int, p_reject: float) -> DecodeStep:
         return DecodeStep(order, codes, done, total, False, done == total, p_reject)
 
-    # 3a. Next-scale: one forward pass per scale over all of its slots.
-    if order == "scale":
-        logits = out.logits[:, -1:]  # the [SOT] output predicts the 1x1 scale
-        codes: list[torch.Tensor] = []
-        for k, size in enumerate(scales):
-            if k > 0:
-                slots = scale_slots(layout, codes[-1], scales[k - 1], size)
-                logits = _scale_forward(decoder, slots, k + 1, cache)
-            ids = choose(legal(None, logits), temperature, top_k, generator)
-            codes.append(layout.mask_codes(order, ids))
-            yield step(list(codes), sum(s * s for s in scales[: k + 1]))
-        return
+    with eval_mode(decoder):  # no dropout while decoding; the caller's mode comes back even after Stop
+        # 1. The prefix, once, into the KV cache; the decision is read at its last position.
+        out = decoder(prefix.to(device)[None], use_cache=True, logits_to_keep=1)
+        decision = LegalTokens(layout.vocab_size, [SOV, REJ])(None, out.logits[0, -1])
+        p_reject = float(decision.float().softmax(-1)[REJ])
+        if int(decision.argmax()) == REJ:
+            empty = torch.empty(1, 0, dtype=torch.long) if order == "raster" else []
+            yield DecodeStep(order, empty, 0, total, rejected=True, finished=True, reject_probability=p_reject)
+            return
 
-    # 3b. Raster: one token at a time, streamed every `update_every` tokens (default: one grid row).
-    every = update_every or scales[0]
-    if beam > 1:
-        tokens = (best for best, _ in raster_beam_search(decoder, legal, out.logits[:, -1], cache, total, beam))
-    elif speculative and temperature == 0 and samples == 1 and decoder.config.nktp_k > 1:
-        mask_slice = slice(*layout.mask_range(order))
-        tokens = raster_speculative(
-            decoder, legal, out.logits[:, -1], out.hidden_states[:, -1], cache, total, mask_slice
-        )
-    else:
-        tokens = raster_tokens(decoder, legal, out.logits[:, -1], cache, total, temperature, top_k, generator)
-    last_yield = 0
-    for ids in tokens:
-        done = ids.shape[1]
-        if done - last_yield >= every or done == total:
-            last_yield = done
-            yield step(layout.mask_codes(order, ids), done)
+        # 2. The forced header, for every row of the batch (samples or beams share the cached prefix).
+        batch = beam if beam > 1 else samples
+        cache = out.past_key_values
+        if batch > 1:
+            cache.batch_repeat_interleave(batch)
+        header = torch.tensor(mask_header(layout, order, scales[-1]), device=device).expand(batch, -1)
+        out = decoder(header, past_key_values=cache, use_cache=True)
+
+        # 3a. Next-scale: one forward pass per scale over all of its slots.
+        if order == "scale":
+            logits = out.logits[:, -1:]  # the [SOT] output predicts the 1x1 scale
+            codes: list[torch.Tensor] = []
+            for k, size in enumerate(scales):
+                if k > 0:
+                    slots = scale_slots(layout, codes[-1], scales[k - 1], size)
+                    logits = _scale_forward(decoder, slots, k + 1, cache)
+                ids = choose(legal(None, logits), temperature, top_k, generator)
+                codes.append(layout.mask_codes(order, ids))
+                yield step(list(codes), sum(s * s for s in scales[: k + 1]), p_reject)
+            return
+
+        # 3b. Raster: one token at a time, streamed every `update_every` tokens (default: one grid row).
+        logits = out.logits[:, -1]
+        if beam > 1:
+            tokens = (best for best, _ in raster_beam_search(decoder, legal, logits, cache, total, beam))
+        elif speculative and temperature == 0 and samples == 1 and decoder.config.nktp_k > 1:
+            mask_slice = slice(*layout.mask_range(order))
+            tokens = raster_speculative(decoder, legal, logits, out.hidden_states[:, -1], cache, total, mask_slice)
+        else:
+            tokens = raster_tokens(decoder, legal, logits, cache, total, temperature, top_k, generator)
+        every, last_yield = update_every or scales[0], 0
+        for ids in tokens:
+            done = ids.shape[1]
+            if done - last_yield >= every or done == total:
+                last_yield = done
+                yield step(layout.mask_codes(order, ids), done, p_reject)
+
+
+@contextmanager
+def eval_mode(decoder: MRISDecoder) -> Iterator[None]:
+    was_training = decoder.training
+    decoder.eval()
+    try:
+        yield
+    finally:
+        decoder.train(was_training)
 
 
 def raster_tokens(decoder, legal, logits, cache, n_tokens, temperature, top_k, generator) -> Iterator[torch.Tensor]:
@@ -183,9 +192,9 @@ def raster_speculative(decoder, legal, logits, hidden, cache, n_tokens, mask_sli
         new = greedy[:, : accepted + 1][:, : n_tokens - done]  # the kept drafts (== greedy) and one more
         tokens[:, done : done + new.shape[1]] = new
         done += new.shape[1]
-        yield tokens[:, :done].clone()
         cache.crop(-(n_draft - accepted))  # forget the rejected drafts
         hidden = out.hidden_states[:, accepted]
+        yield tokens[:, :done].clone()
 
 
 def raster_beam_search(decoder, legal, logits, cache, n_tokens, beam) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -217,18 +226,25 @@ def _scale_forward(decoder: MRISDecoder, slots: torch.Tensor, scale_id: int, cac
     return decoder(slots, scale_ids=scale_ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
 
 
-def _check_arguments(decoder, layout, prefix, order, scales, samples, temperature, top_k, beam, update_every) -> None:
+def _check_arguments(
+    decoder, layout, prefix, order, scales, samples, temperature, top_k, beam, update_every, generator
+) -> None:
     if decoder.config.vocab_size != layout.vocab_size:
         raise ValueError(f"decoder has {decoder.config.vocab_size} ids but the vocabulary {layout.vocab_size}")
     layout.order_token(order)
     if not isinstance(prefix, torch.Tensor) or prefix.dim() != 1 or prefix.numel() == 0:
         raise ValueError("prefix must be a non-empty 1-D LongTensor from prefix_ids()")
+    if int(prefix.min()) < 0 or int(prefix.max()) >= layout.vocab_size:
+        raise ValueError(f"prefix ids must lie in 0..{layout.vocab_size - 1}; build it with prefix_ids()")
     if samples < 1 or beam < 1:
         raise ValueError(f"samples and beam must be >= 1, got samples={samples} beam={beam}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    device = next(decoder.parameters()).device
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"the random generator is on {generator.device} but the decoder on {device}")
     if update_every is not None and update_every < 1:
         raise ValueError(f"update_every must be >= 1 or None, got {update_every}")
     if beam > 1:

@@ -81,7 +81,7 @@ class ImageTokenizer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> ImageTokenizerOutput:
         quantized, codes = self.fsq(self.encoder(self._prepare(images)))
-        return ImageTokenizerOutput((self.decoder(quantized) + 1) / 2, codes.flatten(1))
+        return ImageTokenizerOutput((self.decoder(quantized) + 1) / 2, codes.flatten(1).long())
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,95 @@
+"""LoRA fine-tuning: the saved adapter reproduces the in-memory model, the base weights stay untouched."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from napari_mris_train.cli import main
+from napari_mris_train.finetune import FinetuneCancelled, finetune, train_adapter
+from napari_mris_train.tiny import build_tiny_model
+
+from napari_mris.errors import ModelDirectoryError
+from napari_mris.model.decoder import load_decoder, save_adapter
+from napari_mris.model.modeldir import file_sha256, model_hash
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="the prompt is")
+        model = build_tiny_model(tmp_path_factory.mktemp("model"), data_root=data, tokenizer_steps=0, decoder_steps=2)
+    return model, data
+
+
+def test_saved_adapter_gives_the_in_memory_logits_and_keeps_the_base(tiny):
+    model, data = tiny
+    weights_before, hash_before = file_sha256(model / "model.safetensors"), model_hash(model)
+    tuned, layout = train_adapter(model, data / "Train_Folder", steps=3, lr=5e-2, batch_size=2)
+    folder = save_adapter(tuned.llama, model, "roundtrip")
+    assert {p.name for p in folder.iterdir()} == {"adapter_model.safetensors", "adapter_config.json", "base_model.json"}
+    assert json.loads((folder / "base_model.json").read_text())["base_model_hash"] == hash_before
+    merged, _ = load_decoder(model, adapter="roundtrip")
+    base, _ = load_decoder(model)
+    ids = torch.randint(0, layout.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        in_memory, loaded, original = (m(ids).logits for m in (tuned, merged, base))
+    torch.testing.assert_close(loaded, in_memory, atol=1e-5, rtol=1e-5)
+    assert (in_memory - original).abs().max() > 1e-3  # the adapter did change the model
+    assert file_sha256(model / "model.safetensors") == weights_before
+
+
+def test_finetune_reports_progress_and_a_stop_leaves_nothing(tiny):
+    model, data = tiny
+    calls = []
+    folder = finetune(
+        model, data / "Train_Folder", "cb", steps=2, batch_size=2, progress_callback=lambda *a: calls.append(a)
+    )
+    assert folder == model / "adapters" / "cb" and folder.is_dir()
+    assert [c[:2] for c in calls] == [(1, 2), (2, 2)] and all(c[2] > 0 for c in calls)
+    seen = []
+    with pytest.raises(FinetuneCancelled, match="no adapter"):
+        finetune(
+            model,
+            data / "Train_Folder",
+            "stopped",
+            steps=5,
+            batch_size=2,
+            progress_callback=lambda *a: seen.append(a),
+            should_stop=lambda: len(seen) >= 1,
+        )
+    assert len(seen) == 1
+    assert not [p.name for p in (model / "adapters").iterdir() if "stopped" in p.name]
+    with pytest.raises(ModelDirectoryError, match="beside their base model"):
+        finetune(model, data / "Train_Folder", str(data / "elsewhere" / "x"), steps=1)
+
+
+def test_cli_finetune_with_replay(tiny):
+    model, data = tiny
+    rc = main(
+        [
+            "finetune",
+            "--model",
+            str(model),
+            "--data",
+            str(data / "Val_Folder"),
+            "--out",
+            "cli",
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--replay-data",
+            str(data),
+            "--replay-fraction",
+            "0.5",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 0
+    decoder, _ = load_decoder(model, adapter="cli")
+    assert not any(name.startswith("base_model") for name, _ in decoder.named_parameters())  # merged, plain Llama

@@ -1,0 +1,117 @@
+"""Tokenizer training end to end on phantoms (tiny recipe, seconds): model directory, resume, eval, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from napari_mris_train.cli import main
+from napari_mris_train.data import load_split
+from napari_mris_train.tokenizer_training import (
+    evaluate_tokenizers,
+    load_tokenizer_recipe,
+    mask_loss,
+    preload,
+    train_stage,
+    train_tokenizers,
+)
+
+from napari_mris.phantom import write_lvit_dataset
+from napari_mris.tokenizers import load_tokenizers
+
+TINY = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    return write_lvit_dataset(tmp_path_factory.mktemp("lvit"), n_train=12, n_val=4, size=32, seed=3)
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return load_tokenizer_recipe(TINY)
+
+
+def test_train_writes_a_loadable_model_directory(phantoms, recipe, tmp_path):
+    tokenizers = train_tokenizers(recipe, load_split(phantoms, split="train"), tmp_path, steps=6, progress=False)
+    for name in ("config.json", "image_tokenizer.safetensors", "mask_tokenizer.safetensors", "tokenizer.json"):
+        assert (tmp_path / name).is_file()
+    for stage in ("raster", "scale", "image"):
+        assert json.loads((tmp_path / "checkpoints" / f"{stage}.json").read_text())["step"] == 6
+    assert set(tokenizers.masks) == {"raster", "scale"}
+    val = preload(load_split(phantoms, split="val"), recipe.image_size, progress=False)
+    results = evaluate_tokenizers(tokenizers, val)
+    assert results["n_images"] == 4
+    assert len(results["scale"]["dice_after_scales"]) == len(recipe.mask.scale_scales)
+    assert 0 <= results["raster"]["dice_mean"] <= 1 and results["image"]["psnr_mean"] > 0
+
+
+def test_training_lowers_the_mask_loss(phantoms, recipe):
+    from napari_mris.tokenizers.mask import MaskTokenizer
+
+    data = preload(load_split(phantoms, split="train"), recipe.image_size, progress=False)
+    torch.manual_seed(0)
+    model = MaskTokenizer(recipe.mask_config("raster"))
+    batch = data.masks[:8].float()
+    model.train()
+    with torch.no_grad():
+        before = mask_loss(model, batch)[0].item()
+    train_stage("raster", model, mask_loss, data.masks, steps=25, batch_size=8, lr=3e-3, progress=False)
+    model.train()
+    with torch.no_grad():
+        after = mask_loss(model, batch)[0].item()
+    assert after < 0.8 * before
+
+
+def test_resume_continues_exactly(phantoms, recipe, tmp_path):
+    from napari_mris.tokenizers.mask import MaskTokenizer
+
+    data = preload(load_split(phantoms, split="train"), recipe.image_size, progress=False)
+    kwargs = dict(batch_size=4, lr=2e-3, checkpoint_every=3, progress=False)
+    torch.manual_seed(0)
+    straight = train_stage(
+        "raster",
+        MaskTokenizer(recipe.mask_config("raster")),
+        mask_loss,
+        data.masks,
+        steps=6,
+        ckpt_dir=tmp_path / "a",
+        **kwargs,
+    )
+    torch.manual_seed(0)
+    train_stage(
+        "raster",
+        MaskTokenizer(recipe.mask_config("raster")),
+        mask_loss,
+        data.masks,
+        steps=3,
+        ckpt_dir=tmp_path / "b",
+        **kwargs,
+    )
+    resumed = train_stage(
+        "raster",
+        MaskTokenizer(recipe.mask_config("raster")),
+        mask_loss,
+        data.masks,
+        steps=6,
+        ckpt_dir=tmp_path / "b",
+        resume=True,
+        **kwargs,
+    )
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=f"{name} differs after resuming")
+
+
+def test_cli_train_then_eval(phantoms, tmp_path, capsys):
+    out = tmp_path / "model"
+    args = ["tokenizers", "--config", str(TINY), "--data", str(phantoms), "--out", str(out), "--steps", "2"]
+    assert main([*args, "--threads", "1"]) == 0
+    load_tokenizers(out)
+    figure = tmp_path / "fig.png"
+    assert main([*args, "--eval", "--figure", str(figure)]) == 0
+    printed = capsys.readouterr().out
+    assert "Dice after each scale" in printed and "PSNR" in printed
+    assert json.loads((out / "tokenizer_eval.json").read_text())["n_images"] == 4
+    assert figure.stat().st_size > 1000

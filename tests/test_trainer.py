@@ -1,0 +1,211 @@
+"""The decoder trainer on phantoms with untrained (0-step) tokenizers: mixing, learning, exact resume, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from napari_mris_train import trainer
+from napari_mris_train.checkpoint import load_checkpoint, part
+from napari_mris_train.config import ConfigError, load_recipe
+from napari_mris_train.data import load_split
+from napari_mris_train.encode_cache import cached_encoding, load_encoded
+from napari_mris_train.losses import compute_losses
+from napari_mris_train.mixing import SequenceMixer
+from napari_mris_train.prompts import swap_left_right
+from napari_mris_train.tokenizer_training import recipe_from_sections, train_tokenizers
+from safetensors.torch import load_file
+
+from napari_mris.model.vocab import REJ, SOV
+from napari_mris.phantom import write_lvit_dataset
+from napari_mris.tokenizers import load_tokenizers
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "training" / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
+    """(LViT phantom root, model dir holding 0-step tokenizers)."""
+    root = write_lvit_dataset(tmp_path_factory.mktemp("data"), 16, 3, size=32, seed=1)
+    tokenizers = tmp_path_factory.mktemp("tokenizers")
+    recipe = recipe_from_sections(load_recipe(TINY).sections)
+    train_tokenizers(recipe, load_split(root, split="train"), tokenizers, steps=0, progress=False)
+    return root, tokenizers
+
+
+def fresh_model_dir(tokenizers: Path, tmp_path: Path, name: str = "model") -> Path:
+    out = tmp_path / name
+    out.mkdir()
+    for file in trainer.TOKENIZER_FILES:
+        shutil.copy2(tokenizers / file, out / file)
+    return out
+
+
+def tiny_recipe(**train):
+    recipe = load_recipe(TINY)
+    defaults = {"eval_every": 1000, "val_images": 1, "checkpoint_every": 1000}
+    return replace(recipe, train=replace(recipe.train, **{**defaults, **train}))
+
+
+@pytest.fixture(autouse=True)
+def quiet_truncation():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="the prompt is")
+        yield
+
+
+def test_mixing_builds_every_kind_of_sequence(tiny_data, tmp_path):
+    root, tokenizers_dir = tiny_data
+    tokenizers = load_tokenizers(tokenizers_dir)
+    layout = trainer.vocab_layout(tokenizers)
+    data = cached_encoding(tmp_path, load_split(root, split="train"), tokenizers, 32, progress=False)
+    cache = next((tmp_path / "cache").glob("encoded_*.safetensors"))
+    again = load_encoded(cache)
+    assert again.names == data.names and torch.equal(again.masks, data.masks) and again.text_ids == data.text_ids
+    recipe = replace(tiny_recipe().train, absent_fraction=0.3, zone_fraction=0.3, foreign_fraction=0.2)
+    mixer = SequenceMixer(data, tokenizers, layout, recipe)
+    samples = [s for step in range(12) for s in mixer.batch(step, 8)]
+    kinds = {s.kind for s in samples}
+    assert {"full", "zone", "absent"} <= kinds
+    for s in samples:
+        decision = (
+            s.sequence.labels[s.sequence.labels == REJ].numel() + s.sequence.labels[s.sequence.labels == SOV].numel()
+        )
+        assert decision == 1
+        rejected = bool((s.sequence.labels == REJ).any())
+        assert rejected == (s.kind in ("absent", "foreign")), s.kind
+        if s.kind == "zone":  # a proper part of the mask: re-encoded codes differ from the full mask's
+            full = data.mask_codes[s.sequence.order][-1][s.index]
+            codes = s.sequence.labels[s.sequence.mask_positions][-full.shape[-1] :]
+            start, _ = layout.mask_range(s.sequence.order)
+            assert not any(torch.equal(codes - start, full[f]) for f in (0, 1))
+    flipped_full = [s for s in samples if s.kind == "full" and s.text != data.descriptions[s.index]]
+    assert flipped_full and all(s.text == swap_left_right(data.descriptions[s.index]) for s in flipped_full)
+    # the same (seed, step) gives the same batch: what exact resume relies on
+    again_batch = SequenceMixer(data, tokenizers, layout, recipe).batch(5, 8)
+    assert [s.key for s in again_batch] == [s.key for s in mixer.batch(5, 8)]
+
+
+def test_loss_decreases_on_a_fixed_batch(tiny_data, tmp_path):
+    root, tokenizers_dir = tiny_data
+    tokenizers = load_tokenizers(tokenizers_dir)
+    layout = trainer.vocab_layout(tokenizers)
+    recipe = tiny_recipe()
+    data = cached_encoding(tmp_path, load_split(root, split="train"), tokenizers, 32, progress=False)
+    samples = SequenceMixer(data, tokenizers, layout, recipe.train).batch(0, 4)
+    torch.manual_seed(0)
+    decoder = trainer.build_decoder(recipe, tokenizers, layout)
+    from napari_mris.model.sequence import collate
+
+    batch = collate([s.sequence for s in samples])
+    orders = [s.sequence.order for s in samples]
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        terms = compute_losses(
+            decoder,
+            decoder(batch["input_ids"], batch["scale_ids"], batch["attention_mask"]),
+            batch,
+            orders,
+            layout,
+            recipe.train.losses,
+        )
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        optimizer.step()
+        losses.append(float(terms["loss"]))
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def model_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return part(load_checkpoint(run_dir / "checkpoints" / "last")[0], "model")
+
+
+def test_resume_continues_exactly(tiny_data, tmp_path):
+    root, tokenizers_dir = tiny_data
+    recipe = tiny_recipe(steps=4, checkpoint_every=2, warmup_steps=1)
+    recipe = replace(recipe, train=replace(recipe.train, losses=replace(recipe.train.losses, het_start=0.25)))
+    straight = trainer.train(recipe, root, fresh_model_dir(tokenizers_dir, tmp_path, "a"), progress=False)
+    halves = fresh_model_dir(tokenizers_dir, tmp_path, "b")
+    trainer.train(recipe, root, halves, stop_after=2, progress=False)
+    assert load_checkpoint(halves / "checkpoints" / "last")[1]["step"] == 2
+    with pytest.raises(trainer.CheckpointError, match="--resume"):
+        trainer.train(recipe, root, halves, progress=False)
+    trainer.train(recipe, root, halves, resume=True, progress=False)
+    a, b = model_state(straight), model_state(halves)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    het_a = part(load_checkpoint(straight / "checkpoints" / "last")[0], "het")
+    het_b = part(load_checkpoint(halves / "checkpoints" / "last")[0], "het")
+    assert het_a["keys"].shape[0] > 0 and all(torch.equal(het_a[k], het_b[k]) for k in het_a)
+    log = [json.loads(line) for line in (halves / trainer.LOG_NAME).read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    assert any("val_dice" in r for r in log) and (halves / "model.safetensors").is_file()
+    assert {"ntp", "tcl", "nktp", "het", "tokens_per_s"} <= set(log[0])
+
+
+def test_nan_loss_stops_and_keeps_good_weights(tiny_data, tmp_path, monkeypatch):
+    root, tokenizers_dir = tiny_data
+    out = fresh_model_dir(tokenizers_dir, tmp_path)
+    recipe = tiny_recipe(steps=4, checkpoint_every=2, eval_every=2)
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        terms = compute_losses(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(trainer, "compute_losses", poisoned)
+    with pytest.raises(trainer.TrainingDiverged, match="step 3"):
+        trainer.train(recipe, root, out, progress=False)
+    tensors, info = load_checkpoint(out / "checkpoints" / "last")
+    assert info["step"] == 2
+    saved = load_file(str(out / "model.safetensors"))
+    good = part(tensors, "model")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    assert all(torch.equal(saved[k], good[k]) for k in saved)  # best = the step-2 weights, untouched
+
+
+def test_cli_switches_and_bad_recipe(tiny_data, tmp_path):
+    root, tokenizers_dir = tiny_data
+    from napari_mris_train.cli import main
+
+    out = fresh_model_dir(tokenizers_dir, tmp_path)
+    rc = main(
+        [
+            "train",
+            "--config",
+            str(TINY),
+            "--data",
+            str(root),
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+            "--no-tcl",
+            "--no-nktp",
+            "--no-het",
+            "--tag",
+            "baseline",
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    run_dir = out / "runs" / "baseline"
+    record = json.loads((run_dir / trainer.LOG_NAME).read_text().splitlines()[0])
+    assert record["tcl"] == 0.0 and record["nktp"] == 0.0 and record["het"] == 0.0
+    assert (run_dir / "model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.read_text().replace("het_start:", "het_strat:"))
+    with pytest.raises(ConfigError, match="het_strat"):
+        load_recipe(bad)
