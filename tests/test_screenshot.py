@@ -32,7 +32,7 @@ def colour_pixels(shot: np.ndarray, rgb: np.ndarray, tolerance: int = 3) -> int:
 def test_docked_widget_shows_the_mask_on_the_canvas(make_napari_viewer, qtbot) -> None:
     phantom = make_phantom(7, size=224)
     viewer = make_napari_viewer(show=True)
-    viewer.window.resize(1200, 800)
+    viewer.window.resize(1280, 800)
     viewer.add_image(phantom.image, name="phantom chest X-ray")
     widget = MRISWidget(viewer)
     viewer.window.add_dock_widget(widget, name="MRIS", area="right")

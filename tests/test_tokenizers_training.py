@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from napari_mris.phantom import write_lvit_dataset
+from napari_mris.tokenizers import load_tokenizers
 from napari_mris_train.cli import main
 from napari_mris_train.data import load_split
 from napari_mris_train.tokenizer_training import (
@@ -17,9 +20,6 @@ from napari_mris_train.tokenizer_training import (
     train_stage,
     train_tokenizers,
 )
-
-from napari_mris.phantom import write_lvit_dataset
-from napari_mris.tokenizers import load_tokenizers
 
 TINY = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny.yaml"
 
@@ -65,37 +65,39 @@ def test_training_lowers_the_mask_loss(phantoms, recipe):
     assert after < 0.8 * before
 
 
-def test_resume_continues_exactly(phantoms, recipe, tmp_path):
+def test_resume_after_a_crash_continues_exactly(phantoms, recipe, tmp_path):
     from napari_mris.tokenizers.mask import MaskTokenizer
 
     data = preload(load_split(phantoms, split="train"), recipe.image_size, progress=False)
-    kwargs = dict(batch_size=4, lr=2e-3, checkpoint_every=3, progress=False)
+    kwargs = dict(steps=6, batch_size=4, lr=2e-3, checkpoint_every=3, progress=False)
     torch.manual_seed(0)
     straight = train_stage(
-        "raster",
-        MaskTokenizer(recipe.mask_config("raster")),
-        mask_loss,
-        data.masks,
-        steps=6,
-        ckpt_dir=tmp_path / "a",
-        **kwargs,
+        "raster", MaskTokenizer(recipe.mask_config("raster")), mask_loss, data.masks, ckpt_dir=tmp_path / "a", **kwargs
     )
+    calls = []
+
+    def crashing_loss(model, batch):
+        calls.append(1)
+        if len(calls) == 5:  # dies during step 5, after the checkpoint at step 3
+            raise KeyboardInterrupt
+        return mask_loss(model, batch)
+
     torch.manual_seed(0)
-    train_stage(
-        "raster",
-        MaskTokenizer(recipe.mask_config("raster")),
-        mask_loss,
-        data.masks,
-        steps=3,
-        ckpt_dir=tmp_path / "b",
-        **kwargs,
-    )
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(
+            "raster",
+            MaskTokenizer(recipe.mask_config("raster")),
+            crashing_loss,
+            data.masks,
+            ckpt_dir=tmp_path / "b",
+            **kwargs,
+        )
+    assert json.loads((tmp_path / "b" / "raster.json").read_text())["step"] == 3
     resumed = train_stage(
         "raster",
         MaskTokenizer(recipe.mask_config("raster")),
         mask_loss,
         data.masks,
-        steps=6,
         ckpt_dir=tmp_path / "b",
         resume=True,
         **kwargs,

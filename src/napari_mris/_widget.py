@@ -155,6 +155,7 @@ class MRISWidget(QWidget):
         form.addRow("History", self.history_combo)
         form.addRow("Order", self.order_combo)
         form.addRow("Samples", self.samples_spin)
+        self.setMaximumWidth(480)  # a dock beside the canvas, not a second main window
         layout = QVBoxLayout(self)
         layout.addLayout(model_row)
         layout.addLayout(form)
@@ -496,8 +497,7 @@ class MRISWidget(QWidget):
             rows, cols = np.nonzero(changed)
             index = tuple(np.full(rows.shape, z) for z in run.plane) + (rows, cols)
             labels.data_setitem(index, values)  # ... and forward again, recorded as one history item
-        self._register(run)
-        labels.refresh()
+        self._register(run)  # the data ends as it was shown: no redraw needed beyond data_setitem's own
         return bool(changed.any())
 
     def _revert(self, run: _Run) -> None:

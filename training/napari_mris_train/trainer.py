@@ -19,14 +19,14 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from napari_mris.errors import DatasetError, MRISError
+from napari_mris.errors import MRISError
 from napari_mris.model.decoder import DecoderConfig, MRISDecoder, save_decoder
 from napari_mris.model.modeldir import read_config
 from napari_mris.model.sequence import HEADER_LENGTH, collate
@@ -129,17 +129,34 @@ def append_log(path: Path, record: dict[str, Any]) -> None:
 # --- training ----------------------------------------------------------------------------------------------
 
 
-def train(
-    recipe: Recipe,
-    data_root: Path,
-    out: Path,
-    *,
-    tag: str | None = None,
-    resume: bool = False,
-    stop_after: int | None = None,
-    progress: bool = True,
-) -> Path:
-    """Train (or resume) the decoder of the model directory `out`; returns the run's model directory."""
+@dataclass
+class Run:
+    """Everything one training run holds, so the loop below reads top to bottom."""
+
+    recipe: Recipe
+    run_dir: Path
+    accelerator: Any
+    tokenizers: Any
+    layout: VocabLayout
+    model: Any
+    optimizer: Any
+    mixer: SequenceMixer
+    memory: HETMemory | None
+    val_split: Any
+    step: int = 0
+    best: float = -1.0
+
+    @property
+    def last(self) -> Path:
+        return self.run_dir / "checkpoints" / LAST
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / LOG_NAME
+
+
+def setup(recipe: Recipe, data_root: Path, out: Path, tag: str | None, resume: bool, progress: bool) -> Run:
+    """Tokenizers, cached data, a fresh decoder and optimizer; the checkpoint's state on top with --resume."""
     from accelerate import Accelerator
 
     run_dir = prepare_run_dir(Path(out), tag)
@@ -152,82 +169,111 @@ def train(
     tokenizers = load_tokenizers(run_dir)
     layout = vocab_layout(tokenizers)
     decoder = build_decoder(recipe, tokenizers, layout)
-    train_split = load_split(data_root, split="train")
-    val_split = load_split(data_root, split="val")
+    train_split, val_split = load_split(data_root, split="train"), load_split(data_root, split="val")
     data = cached_encoding(run_dir, train_split, tokenizers, int(tokenizers.image.image_size), progress=progress)
-    mixer = SequenceMixer(data, tokenizers, layout, cfg)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
-    losses = cfg.losses
-    memory = HETMemory(losses.het_memory, losses.het_max_keys) if losses.het else None
-    step, best = 0, -1.0
-    if resume:
-        step, best = restore(last, recipe, decoder, optimizer, memory)
+    memory = HETMemory(cfg.losses.het_memory, cfg.losses.het_max_keys) if cfg.losses.het else None
+    step, best = restore(last, recipe, decoder, optimizer, memory) if resume else (0, -1.0)
     model, optimizer = accelerator.prepare(decoder, optimizer)
-    log_path = run_dir / LOG_NAME
-    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {recipe.name}", disable=not progress)
-    while step < end:
-        model.train()
-        lr = learning_rate(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        tick = time.perf_counter()
-        samples = mixer.batch(step, cfg.batch_size, accelerator.process_index, accelerator.num_processes)
-        batch = collate([s.sequence for s in samples])
-        device_batch = to_device(batch, accelerator.device)
-        het_active = losses.het and step >= losses.het_start * cfg.steps
-        with accelerator.autocast():
-            output = model(device_batch["input_ids"], device_batch["scale_ids"], device_batch["attention_mask"])
-            terms = compute_losses(
-                accelerator.unwrap_model(model),
-                output,
-                device_batch,
-                [s.sequence.order for s in samples],
-                layout,
-                losses,
-                sample_keys=[s.key for s in samples],
-                memory=memory,
-                het_active=het_active,
-            )
-        values = {k: float(v.detach()) for k, v in terms.items()}
-        if not math.isfinite(values["loss"]):
-            raise TrainingDiverged(
-                f"loss became {values['loss']} at step {step + 1} (terms {values}); training stopped, "
-                f"{run_dir / 'model.safetensors'} and {last} keep the last good weights. Lower train.lr and resume."
-            )
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(terms["loss"])
-        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        if not math.isfinite(grad_norm):
-            raise TrainingDiverged(
-                f"gradient norm became {grad_norm} at step {step + 1}; training stopped before the update, "
-                f"{last} keeps the last good state. Lower train.lr and resume."
-            )
-        optimizer.step()
-        step += 1
-        tokens = int((batch["input_ids"] != 0).sum())
-        record = {
-            "step": step,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens_per_s": tokens / (time.perf_counter() - tick),
-            "het_active": het_active,
-            **values,
-        }
+    mixer = SequenceMixer(data, tokenizers, layout, cfg)
+    return Run(recipe, run_dir, accelerator, tokenizers, layout, model, optimizer, mixer, memory, val_split, step, best)
+
+
+def train_step(run: Run) -> dict[str, Any]:
+    """One optimizer step at `run.step`; raises TrainingDiverged before touching the weights on NaN/inf."""
+    cfg, acc = run.recipe.train, run.accelerator
+    lr = learning_rate(run.step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    tick = time.perf_counter()
+    samples = run.mixer.batch(run.step, cfg.batch_size, acc.process_index, acc.num_processes)
+    batch = to_device(collate([s.sequence for s in samples]), acc.device)
+    het_active = cfg.losses.het and run.step >= cfg.losses.het_start * cfg.steps
+    run.model.train()
+    with acc.autocast():
+        output = run.model(batch["input_ids"], batch["scale_ids"], batch["attention_mask"])
+        orders, keys = [s.sequence.order for s in samples], [s.key for s in samples]
+        terms = compute_losses(
+            acc.unwrap_model(run.model),
+            output,
+            batch,
+            orders,
+            run.layout,
+            cfg.losses,
+            sample_keys=keys,
+            memory=run.memory,
+            het_active=het_active,
+        )
+    values = {k: float(v.detach()) for k, v in terms.items()}
+    if not math.isfinite(values["loss"]):
+        raise TrainingDiverged(
+            f"loss became {values['loss']} at step {run.step + 1} (terms {values}); training stopped, "
+            f"{run.run_dir / 'model.safetensors'} and {run.last} keep the last good weights. Lower train.lr, resume."
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    acc.backward(terms["loss"])
+    grad_norm = float(acc.clip_grad_norm_(run.model.parameters(), cfg.grad_clip))
+    if not math.isfinite(grad_norm):
+        raise TrainingDiverged(
+            f"gradient norm became {grad_norm} at step {run.step + 1}; training stopped before the update, "
+            f"{run.last} keeps the last good state. Lower train.lr and resume."
+        )
+    run.optimizer.step()
+    run.step += 1
+    tokens = int((batch["input_ids"] != 0).sum())
+    speed = tokens / (time.perf_counter() - tick)
+    return {
+        "step": run.step,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s": speed,
+        "het_active": het_active,
+        **values,
+    }
+
+
+def save_state(run: Run) -> None:
+    run.accelerator.wait_for_everyone()
+    if not run.accelerator.is_main_process:
+        return
+    cfg = run.recipe.train
+    info = {
+        "step": run.step,
+        "best_dice": run.best,
+        "data_position": run.step * cfg.batch_size * run.accelerator.num_processes,  # data = f(seed, step)
+        "recipe": recipe_snapshot(run.recipe),
+    }
+    state = run.accelerator.unwrap_model(run.model).state_dict()
+    save_checkpoint(run.last, state, run.optimizer, run.memory.state_dict() if run.memory else None, info)
+
+
+def train(
+    recipe: Recipe,
+    data_root: Path,
+    out: Path,
+    *,
+    tag: str | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train (or resume) the decoder of the model directory `out`; returns the run's model directory."""
+    run = setup(recipe, data_root, out, tag, resume, progress)
+    cfg = recipe.train
+    end = cfg.steps if stop_after is None else min(cfg.steps, run.step + stop_after)
+    bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train {recipe.name}", disable=not progress)
+    while run.step < end:
+        record = train_step(run)
         bar.update(1)
         bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "ntp", "tcl", "nktp", "het", "tokens_per_s")})
-        if accelerator.is_main_process:
-            append_log(log_path, record)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            best = validate(accelerator, model, tokenizers, layout, run_dir, val_split, recipe, step, best, log_path)
-        if step % cfg.checkpoint_every == 0 or step == end:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                info = {"step": step, "best_dice": best, "recipe": recipe_snapshot(recipe)}
-                state = accelerator.unwrap_model(model).state_dict()
-                save_checkpoint(last, state, optimizer, memory.state_dict() if memory else None, info)
+        if run.accelerator.is_main_process:
+            append_log(run.log_path, record)
+        if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
+            run.best = validate(run)
+        if run.step % cfg.checkpoint_every == 0 or run.step == end:
+            save_state(run)
     bar.close()
-    return run_dir
+    return run.run_dir
 
 
 def recipe_snapshot(recipe: Recipe) -> dict[str, Any]:
@@ -251,47 +297,38 @@ def restore(last: Path, recipe: Recipe, decoder, optimizer, memory: HETMemory | 
 
 
 @torch.no_grad()
-def validate(
-    accelerator,
-    model,
-    tokenizers,
-    layout,
-    run_dir: Path,
-    val_split,
-    recipe: Recipe,
-    step: int,
-    best: float,
-    log_path: Path,
-) -> float:
+def validate(run: Run) -> float:
     """Greedy Dice on the first `val_images` of Val_Folder, mean over the trained orders; keeps the best."""
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return best
-    decoder = accelerator.unwrap_model(model)
+    acc = run.accelerator
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        return run.best
+    decoder = acc.unwrap_model(run.model)
     decoder.eval()
+    config = read_config(run.run_dir)
     pipeline = MRISPipeline(
-        run_dir, read_config(run_dir), tokenizers, decoder, layout, accelerator.device, None, f"training-step-{step}"
+        run.run_dir, config, run.tokenizers, decoder, run.layout, acc.device, None, f"step-{run.step}"
     )
     scores = {}
-    for order in recipe.train.orders:
+    for order in run.recipe.train.orders:
         report = evaluate_split(
             pipeline,
-            val_split,
+            run.val_split,
             order=order,
-            limit=recipe.train.val_images,
+            limit=run.recipe.train.val_images,
             shuffled=False,
             absent=False,
             progress=False,
         )
         scores[order] = report["dice"]
     dice = sum(scores.values()) / len(scores)
-    improved = dice > best
+    improved = dice > run.best
     if improved:
-        save_decoder(decoder, layout, run_dir)
-    append_log(log_path, {"step": step, "val_dice": dice, "val_dice_by_order": scores, "saved_best": improved})
-    tqdm.write(f"step {step}: validation Dice {100 * dice:.2f} %" + (" (best, saved)" if improved else ""))
+        save_decoder(decoder, run.layout, run.run_dir)
+    append_log(run.log_path, {"step": run.step, "val_dice": dice, "val_dice_by_order": scores, "saved_best": improved})
+    tqdm.write(f"step {run.step}: validation Dice {100 * dice:.2f} %" + (" (best, saved)" if improved else ""))
     decoder.train()
-    return max(best, dice)
+    return max(run.best, dice)
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------
@@ -335,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
             stop_after=args.stop_after,
             progress=not args.quiet,
         )
-    except (TrainingDiverged, CheckpointError, DatasetError) as exc:
+    except MRISError as exc:  # diverged, checkpoint, recipe, dataset or model-directory problems
         print(f"error: {exc}")
         return 1
     print(f"model directory: {run_dir}")
