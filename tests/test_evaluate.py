@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+
 from napari_mris_train.cli import main
 from napari_mris_train.metrics import dice_iou
 from napari_mris_train.tiny import build_tiny_model

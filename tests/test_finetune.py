@@ -7,13 +7,13 @@ import warnings
 
 import pytest
 import torch
-from napari_mris_train.cli import main
-from napari_mris_train.finetune import FinetuneCancelled, finetune, train_adapter
-from napari_mris_train.tiny import build_tiny_model
 
 from napari_mris.errors import ModelDirectoryError
 from napari_mris.model.decoder import load_decoder, save_adapter
 from napari_mris.model.modeldir import file_sha256, model_hash
+from napari_mris_train.cli import main
+from napari_mris_train.finetune import FinetuneCancelled, finetune, train_adapter
+from napari_mris_train.tiny import build_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,20 @@ import math
 
 import pytest
 import torch
+
+from napari_mris.model.vocab import REJ, SOV, VocabLayout
 from napari_mris_train.het_memory import HETMemory, sample_key
-from napari_mris_train.losses import focal_loss, het_loss, het_select, preceding_negatives, tcl_loss
+from napari_mris_train.losses import (
+    LossConfig,
+    MaskTargets,
+    compute_losses,
+    focal_loss,
+    het_loss,
+    het_select,
+    nktp_loss,
+    preceding_negatives,
+    tcl_loss,
+)
 
 
 def softmax_p(row: list[float], index: int) -> float:
@@ -100,3 +112,67 @@ def test_sample_key_is_stable():
     assert sample_key(3, "raster", "upper left lung") == sample_key(3, "raster", "upper left lung")
     assert sample_key(3, "raster", "a") != sample_key(3, "scale", "a")
     assert 0 <= sample_key("x") < 2**63
+
+
+class StubHeads:
+    """A decoder stand-in whose head j maps hidden h to logits h * j (so every number is known)."""
+
+    class config:  # noqa: N801 - mimics DecoderConfig's attribute access
+        nktp_k = 3
+
+    def nktp_logits(self, hidden, offset, vocab_slice=None):
+        return hidden * offset
+
+
+def test_nktp_matches_formula_and_masks_past_the_block():
+    # one example, raster block of 4 codes at positions 10..13; hidden states are 3-way logit seeds
+    hidden = torch.zeros(1, 16, 3)
+    seeds = [[1.0, 0.0, -1.0], [0.0, 2.0, 0.0], [0.5, 0.5, 1.0], [1.0, -1.0, 0.0]]
+    hidden[0, 10:14] = torch.tensor(seeds)
+    codes = [0, 1, 2, 1]
+    targets = MaskTargets(
+        order="raster",
+        rows=torch.zeros(4, dtype=torch.long),
+        positions=torch.arange(10, 14),
+        codes=torch.tensor(codes),
+        index=torch.arange(4),
+        negatives=torch.full((4, 2), -1),
+    )
+    cfg = LossConfig(focal_alpha=1.0, focal_gamma=2.0)
+
+    def focal(row, y):
+        p = softmax_p(row, y)
+        return -((1 - p) ** 2) * math.log(p)
+
+    heads = []
+    for j in (2, 3):  # head j at block index i predicts codes[i + j - 1]; i + j - 1 >= 4 is past the block
+        terms = [focal([v * j for v in seeds[i]], codes[i + j - 1]) for i in range(4) if i + j - 1 < 4]
+        heads.append(sum(terms) / len(terms))
+    got = nktp_loss(StubHeads(), hidden, targets, (0, 3), cfg)
+    assert got.item() == pytest.approx(sum(heads) / 2, rel=1e-5)
+
+
+def test_compute_losses_restricts_the_softmax_to_legal_tokens():
+    layout = VocabLayout(n_text=4, n_image=4, n_mask={"raster": 3})
+    start, _ = layout.mask_range("raster")
+    vocab = layout.vocab_size
+    labels = torch.full((1, 6), -100)
+    labels[0, 1] = SOV  # decision
+    labels[0, 2:5] = torch.tensor([start + 0, start + 2, start + 2])  # three mask codes
+    logits = torch.randn(1, 6, vocab, generator=torch.Generator().manual_seed(0))
+    output = type("Out", (), {"logits": logits, "hidden_states": torch.zeros(1, 6, 2)})()
+    batch = {"labels": labels, "sample_positions": [torch.tensor([2, 3, 4])]}
+    cfg = LossConfig(focal_alpha=1.0, focal_gamma=0.0, tcl=True, tcl_negatives=2, nktp=False, het=False)
+    terms = compute_losses(None, output, batch, ["raster"], layout, cfg)
+    z = logits[0].tolist()
+    decision = -math.log(softmax_p([z[1][SOV], z[1][REJ]], 0))
+    masks = [-math.log(softmax_p(z[t][start : start + 3], c)) for t, c in ((2, 0), (3, 2), (4, 2))]
+    assert terms["ntp"].item() == pytest.approx((decision + sum(masks)) / 4, rel=1e-5)
+    # TCL: position 3 (target 2) has negative {0}; position 4 (target 2) has {0} too (its copy of 2 is dropped)
+    tcl = []
+    for t in (3, 4):
+        row = z[t][start : start + 3]
+        p_ct = math.exp(row[2]) / (math.exp(row[2]) + math.exp(row[0]))
+        tcl.append(-math.log(p_ct))
+    assert terms["tcl"].item() == pytest.approx(sum(tcl) / 2, rel=1e-5)
+    assert terms["loss"].item() == pytest.approx(terms["ntp"].item() + 0.5 * terms["tcl"].item(), rel=1e-6)

@@ -87,3 +87,10 @@ def test_training_step_restarts_dead_codes_on_the_data():
     assert not torch.equal(before, q.codebook)
     assert bool((q.ema_count > 0).all())  # every code was (re)started on an encoder vector
     assert tok.encoder.net[-1].weight.grad is not None and q.phi.weight.grad is not None
+
+
+def test_encode_never_moves_the_codebook_even_in_train_mode():
+    tok = MaskTokenizer(MaskTokenizerConfig(scales=(1, 2, 4), **TINY)).train()
+    before = tok.quantizer.codebook.clone()
+    tok.encode(_masks())
+    assert torch.equal(before, tok.quantizer.codebook)

@@ -117,3 +117,18 @@ def test_cli_train_then_eval(phantoms, tmp_path, capsys):
     assert "Dice after each scale" in printed and "PSNR" in printed
     assert json.loads((out / "tokenizer_eval.json").read_text())["n_images"] == 4
     assert figure.stat().st_size > 1000
+
+
+def test_multiscale_loss_trains_the_coarse_previews(recipe):
+    from napari_mris.tokenizers.mask import MaskTokenizer
+    from napari_mris_train.tokenizer_training import coarse_target
+
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[:, :, :, :16] = 1
+    torch.testing.assert_close(coarse_target(masks, 1), torch.full_like(masks, 0.5))
+    torch.testing.assert_close(coarse_target(masks, 32), masks)
+    torch.manual_seed(0)
+    _, logs = mask_loss(MaskTokenizer(recipe.mask_config("scale")).train(), masks)
+    assert "coarse" in logs
+    _, logs = mask_loss(MaskTokenizer(recipe.mask_config("raster")).train(), masks)
+    assert "coarse" not in logs  # a single-scale tokenizer has no preview

@@ -11,6 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from napari_mris.model.vocab import REJ, SOV
+from napari_mris.phantom import write_lvit_dataset
+from napari_mris.tokenizers import load_tokenizers
 from napari_mris_train import trainer
 from napari_mris_train.checkpoint import load_checkpoint, part
 from napari_mris_train.config import ConfigError, load_recipe
@@ -20,11 +25,6 @@ from napari_mris_train.losses import compute_losses
 from napari_mris_train.mixing import SequenceMixer
 from napari_mris_train.prompts import swap_left_right
 from napari_mris_train.tokenizer_training import recipe_from_sections, train_tokenizers
-from safetensors.torch import load_file
-
-from napari_mris.model.vocab import REJ, SOV
-from napari_mris.phantom import write_lvit_dataset
-from napari_mris.tokenizers import load_tokenizers
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "training" / "configs" / "tiny.yaml"

@@ -269,3 +269,20 @@ def test_closing_the_viewer_mid_stream_stops_the_worker(make_napari_viewer, qtbo
     qtbot.waitUntil(canceller.event.is_set, timeout=WAIT_MS)
     assert QThreadPool.globalInstance().waitForDone(5_000)  # the worker thread ended without the gate opening
     assert not gate.is_set()
+
+
+def test_export_dicom_seg_for_a_dicom_image(viewer, qtbot, tmp_path) -> None:
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from napari_mris.io import read_slice
+
+    source = read_slice(get_testdata_file("CT_small.dcm"))
+    viewer.add_image(source.pixels, name="ct", scale=source.spacing, metadata={"mris_slice": source})
+    mask = box(source.pixels.shape, slice(30, 60), slice(40, 90))
+    widget = make_widget(viewer, ScriptedPipeline([mask]), prompt="liver")
+    run(qtbot, widget)
+    seg_path, sidecar = widget.export_to(tmp_path / "liver.dcm")
+    seg = pydicom.dcmread(seg_path)
+    assert seg.Modality == "SEG" and seg.SegmentSequence[0].SegmentLabel == "liver"
+    assert json.loads(sidecar.read_text())["format"] == "DICOM SEG"

@@ -218,6 +218,8 @@ class MRISWidget(QWidget):
         if run is not None and event.value in (run.image, run.labels):
             self._canceller.cancel()
             self._run = None
+            if event.value is run.image:  # the labels stay: keep what was drawn and unlock them
+                self._commit(run)
             self._status(f"Stopped: layer {event.value.name!r} was removed")
         self.refresh_layers()
 
@@ -483,7 +485,7 @@ class MRISWidget(QWidget):
             return
         plane[changed] = target[changed]
         run.drawn |= changed
-        run.labels.refresh()
+        run.labels.refresh(thumbnail=False, highlight=False, extent=False)  # the canvas only: keeps the loop fast
 
     def _commit(self, run: _Run) -> bool:
         """Replay the drawing through `data_setitem` as one undo item; returns whether anything changed."""
@@ -497,7 +499,8 @@ class MRISWidget(QWidget):
             rows, cols = np.nonzero(changed)
             index = tuple(np.full(rows.shape, z) for z in run.plane) + (rows, cols)
             labels.data_setitem(index, values)  # ... and forward again, recorded as one history item
-        self._register(run)  # the data ends as it was shown: no redraw needed beyond data_setitem's own
+        self._register(run)
+        labels.refresh(data_displayed=False, highlight=False, extent=False)  # the data is as shown; the thumbnail
         return bool(changed.any())
 
     def _revert(self, run: _Run) -> None:
@@ -510,12 +513,11 @@ class MRISWidget(QWidget):
     def _register(self, run: _Run) -> None:
         """Record the prompt of this label value (metadata for writers, features for the layer's tooltip)."""
         labels = run.labels
-        rejected = run.last is not None and run.last.rejected
         names: dict[int, str] = labels.metadata.setdefault("mris_segment_labels", {})
-        if rejected and run.value not in names:
-            return
+        if run.last is None or (run.last.rejected and run.value not in names):
+            return  # stopped before any update, or the model found nothing: no new label value
         names[run.value] = run.prompt
-        if run.last is not None and self._pipeline is not None:
+        if self._pipeline is not None:
             provenance = {
                 "prompt": run.prompt,
                 "rejected": run.last.rejected,

@@ -133,6 +133,14 @@ def open_split(path: Path):
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return evaluate_command(args)
+    except MRISError as exc:  # model directory, adapter, dataset or device problems, in plain words
+        print(f"error: {exc}")
+        return 1
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
     pipeline = MRISPipeline.from_pretrained(args.model, device=args.device, adapter=args.adapter)
     order = args.order or ("scale" if "scale" in pipeline.orders else pipeline.orders[0])
     split = open_split(args.data)

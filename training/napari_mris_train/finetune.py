@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -71,6 +70,26 @@ def attach_lora(decoder, rank: int, alpha: int, targets: list[str] | None, dropo
     return decoder
 
 
+def adaptation_mixers(
+    tokenizers, layout, dataset, replay_data, replay_fraction: float, batch_size: int, seed: int, progress: bool
+) -> list[tuple[SequenceMixer, int]]:
+    """(mixer, examples per batch) pairs: the new data taught as given, plus replay with the full mix."""
+    size = int(tokenizers.image.image_size)
+    orders = tuple(o for o in layout.orders if o in tokenizers.masks)
+    as_given = TrainRecipe(
+        orders=orders, absent_fraction=0.0, zone_fraction=0.0, foreign_fraction=0.0, flip=False, seed=seed
+    )
+    own_data = encode_split(open_dataset(dataset), tokenizers, size, progress=progress)
+    n_replay = min(round(batch_size * replay_fraction), batch_size - 1) if replay_data is not None else 0
+    mixers = [(SequenceMixer(own_data, tokenizers, layout, as_given), batch_size - n_replay)]
+    if n_replay:
+        replay_split = encode_split(open_dataset(replay_data), tokenizers, size, progress=progress)
+        mixers.append(
+            (SequenceMixer(replay_split, tokenizers, layout, TrainRecipe(orders=orders, seed=seed + 1)), n_replay)
+        )
+    return mixers
+
+
 def train_adapter(
     model_dir: Path,
     dataset: str | Path,
@@ -98,17 +117,7 @@ def train_adapter(
     torch_device = resolve_device(device)
     tokenizers = load_tokenizers(model_dir)
     decoder, layout = load_decoder(model_dir)
-    size = int(tokenizers.image.image_size)
-    orders = tuple(o for o in layout.orders if o in tokenizers.masks)
-    # The new data is taught as given (its own prompt -> its own mask); replay keeps the full training mix.
-    as_given = TrainRecipe(orders=orders, absent_fraction=0.0, zone_fraction=0.0, foreign_fraction=0.0, flip=False)
-    own_data = encode_split(open_dataset(dataset), tokenizers, size, progress=progress)
-    n_replay = round(batch_size * replay_fraction) if replay_data is not None else 0
-    mixers = [(SequenceMixer(own_data, tokenizers, layout, replace(as_given, seed=seed)), batch_size - n_replay)]
-    if n_replay:
-        replay_split = encode_split(open_dataset(replay_data), tokenizers, size, progress=progress)
-        replay_recipe = TrainRecipe(orders=orders, seed=seed + 1)
-        mixers.append((SequenceMixer(replay_split, tokenizers, layout, replay_recipe), n_replay))
+    mixers = adaptation_mixers(tokenizers, layout, dataset, replay_data, replay_fraction, batch_size, seed, progress)
     attach_lora(decoder, rank, alpha, targets).to(torch_device).train()
     params = [p for p in decoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -167,7 +176,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    folder = finetune(
+    try:
+        folder = finetune_command(args)
+    except MRISError as exc:  # model directory, dataset or divergence problems, in plain words
+        print(f"error: {exc}")
+        return 1
+    print(f"adapter saved: {folder}")
+    return 0
+
+
+def finetune_command(args: argparse.Namespace) -> Path:
+    return finetune(
         args.model,
         args.data,
         args.out,
@@ -183,5 +202,3 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=True,
     )
-    print(f"adapter saved: {folder}")
-    return 0

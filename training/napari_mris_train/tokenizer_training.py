@@ -229,12 +229,33 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).mean()
 
 
-def mask_loss(model: MaskTokenizer, masks: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def coarse_target(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """What scales 1..k can show: the mask averaged over an s_k x s_k grid, smoothly upsampled."""
+    coarse = F.interpolate(masks, size=(size, size), mode="area")
+    return F.interpolate(coarse, size=masks.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+def mask_loss(
+    model: MaskTokenizer, masks: torch.Tensor, coarse_weight: float = 0.5
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """BCE + soft Dice + VQ loss; for a multi-scale tokenizer also a coarse-preview term.
+
+    The decoder otherwise only ever sees the full residual sum, and renders the partial sums the UI
+    streams (scales 1..k) as near-empty masks. The extra term decodes one random partial sum against the
+    mask blurred to that scale's grid (the decoder alone learns from it; the latents are detached).
+    """
     out = model(masks)
     bce = F.binary_cross_entropy_with_logits(out.logits, masks)
     dice = soft_dice_loss(out.logits, masks)
     loss = bce + dice + out.vq_loss
-    return loss, {"bce": bce.item(), "dice": dice.item(), "vq": out.vq_loss.item()}
+    logs = {"bce": bce.item(), "dice": dice.item(), "vq": out.vq_loss.item()}
+    if len(model.scales) > 1 and coarse_weight > 0:
+        k = int(torch.randint(len(model.scales) - 1, ()))
+        partial = model.decoder(out.partial_sums[k])
+        coarse = F.binary_cross_entropy_with_logits(partial, coarse_target(masks, model.scales[k]))
+        loss = loss + coarse_weight * coarse
+        logs["coarse"] = coarse.item()
+    return loss, logs
 
 
 def image_loss(model: ImageTokenizer, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:

@@ -51,6 +51,7 @@ class QuantizerOutput(NamedTuple):
     f_hat: torch.Tensor  # (B, D, G, G) quantized latent, straight-through to the encoder
     codes: list[torch.Tensor]  # one (B, s*s) per scale
     loss: torch.Tensor  # commitment + Phi loss
+    partial_sums: list[torch.Tensor]  # detached running sum after each scale (for the coarse-preview loss)
 
 
 class ResidualScaleQuantizer(nn.Module):
@@ -88,7 +89,7 @@ class ResidualScaleQuantizer(nn.Module):
         grid = self.cfg.grid
         rest = f.detach().clone()
         f_hat = torch.zeros_like(f)
-        codes, seen, assigned = [], [], []
+        codes, seen, assigned, partial_sums = [], [], [], []
         for size in self.cfg.scales:
             r = F.interpolate(rest, size=(size, size), mode="area") if size != grid else rest
             vectors = r.permute(0, 2, 3, 1).reshape(-1, r.shape[1])
@@ -96,14 +97,15 @@ class ResidualScaleQuantizer(nn.Module):
             h = self.scale_contribution(idx.view(f.shape[0], -1), size)
             f_hat = f_hat + h
             rest = rest - h.detach()
+            partial_sums.append(f_hat.detach())
             codes.append(idx.view(f.shape[0], -1))
             seen.append(vectors)
             assigned.append(idx)
         loss = self.cfg.beta * F.mse_loss(f, f_hat.detach()) + F.mse_loss(f_hat, f.detach())
-        if self.training:
+        if self.training and torch.is_grad_enabled():  # encode() under no_grad never moves the codebook
             self._ema_update(torch.cat(seen), torch.cat(assigned))
         f_st = f + (f_hat - f).detach() + (f_hat - f_hat.detach())  # value f_hat; grads to encoder and Phi
-        return QuantizerOutput(f_st, codes, loss)
+        return QuantizerOutput(f_st, codes, loss, partial_sums)
 
     @torch.no_grad()
     def _ema_update(self, vectors: torch.Tensor, idx: torch.Tensor) -> None:
@@ -127,6 +129,7 @@ class MaskTokenizerOutput(NamedTuple):
     logits: torch.Tensor  # (B, 1, S, S)
     codes: list[torch.Tensor]
     vq_loss: torch.Tensor
+    partial_sums: list[torch.Tensor]  # latent after scales 1..k, detached
 
 
 class MaskTokenizer(nn.Module):
@@ -164,7 +167,7 @@ class MaskTokenizer(nn.Module):
     def forward(self, masks: torch.Tensor) -> MaskTokenizerOutput:
         """Training pass: reconstruction logits, codes and the VQ loss."""
         q = self.quantizer(self.encoder(self._prepare(masks)))
-        return MaskTokenizerOutput(self.decoder(q.f_hat), q.codes, q.loss)
+        return MaskTokenizerOutput(self.decoder(q.f_hat), q.codes, q.loss, q.partial_sums)
 
     @torch.no_grad()
     def encode(self, masks: torch.Tensor) -> list[torch.Tensor]:
