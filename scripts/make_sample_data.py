@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from napari_mris_train.prompts import absent_target, describe
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from napari_mris.io.atomic import atomic_path, write_bytes_atomic
 from napari_mris.phantom import Phantom, make_phantom, write_png
+from napari_mris_train.prompts import absent_target, describe
 
 REPO = Path(__file__).resolve().parents[1]
 PHANTOM_SEEDS = (7, 11, 13)  # 7: three areas on both sides (the demo's phantom), 11: one area, 13: "all right lung"

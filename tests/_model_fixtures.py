@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from napari_mris.pipeline import DecodingSettings, StreamUpdate
 
@@ -32,18 +31,6 @@ def build_model(out_dir: Path) -> Path:
     from napari_mris_train.tiny import build_tiny_model
 
     return Path(build_tiny_model(out_dir))
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_model(tmp_path_factory.mktemp("tiny_model"))
-
-
-@pytest.fixture(scope="session")
-def tiny_pipeline(tiny_model_dir: Path):
-    from napari_mris.pipeline import MRISPipeline
-
-    return MRISPipeline.from_pretrained(tiny_model_dir, device="cpu")
 
 
 @contextlib.contextmanager

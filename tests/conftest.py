@@ -43,3 +43,19 @@ def ct_3slice(shared_data: Path) -> Path:
     if not root.is_dir():
         pytest.skip(f"ct-3slice not found at {root}")
     return root
+
+
+# The tiny model for the pipeline, widget and CLI tests: defined here so that pytest builds it once per run.
+from _model_fixtures import build_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_model_dir: Path):
+    from napari_mris.pipeline import MRISPipeline
+
+    return MRISPipeline.from_pretrained(tiny_model_dir, device="cpu")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _model_fixtures import tiny_model_dir  # noqa: F401 (fixture)
 from PIL import Image
 
 from napari_mris import pipeline as pipeline_module

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from napari_mris_train.data import Example, load_split, read_text_table
 from skimage import io as skio
 
 from napari_mris.errors import DatasetError
 from napari_mris.phantom import write_lvit_dataset, write_text_table
+from napari_mris_train.data import Example, load_split, read_text_table
 
 
 def _png(path: Path, pixels: np.ndarray) -> None:

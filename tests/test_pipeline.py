@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _model_fixtures import force_decision, tiny_model_dir, tiny_pipeline  # noqa: F401 (fixtures)
+from _model_fixtures import force_decision
 
 from napari_mris import pipeline as pipeline_module
 from napari_mris.errors import ModelDirectoryError, MRISError, PromptError, UnsupportedImageError

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from napari_mris.phantom import make_phantom
 from napari_mris_train.prompts import (
     absent_target,
     describe,
@@ -15,8 +17,6 @@ from napari_mris_train.prompts import (
     zone_agreement,
     zone_restricted,
 )
-
-from napari_mris.phantom import make_phantom
 
 SIZE = 100  # level bands at this size: upper 12-30, middle 30-48, lower 48-66 (rows)
 

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from _model_fixtures import ScriptedPipeline, force_decision, tiny_model_dir, tiny_pipeline  # noqa: F401 (fixtures)
+from _model_fixtures import ScriptedPipeline, force_decision
 from PIL import Image as PILImage
 from qtpy.QtCore import QThreadPool
 
