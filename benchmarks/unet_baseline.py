@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from napari_mris_train.data import load_split
-from napari_mris_train.metrics import segmentation_scores
+from napari_mris_train.metrics import dice_iou
 
 
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:
@@ -145,7 +145,8 @@ def main() -> None:
     x_val = torch.stack([torch.from_numpy(e.image.astype(np.float32) / 255.0) for e in val_examples])[:, None]
     x_val = F.interpolate(x_val, size=(args.size, args.size), mode="area")
     predictions = predict(model, x_val, out_size=val_examples[0].mask.shape)
-    scores = segmentation_scores(list(predictions), [e.mask for e in val_examples])
+    per_image = [dice_iou(pred, e.mask) for pred, e in zip(predictions, val_examples, strict=True)]
+    scores = {"dice": float(np.mean([d for d, _ in per_image])), "miou": float(np.mean([i for _, i in per_image]))}
 
     result = {
         "model": "U-Net (text-free)",
