@@ -10,7 +10,8 @@ from skimage import io as skio
 
 from napari_mris.errors import DatasetError
 from napari_mris.phantom import write_lvit_dataset, write_text_table
-from napari_mris_train.data import Example, load_split, read_text_table
+from napari_mris_train.cli import main as train_cli
+from napari_mris_train.data import Example, concat_splits, load_split, read_text_table
 
 
 def _png(path: Path, pixels: np.ndarray) -> None:
@@ -162,6 +163,20 @@ def test_phantom_dataset_is_loadable(tmp_path: Path) -> None:
     assert example.description.endswith("lung.")
     assert train.names[0] == "phantom_00000"
     assert not np.array_equal(example.image, val[0].image)  # train and val phantoms use different seeds
+
+
+def test_phantoms_command_and_concat_splits(tmp_path: Path) -> None:
+    assert train_cli(["phantoms", "--out", str(tmp_path / "a"), "--train", "3", "--val", "1", "--size", "32"]) == 0
+    phantoms = load_split(tmp_path / "a", split="train")
+    other = tmp_path / "b" / "Train_Folder"
+    _png(other / "img" / "x.png", np.full((8, 8), 7, np.uint8))
+    _png(other / "labelcol" / "mask_x.png", np.zeros((8, 8), np.uint8))
+    write_text_table(other / "Train_text.csv", [("mask_x.png", "Unilateral pulmonary infection.")])
+    combined = concat_splits([phantoms, load_split(other)])
+    assert len(combined) == 4 and combined.names[-1] == "x"
+    assert combined[3].image.shape == (8, 8) and combined[0].image.shape == (32, 32)
+    with pytest.raises(DatasetError, match="share image names"):
+        concat_splits([phantoms, phantoms])
 
 
 def test_qata_counts(qata_root: Path) -> None:

@@ -160,6 +160,19 @@ def load_split(path: str | Path, *, split: str | None = None) -> LViTSplit:
     return split_data
 
 
+def concat_splits(splits: list[LViTSplit]) -> LViTSplit:
+    """One split holding the pairs of several (QaTa train plus synthetic phantoms, say), in order."""
+    if not splits:
+        raise DatasetError("no splits to combine")
+    first = splits[0]
+    pairs = [pair for split in splits for pair in split.pairs]
+    names = [pair[0].lower() for pair in pairs]
+    if len(set(names)) != len(names):
+        raise DatasetError(f"{[s.folder for s in splits]}: the splits share image names; rename one set first")
+    problems = [problem for split in splits for problem in split.problems]
+    return LViTSplit(folder=first.folder, text_file=first.text_file, pairs=pairs, problems=problems)
+
+
 def find_split_folder(path: Path, split: str | None) -> Path:
     """Resolve `path` (+ optional split name) to the folder holding img/ and labelcol/."""
     if not path.is_dir():

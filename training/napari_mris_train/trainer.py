@@ -42,7 +42,7 @@ from napari_mris_train.checkpoint import (
     save_checkpoint,
 )
 from napari_mris_train.config import Recipe, load_recipe
-from napari_mris_train.data import load_split
+from napari_mris_train.data import concat_splits, load_split
 from napari_mris_train.encode_cache import cached_encoding
 from napari_mris_train.evaluate import evaluate_split
 from napari_mris_train.het_memory import HETMemory
@@ -155,8 +155,19 @@ class Run:
         return self.run_dir / LOG_NAME
 
 
-def setup(recipe: Recipe, data_root: Path, out: Path, tag: str | None, resume: bool, progress: bool) -> Run:
-    """Tokenizers, cached data, a fresh decoder and optimizer; the checkpoint's state on top with --resume."""
+def setup(
+    recipe: Recipe,
+    data_root: Path,
+    out: Path,
+    tag: str | None,
+    resume: bool,
+    progress: bool,
+    extra_train: tuple[Path, ...] = (),
+) -> Run:
+    """Tokenizers, cached data, a fresh decoder and optimizer; the checkpoint's state on top with --resume.
+
+    `extra_train` roots add their Train_Folder pairs to the training data (validation stays `data_root`'s).
+    """
     from accelerate import Accelerator
 
     run_dir = prepare_run_dir(Path(out), tag)
@@ -169,7 +180,8 @@ def setup(recipe: Recipe, data_root: Path, out: Path, tag: str | None, resume: b
     tokenizers = load_tokenizers(run_dir)
     layout = vocab_layout(tokenizers)
     decoder = build_decoder(recipe, tokenizers, layout)
-    train_split, val_split = load_split(data_root, split="train"), load_split(data_root, split="val")
+    train_split = concat_splits([load_split(root, split="train") for root in (data_root, *extra_train)])
+    val_split = load_split(data_root, split="val")
     data = cached_encoding(run_dir, train_split, tokenizers, int(tokenizers.image.image_size), progress=progress)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     memory = HETMemory(cfg.losses.het_memory, cfg.losses.het_max_keys) if cfg.losses.het else None
@@ -256,9 +268,10 @@ def train(
     resume: bool = False,
     stop_after: int | None = None,
     progress: bool = True,
+    extra_train: tuple[Path, ...] = (),
 ) -> Path:
     """Train (or resume) the decoder of the model directory `out`; returns the run's model directory."""
-    run = setup(recipe, data_root, out, tag, resume, progress)
+    run = setup(recipe, data_root, out, tag, resume, progress, tuple(extra_train))
     cfg = recipe.train
     end = cfg.steps if stop_after is None else min(cfg.steps, run.step + stop_after)
     bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train {recipe.name}", disable=not progress)
@@ -338,6 +351,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, type=Path, help="recipe, e.g. training/configs/default.yaml")
     parser.add_argument("--data", required=True, type=Path, help="LViT root with Train_Folder and Val_Folder")
     parser.add_argument("--out", required=True, type=Path, help="model directory holding the trained tokenizers")
+    parser.add_argument(
+        "--extra-train",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="ROOT",
+        help="another LViT root whose Train_Folder joins the training data (repeatable), e.g. phantoms",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from <run>/checkpoints/last exactly")
     parser.add_argument("--steps", type=int, help="total training steps (overrides train.steps)")
     parser.add_argument("--stop-after", type=int, help="run at most N steps now, checkpoint, and exit")
@@ -371,6 +392,7 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             stop_after=args.stop_after,
             progress=not args.quiet,
+            extra_train=tuple(args.extra_train),
         )
     except MRISError as exc:  # diverged, checkpoint, recipe, dataset or model-directory problems
         print(f"error: {exc}")
