@@ -132,3 +132,21 @@ def test_multiscale_loss_trains_the_coarse_previews(recipe):
     assert "coarse" in logs
     _, logs = mask_loss(MaskTokenizer(recipe.mask_config("raster")).train(), masks)
     assert "coarse" not in logs  # a single-scale tokenizer has no preview
+
+
+def test_refine_decoders_keeps_every_code_and_sharpens_the_masks(phantoms, tmp_path):
+    out = tmp_path / "model"
+    args = ["tokenizers", "--config", str(TINY), "--data", str(phantoms), "--out", str(out), "--threads", "1"]
+    assert main([*args, "--steps", "3"]) == 0  # barely trained: the decoder has room to improve
+    before = load_tokenizers(out)
+    masks = preload(load_split(phantoms, split="train"), 32, progress=False).masks[:6].float()
+    codes_before = {order: tok.encode(masks) for order, tok in before.masks.items()}
+    loss_before = {order: mask_loss(tok.eval(), masks)[1]["bce"] for order, tok in before.masks.items()}
+    assert main([*args, "--refine-decoders", "--steps", "30"]) == 0
+    after = load_tokenizers(out)
+    for order, tok in after.masks.items():
+        for a, b in zip(codes_before[order], tok.encode(masks), strict=True):
+            assert torch.equal(a, b), f"{order}: refining the decoder changed the codes"
+        assert mask_loss(tok.eval(), masks)[1]["bce"] < loss_before[order]
+        torch.testing.assert_close(tok.quantizer.codebook, before.masks[order].quantizer.codebook)
+    assert json.loads((out / "checkpoints" / "refine-scale.json").read_text())["step"] == 30

@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", type=int, default=600, help="number of training phantoms")
     parser.add_argument("--val", type=int, default=100, help="number of validation phantoms")
     parser.add_argument("--size", type=int, default=224, help="image side in pixels")
-    parser.add_argument("--seed", type=int, default=1, help="dataset seed (seeds >= 1 never repeat the sample phantoms)")
+    parser.add_argument("--seed", type=int, default=1, help="seed; >= 1 never repeats the sample phantoms")
 
 
 def run(args: argparse.Namespace) -> int:

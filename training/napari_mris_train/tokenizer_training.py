@@ -245,13 +245,34 @@ def mask_loss(
     mask blurred to that scale's grid (the decoder alone learns from it; the latents are detached).
     """
     out = model(masks)
-    bce = F.binary_cross_entropy_with_logits(out.logits, masks)
-    dice = soft_dice_loss(out.logits, masks)
-    loss = bce + dice + out.vq_loss
-    logs = {"bce": bce.item(), "dice": dice.item(), "vq": out.vq_loss.item()}
+    loss, logs = reconstruction_loss(model, out.logits, out.partial_sums, masks, coarse_weight)
+    logs["vq"] = out.vq_loss.item()
+    return loss + out.vq_loss, logs
+
+
+def decoder_only_loss(
+    model: MaskTokenizer, masks: torch.Tensor, coarse_weight: float = 0.5
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """`mask_loss` with the encoder and codebook frozen: the codes of every mask stay what they were."""
+    with torch.no_grad():
+        q = model.quantizer(model.encoder(model._prepare(masks)))
+    return reconstruction_loss(model, model.decoder(q.f_hat), q.partial_sums, masks, coarse_weight)
+
+
+def reconstruction_loss(
+    model: MaskTokenizer,
+    logits: torch.Tensor,
+    partial_sums: list[torch.Tensor],
+    masks: torch.Tensor,
+    coarse_weight: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    bce = F.binary_cross_entropy_with_logits(logits, masks)
+    dice = soft_dice_loss(logits, masks)
+    loss = bce + dice
+    logs = {"bce": bce.item(), "dice": dice.item()}
     if len(model.scales) > 1 and coarse_weight > 0:
         k = int(torch.randint(len(model.scales) - 1, ()))
-        partial = model.decoder(out.partial_sums[k])
+        partial = model.decoder(partial_sums[k])
         coarse = F.binary_cross_entropy_with_logits(partial, coarse_target(masks, model.scales[k]))
         loss = loss + coarse_weight * coarse
         logs["coarse"] = coarse.item()
@@ -299,15 +320,21 @@ def train_stage(
     checkpoint_every: int = 100,
     seed: int = 0,
     progress: bool = True,
+    trainable: nn.Module | None = None,
 ) -> nn.Module:
-    """Train one tokenizer with AdamW; checkpoint every `checkpoint_every` steps and at the end."""
+    """Train one tokenizer with AdamW; checkpoint every `checkpoint_every` steps and at the end.
+
+    With `trainable` (a submodule), only its parameters move and the rest of `model` stays in eval mode.
+    """
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=1e-4)
+    trainable = model if trainable is None else trainable
+    opt = torch.optim.AdamW(trainable.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=1e-4)
     generator = torch.Generator().manual_seed(seed)
     start = 0
     if resume and ckpt_dir is not None and checkpoint_step(ckpt_dir, stage) is not None:
         start = load_checkpoint(ckpt_dir, stage, model, opt, generator)  # resumes exactly where it stopped
-    model.train()
+    model.eval()
+    trainable.train()
     bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, disable=not progress, mininterval=10)
     for step in bar:
         for group in opt.param_groups:
@@ -315,7 +342,7 @@ def train_stage(
         loss, logs = loss_fn(model, _batch(data, batch_size, generator))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
         opt.step()
         bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
         done = step + 1
@@ -352,6 +379,43 @@ def train_tokenizers(
     model = ImageTokenizer(recipe.image_config())
     image = _run_or_restore("image", model, image_loss, data.images, recipe, ckpt_dir, resume, stages, progress)
     save_tokenizers(out_dir, image, masks, text)
+    return load_tokenizers(out_dir)
+
+
+def refine_mask_decoders(
+    out_dir: str | Path,
+    train: Preloaded,
+    recipe: TokenizerRecipe,
+    *,
+    steps: int,
+    resume: bool = False,
+    progress: bool = True,
+) -> Tokenizers:
+    """Fine-tune only the decoders of `out_dir`'s mask tokenizers, at a quarter of the recipe's rate.
+
+    Encoders and codebooks stay frozen, so every mask keeps its codes and a decoder LM trained on those
+    codes stays valid; only codes -> mask gets sharper (and the coarse previews clearer). This is how a
+    tokenizer set is improved after the expensive LM training has started.
+    """
+    out_dir = Path(out_dir)
+    tokenizers = load_tokenizers(out_dir)
+    for order, tokenizer in tokenizers.masks.items():
+        train_stage(
+            f"refine-{order}",
+            tokenizer,
+            decoder_only_loss,
+            train.masks,
+            steps=steps,
+            batch_size=recipe.mask.batch_size,
+            lr=recipe.mask.lr / 4,
+            ckpt_dir=out_dir / "checkpoints",
+            resume=resume,
+            checkpoint_every=recipe.checkpoint_every,
+            seed=recipe.seed + 10 + STAGES.index(order),
+            progress=progress,
+            trainable=tokenizer.decoder,
+        )
+    save_tokenizers(out_dir, tokenizers.image, tokenizers.masks, tokenizers.text)
     return load_tokenizers(out_dir)
 
 
@@ -539,6 +603,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="model directory to write the tokenizers into")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints")
     parser.add_argument("--eval", action="store_true", help="only evaluate the tokenizers in --out on Val_Folder")
+    parser.add_argument(
+        "--refine-decoders",
+        action="store_true",
+        help="fine-tune only the mask decoders of --out for --steps steps (codes unchanged: a trained LM stays valid)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="override the steps of every stage")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N pairs of a split")
@@ -569,6 +638,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     train = preload(load_split(args.data, split="train"), recipe.image_size, args.limit)
     print(f"read {len(train.names)} training pairs in {time.perf_counter() - t0:.0f} s", flush=True)
-    train_tokenizers(recipe, train, out, steps=args.steps, resume=args.resume, stages=stages)
+    if args.refine_decoders:
+        refine_mask_decoders(out, train, recipe, steps=args.steps or 1000, resume=args.resume)
+    else:
+        train_tokenizers(recipe, train, out, steps=args.steps, resume=args.resume, stages=stages)
     print(f"wrote tokenizers to {out} in {time.perf_counter() - t0:.0f} s")
     return 0
