@@ -53,6 +53,7 @@ UNCERTAINTY_NAME = "MRIS uncertainty"
 ORDERS = (("Coarse-to-fine", "scale"), ("Raster", "raster"))
 EXPORT_FILTERS = "PNG (*.png);;NIfTI (*.nii.gz *.nii);;NRRD (*.nrrd);;MetaImage (*.mha);;DICOM SEG (*.dcm)"
 MAX_HISTORY = 20
+DEFAULT_ADAPT_STEPS = 200
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"  # = pipeline.DEFAULT_MODEL_DIR, without torch
 
 
@@ -96,6 +97,9 @@ class MRISWidget(QWidget):
         self.model: str | Path = model
         self.adapter: str | None = None
         self.corrections_root: Path | None = None  # None: the default store (~/.napari-mris/corrections)
+        self.replay_data: Path | None = None  # LViT root replayed while adapting; None: synthetic phantoms
+        self.adapt_steps = DEFAULT_ADAPT_STEPS
+        self._adaptation = None  # the running AdaptationJob
         self._pipeline: MRISPipeline | None = None
         self._loader = None
         self._run: _Run | None = None
@@ -138,6 +142,11 @@ class MRISWidget(QWidget):
         self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.export_button = QPushButton("Export…")
         self.save_example_button = QPushButton("Save as training example")
+        self.adapt_button = QPushButton("Adapt model to my corrections")
+        self.adapt_button.setToolTip(
+            "LoRA fine-tuning on the saved training examples (plus a replay sample), as a new adapter; "
+            "the base model is never changed, and Adapter > none switches back"
+        )
 
         model_row = QHBoxLayout()
         model_row.addWidget(self.model_label, 1)
@@ -163,6 +172,7 @@ class MRISWidget(QWidget):
         layout.addWidget(self.progress_bar)
         layout.addWidget(self.status_label)
         layout.addLayout(out_row)
+        layout.addWidget(self.adapt_button)
         layout.addStretch(1)
 
     def _connect(self) -> None:
@@ -170,6 +180,7 @@ class MRISWidget(QWidget):
         self.stop_button.clicked.connect(self.stop)
         self.export_button.clicked.connect(self._export_dialog)
         self.save_example_button.clicked.connect(self.save_example)
+        self.adapt_button.clicked.connect(self.adapt)
         self.model_button.clicked.connect(self._model_dialog)
         self.adapter_combo.activated.connect(self._adapter_chosen)
         self.history_combo.activated.connect(self._history_chosen)
@@ -183,7 +194,7 @@ class MRISWidget(QWidget):
 
     @property
     def is_running(self) -> bool:
-        return self._canceller.worker is not None or self._loader is not None
+        return self._canceller.worker is not None or self._loader is not None or self._adaptation is not None
 
     def prompt(self) -> str:
         return " ".join(self.prompt_edit.toPlainText().split())
@@ -229,6 +240,7 @@ class MRISWidget(QWidget):
         self.stop_button.setEnabled(busy)
         self.model_button.setEnabled(not busy)
         self.adapter_combo.setEnabled(not busy)
+        self.adapt_button.setEnabled(not busy)
 
     def _status(self, text: str) -> None:
         self.status_label.setText(text)
@@ -417,6 +429,9 @@ class MRISWidget(QWidget):
 
     def stop(self) -> None:
         """Cancel at once: the partial mask drawn so far is kept as one undo step."""
+        if self._adaptation is not None:
+            self._adaptation.stop()
+            return
         run = self._run
         self._canceller.cancel()
         if run is None:
@@ -633,6 +648,43 @@ class MRISWidget(QWidget):
             return None
         self._status(f"Saved training example {record.name} (label {value})")
         return record
+
+    # ------------------------------------------------------------------ adapting to the corrections
+
+    def adapt(self) -> None:
+        """Fine-tune a LoRA adapter on the corrections store in a child process, then switch to it."""
+        from napari_mris.adaptation import AdaptationJob, adapter_name
+        from napari_mris.corrections import CorrectionsStore
+
+        if self.is_running:
+            return
+        model_dir = DEFAULT_MODEL_DIR if str(self.model) == "default" else Path(self.model)
+        store = CorrectionsStore(self.corrections_root)
+        job = AdaptationJob(model_dir, store.root, adapter_name(), self.adapt_steps, self.replay_data)
+        worker = create_worker(job.run, _ignore_errors=True)
+        worker.yielded.connect(self._on_adapt_progress)
+        worker.returned.connect(self._on_adapted)
+        worker.errored.connect(lambda exc: self._fail(_message(exc, "Adaptation failed")))
+        worker.finished.connect(self._adapt_finished)
+        self.destroyed.connect(job.stop)  # closing napari mid-run ends the child too
+        self._adaptation = job
+        self.progress_bar.setValue(0)
+        self._status(f"Adapting {model_dir.name} to {len(store)} saved example(s) …")
+        self._update_buttons()
+        worker.start()
+
+    def _on_adapt_progress(self, progress) -> None:
+        self.progress_bar.setValue(round(100 * progress.step / max(progress.total, 1)))
+        self._status(f"Adapting: step {progress.step}/{progress.total}, loss {progress.loss:.3f}")
+
+    def _on_adapted(self, name: str) -> None:
+        self._adaptation = None
+        self.set_model(self.model, name)
+        self._status(f"Adapted: now using adapter {name} (Adapter > none goes back to the base model)")
+
+    def _adapt_finished(self) -> None:
+        self._adaptation = None
+        self._update_buttons()
 
 
 # ---------------------------------------------------------------------- helpers

@@ -13,6 +13,7 @@ corrections teach the model without making it forget the rest.
 from __future__ import annotations
 
 import argparse
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from napari_mris.errors import DatasetError, ModelDirectoryError, MRISError
 from napari_mris.model.decoder import ADAPTERS_DIR, load_decoder, lora_target_modules, save_adapter
 from napari_mris.model.sequence import collate
+from napari_mris.phantom import write_lvit_dataset
 from napari_mris.pipeline import resolve_device, resolve_model_dir
 from napari_mris.tokenizers import load_tokenizers
 from napari_mris_train.config import TrainRecipe
@@ -170,7 +172,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--replay-data", type=Path, help="LViT root mixed in to avoid forgetting")
+    parser.add_argument(
+        "--replay-phantoms",
+        type=int,
+        default=0,
+        metavar="N",
+        help="without --replay-data: replay N synthetic phantoms (part of the default model's training data)",
+    )
     parser.add_argument("--replay-fraction", type=float, default=0.5)
+    parser.add_argument(
+        "--report-steps", action="store_true", help="print 'step I/N loss L' lines (for the widget), no bar"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -185,20 +197,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_step(step: int, total: int, loss: float) -> None:
+    """The line protocol the widget's adaptation job parses (see napari_mris.adaptation)."""
+    print(f"step {step}/{total} loss {loss:.4f}", flush=True)
+
+
 def finetune_command(args: argparse.Namespace) -> Path:
-    return finetune(
-        args.model,
-        args.data,
-        args.out,
-        args.steps,
-        rank=args.rank,
-        alpha=args.alpha,
-        targets=args.targets.split(",") if args.targets else None,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        replay_data=args.replay_data,
-        replay_fraction=args.replay_fraction,
-        device=args.device,
-        seed=args.seed,
-        progress=True,
-    )
+    with tempfile.TemporaryDirectory(prefix="mris-replay-") as scratch:
+        replay = args.replay_data
+        if replay is None and args.replay_phantoms > 0:
+            size = int(load_tokenizers(resolve_model_dir(args.model)).image.image_size)
+            replay = write_lvit_dataset(scratch, args.replay_phantoms, 0, size=size, seed=args.seed + 1)
+        return finetune(
+            args.model,
+            args.data,
+            args.out,
+            args.steps,
+            rank=args.rank,
+            alpha=args.alpha,
+            targets=args.targets.split(",") if args.targets else None,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            replay_data=replay,
+            replay_fraction=args.replay_fraction,
+            device=args.device,
+            seed=args.seed,
+            progress=not args.report_steps,
+            progress_callback=report_step if args.report_steps else None,
+        )

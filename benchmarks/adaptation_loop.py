@@ -1,0 +1,106 @@
+"""Does correcting N cases and adapting help on the cases after them? The correction loop, simulated.
+
+The first N images of QaTa-COV19 Val_Folder play the radiologist's corrected cases: each goes into a
+corrections store with its ground-truth mask as the "correction" and its description as the prompt,
+exactly as "Save as training example" would write it. A LoRA adapter is then fine-tuned on the store
+(with replay from Train_Folder, as the widget does when given replay data), and Dice is measured on a
+fixed set of later validation images (never among the corrected ones) before and after, for each N.
+
+    python benchmarks/adaptation_loop.py --model src/napari_mris/models/default \\
+        --data ../shared/data/QaTa-COV19 --n 10 50 200 --json runs/adaptation_loop.json
+
+It works on a copy of the model directory, so the shipped model never gets adapters written beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from napari_mris.corrections import CorrectionsStore
+from napari_mris.pipeline import MRISPipeline, resolve_model_dir
+from napari_mris_train.data import load_split
+from napari_mris_train.evaluate import evaluate_split
+from napari_mris_train.finetune import finetune
+
+
+class Subset:
+    """Pairs [start, stop) of a split, with the split's interface (what evaluate_split needs)."""
+
+    def __init__(self, split, start: int, stop: int) -> None:
+        self.split, self.start, self.stop = split, start, min(stop, len(split))
+        self.folder = split.folder
+        self.descriptions = split.descriptions[self.start : self.stop]
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int):
+        return self.split[self.start + index]
+
+
+def write_corrections(split, count: int, root: Path) -> CorrectionsStore:
+    """The first `count` validation cases, saved as a radiologist's corrections (ground truth as the fix)."""
+    store = CorrectionsStore(root)
+    for index in range(count):
+        example = split[index]
+        store.add(example.image, example.description, example.mask, model_id="benchmark")
+    return store
+
+
+def dice_on(model_dir: Path, adapter: str | None, cases, order: str) -> tuple[float, float]:
+    pipeline = MRISPipeline.from_pretrained(model_dir, device="cpu", adapter=adapter)
+    report = evaluate_split(pipeline, cases, order=order, shuffled=False, absent=False, progress=False)
+    return report["dice"], report["seconds"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default", help="model directory (copied; never modified)")
+    parser.add_argument("--data", type=Path, required=True, help="LViT root with Train_Folder and Val_Folder")
+    parser.add_argument("--n", type=int, nargs="+", default=[10, 50, 200], help="numbers of corrected cases")
+    parser.add_argument("--eval-count", type=int, default=300, help="later validation cases scored (after max N)")
+    parser.add_argument("--steps", type=int, default=100, help="LoRA steps per adaptation (the widget uses 200)")
+    parser.add_argument("--order", default="scale", choices=("scale", "raster"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="write the table here as JSON")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    val = load_split(args.data, split="val")
+    first_eval = max(args.n)
+    cases = Subset(val, first_eval, first_eval + args.eval_count)
+    with tempfile.TemporaryDirectory(prefix="mris-adapt-bench-") as scratch:
+        model_dir = Path(shutil.copytree(resolve_model_dir(args.model), Path(scratch) / "model"))
+        before, eval_seconds = dice_on(model_dir, None, cases, args.order)
+        print(f"base model: Dice {100 * before:.2f} % on val[{first_eval}:{cases.stop}] ({eval_seconds:.0f} s)")
+        rows = []
+        for n in args.n:
+            store = write_corrections(val, n, Path(scratch) / f"corrections_{n}")
+            start = time.perf_counter()
+            finetune(model_dir, store.root, f"n{n}", args.steps, replay_data=args.data, seed=0)
+            adapt_seconds = time.perf_counter() - start
+            after, _ = dice_on(model_dir, f"n{n}", cases, args.order)
+            rows.append({"n": n, "dice_before": before, "dice_after": after, "adapt_seconds": adapt_seconds})
+            print(f"N={n:4d}: Dice {100 * before:.2f} -> {100 * after:.2f} %, adaptation {adapt_seconds:.0f} s")
+    print("\n| corrected cases N | Dice before | Dice after | change | adaptation time |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in rows:
+        change = 100 * (r["dice_after"] - r["dice_before"])
+        print(
+            f"| {r['n']} | {100 * r['dice_before']:.2f} % | {100 * r['dice_after']:.2f} % | {change:+.2f} | "
+            f"{r['adapt_seconds']:.0f} s |"
+        )
+    if args.json:
+        summary = {"eval_cases": [first_eval, cases.stop], "steps": args.steps, "order": args.order, "rows": rows}
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
