@@ -82,7 +82,7 @@ def test_predict_files_with_one_prompt_and_with_a_prompt_table(tmp_path, tiny_mo
         (["predict", "{image}", "--out", "o"], "No prompt for"),
         (["predict", "{image}", "--prompt", "lung"], "required: --out"),
         (["predict", "{image}", "--prompt", "lung", "--out", "o", "--model", "{tmp}/nowhere"], "not found"),
-        (["predict", "{image}", "--prompts", "{tmp}/none.csv", "--out", "o"], "prompt table not found"),
+        (["predict", "{image}", "--prompts", "{tmp}/none.csv", "--out", "o"], "description table not found"),
         (["predict", "{image}", "--prompt", "lung", "--out", "o", "--samples", "0", "--model", "{model}"], "samples"),
         (["info", "--model", "{tmp}/nowhere"], "not found"),
         (["frobnicate"], "invalid choice"),

@@ -24,11 +24,11 @@ from pathlib import Path
 
 from napari_mris import __version__
 from napari_mris.errors import DatasetError, MRISError, PromptError
+from napari_mris.io.text_table import find_text_file, read_text_table
 
 EXIT_USAGE = 2
 EXIT_BUG = 1
 MASK_PREFIX = "mask_"
-TEXT_SUFFIXES = (".csv", ".xlsx")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
@@ -182,68 +182,13 @@ def _prompt_for(image: Path, prompt: str | None, table: dict[str, str] | None, s
     return text
 
 
-def find_text_file(folder: Path) -> Path:
-    """The LViT split's description table: exactly one `*_text.csv` or `*_text.xlsx`."""
-    found = [
-        p
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES and p.stem.lower().endswith("_text")
-        and not p.name.startswith(("~$", "."))
-    ]  # fmt: skip
-    if len(found) != 1:
-        what = "no" if not found else f"{len(found)}"
-        raise DatasetError(f"{folder}: {what} description tables (*_text.csv / *_text.xlsx); expected exactly one")
-    return found[0]
-
-
 def read_prompt_table(path: Path) -> dict[str, str]:
     """{image key: description} from an LViT table (columns Image, Description; .csv with , ; or tab, or .xlsx)."""
-    if not path.is_file():
-        raise DatasetError(f"{path}: prompt table not found")
-    if path.suffix.lower() not in TEXT_SUFFIXES:
-        raise DatasetError(f"{path}: a prompt table must be .csv or .xlsx")
-    rows = _xlsx_rows(path) if path.suffix.lower() == ".xlsx" else _csv_rows(path)
-    if not rows:
-        raise DatasetError(f"{path}: the prompt table is empty")
-    header = [str(cell or "").strip().lower() for cell in rows[0]]
-    if "image" not in header or "description" not in header:
-        raise DatasetError(f"{path}: expected columns Image and Description in the first row, found {rows[0]}")
-    image_col, text_col = header.index("image"), header.index("description")
     table: dict[str, str] = {}
-    for row in rows[1:]:
-        image = str(row[image_col] or "").strip() if image_col < len(row) else ""
-        text = str(row[text_col] or "").strip() if text_col < len(row) else ""
+    for image, text in read_text_table(path):
         if image and text:
             table.setdefault(_key(image), text)
     return table
-
-
-def _csv_rows(path: Path) -> list[list[object]]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        text = path.read_text(encoding="latin-1")
-    lines = text.splitlines()
-    first = lines[0].lower() if lines else ""
-    delimiter = next((sep for sep in (";", "\t") if {"image", "description"} <= _cells(first, sep)), ",")
-    return [row for row in csv.reader(lines, delimiter=delimiter) if any(cell.strip() for cell in row)]
-
-
-def _cells(line: str, sep: str) -> set[str]:
-    return {cell.strip().strip('"') for cell in line.split(sep)}
-
-
-def _xlsx_rows(path: Path) -> list[list[object]]:
-    import openpyxl
-
-    try:
-        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
-    except Exception as exc:  # openpyxl raises several unrelated types for a damaged file
-        raise DatasetError(f"{path}: cannot read the Excel file ({type(exc).__name__}: {exc})") from exc
-    try:
-        return [list(row) for row in book.worksheets[0].iter_rows(values_only=True) if any(c is not None for c in row)]
-    finally:
-        book.close()
 
 
 def _key(name: str) -> str:

@@ -14,7 +14,6 @@ public datasets ship with a few stray rows; a split with no usable pair at all i
 
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_mris.errors import DatasetError
+from napari_mris.io.text_table import find_text_file, read_text_table
 
 log = logging.getLogger(__name__)
 
@@ -195,77 +195,6 @@ def find_split_folder(path: Path, split: str | None) -> Path:
         return path  # the split folder itself was given together with its own name
     expected = "Train_Folder" if wanted == "train" else "Val_Folder" if wanted == "val" else "Test_Folder"
     raise DatasetError(f"{path}: no {wanted} split here: expected a folder named {expected} (any letter case)")
-
-
-def find_text_file(folder: Path) -> Path:
-    """The split's description table: exactly one `*_text.xlsx` or `*_text.csv` (any letter case)."""
-    candidates = sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in (".xlsx", ".csv") and p.stem.lower().endswith("_text")
-    )
-    candidates = [p for p in candidates if not p.name.startswith(("~$", "."))]  # Excel lock files, hidden temps
-    if not candidates:
-        raise DatasetError(
-            f"{folder}: no description table: expected a file named like Train_text.xlsx or Train_text.csv "
-            "with columns Image and Description"
-        )
-    if len(candidates) > 1:
-        names = ", ".join(p.name for p in candidates)
-        raise DatasetError(f"{folder}: several description tables ({names}); keep exactly one")
-    return candidates[0]
-
-
-def read_text_table(path: Path) -> list[tuple[str, str]]:
-    """Rows (image name, description) of an LViT text table; header names are matched case-insensitively."""
-    rows = _read_xlsx(path) if path.suffix.lower() == ".xlsx" else _read_csv(path)
-    if not rows:
-        raise DatasetError(f"{path}: the description table is empty")
-    header = [str(cell).strip().lower() if cell is not None else "" for cell in rows[0]]
-    try:
-        image_col, text_col = header.index("image"), header.index("description")
-    except ValueError as exc:
-        raise DatasetError(
-            f"{path}: expected columns 'Image' and 'Description' in the first row, found {rows[0]}"
-        ) from exc
-    table = []
-    for row in rows[1:]:
-        image = row[image_col] if image_col < len(row) else None
-        text = row[text_col] if text_col < len(row) else None
-        table.append(("" if image is None else str(image).strip(), "" if text is None else str(text).strip()))
-    return table
-
-
-def _read_xlsx(path: Path) -> list[list[object]]:
-    import openpyxl
-
-    try:
-        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
-    except Exception as exc:  # zipfile.BadZipFile, KeyError, InvalidFileException, ...
-        raise DatasetError(f"{path}: cannot read the Excel file ({type(exc).__name__}: {exc})") from exc
-    try:
-        sheet = book.worksheets[0]
-        return [list(row) for row in sheet.iter_rows(values_only=True) if any(c is not None for c in row)]
-    finally:
-        book.close()
-
-
-def _read_csv(path: Path) -> list[list[object]]:
-    """CSV with ',' ';' or tab as separator (MosMedData+ tables come in more than one flavour)."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        text = path.read_text(encoding="latin-1")
-    except OSError as exc:
-        raise DatasetError(f"{path}: cannot read the description table ({exc})") from exc
-    lines = text.splitlines()
-    first = lines[0].lower() if lines else ""
-    delimiter = next((sep for sep in (";", "\t") if {"image", "description"} <= _cells(first, sep)), ",")
-    return [row for row in csv.reader(lines, delimiter=delimiter) if any(cell.strip() for cell in row)]
-
-
-def _cells(line: str, sep: str) -> set[str]:
-    return {cell.strip().strip('"') for cell in line.split(sep)}
 
 
 def _pair_up(folder: Path, image_dir: Path, mask_dir: Path, text_file: Path) -> LViTSplit:

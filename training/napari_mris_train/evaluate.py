@@ -127,7 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def open_split(path: Path):
     """A split folder as given, or the validation split of an LViT root."""
-    if (path / "img").is_dir() or not path.is_dir():
+    if not path.is_dir() or any(p.is_dir() and p.name.lower() == "img" for p in path.iterdir()):
         return load_split(path)
     return load_split(path, split="val")
 
