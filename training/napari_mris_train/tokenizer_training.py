@@ -38,6 +38,7 @@ from napari_mris.model.modeldir import load_state_checked, load_weights, save_we
 from napari_mris.tokenizers import Tokenizers, load_tokenizers, save_tokenizers
 from napari_mris.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 from napari_mris.tokenizers.mask import MaskTokenizer, MaskTokenizerConfig
+from napari_mris.tokenizers.patch import PatchMaskTokenizer, PatchMaskTokenizerConfig, fit_codebook
 from napari_mris.tokenizers.preprocess import to_model_image
 from napari_mris.tokenizers.text import TextTokenizer
 from napari_mris_train.config import ConfigError, load_recipe
@@ -62,6 +63,7 @@ class ImageRecipe:
 
 @dataclass
 class MaskRecipe:
+    kind: str = "vq"  # "vq": learned VQ autoencoder (mask.py); "patch": k-means patch codebook (patch.py)
     raster_scales: tuple[int, ...] = (14,)
     scale_scales: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 10, 14)
     latent_dim: int = 16
@@ -91,9 +93,13 @@ class TokenizerRecipe:
         r = self.image
         return ImageTokenizerConfig(self.image_size, r.grid, r.fsq_levels, r.channels)
 
-    def mask_config(self, order: str) -> MaskTokenizerConfig:
+    def mask_config(self, order: str) -> MaskTokenizerConfig | PatchMaskTokenizerConfig:
         r = self.mask
         scales = r.raster_scales if order == "raster" else r.scale_scales
+        if r.kind == "patch":
+            return PatchMaskTokenizerConfig(self.image_size, scales, r.codebook_size)
+        if r.kind != "vq":
+            raise ConfigError(f"mask_tokenizer.kind must be 'vq' or 'patch', got {r.kind!r}")
         return MaskTokenizerConfig(self.image_size, scales, r.latent_dim, r.codebook_size, r.channels)
 
     def stage_steps(self, stage: str) -> int:
@@ -374,7 +380,11 @@ def train_tokenizers(
     text = TextTokenizer.train(data.descriptions, recipe.text.vocab_size, recipe.text.max_length)
     masks = {}
     for order in ("raster", "scale"):
-        model = MaskTokenizer(recipe.mask_config(order))
+        config = recipe.mask_config(order)
+        if isinstance(config, PatchMaskTokenizerConfig):  # k-means: seconds to minutes, no checkpoints needed
+            masks[order] = fit_codebook(PatchMaskTokenizer(config), data.masks, seed=recipe.seed).eval()
+            continue
+        model = MaskTokenizer(config)
         masks[order] = _run_or_restore(order, model, mask_loss, data.masks, recipe, ckpt_dir, resume, stages, progress)
     model = ImageTokenizer(recipe.image_config())
     image = _run_or_restore("image", model, image_loss, data.images, recipe, ckpt_dir, resume, stages, progress)
@@ -400,6 +410,8 @@ def refine_mask_decoders(
     out_dir = Path(out_dir)
     tokenizers = load_tokenizers(out_dir)
     for order, tokenizer in tokenizers.masks.items():
+        if not isinstance(tokenizer, MaskTokenizer):
+            continue  # a patch codebook has no decoder to refine
         train_stage(
             f"refine-{order}",
             tokenizer,

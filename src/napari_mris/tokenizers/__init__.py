@@ -17,6 +17,7 @@ from napari_mris.model.modeldir import load_state_checked, load_weights, read_co
 from napari_mris.tokenizers.emu3 import Emu3ImageTokenizer
 from napari_mris.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 from napari_mris.tokenizers.mask import MaskTokenizer, MaskTokenizerConfig
+from napari_mris.tokenizers.patch import PatchMaskTokenizer, PatchMaskTokenizerConfig
 from napari_mris.tokenizers.preprocess import resize_probability, to_model_image
 from napari_mris.tokenizers.text import TOKENIZER_FILE, TextTokenizer
 
@@ -26,6 +27,7 @@ __all__ = [
     "ImageTokenizer",
     "ImageTokenizerConfig",
     "MaskTokenizer",
+    "PatchMaskTokenizer",
     "MaskTokenizerConfig",
     "TextTokenizer",
     "Tokenizers",
@@ -43,12 +45,15 @@ MASK_FILE = "mask_tokenizer.safetensors"
 @dataclass
 class Tokenizers:
     image: ImageTokenizer | Emu3ImageTokenizer
-    masks: dict[str, MaskTokenizer]  # decoding order -> tokenizer
+    masks: dict[str, MaskTokenizer | PatchMaskTokenizer]  # decoding order -> tokenizer
     text: TextTokenizer
 
 
 def save_tokenizers(
-    model_dir: str | Path, image_tok: ImageTokenizer, mask_toks: dict[str, MaskTokenizer], text_tok: TextTokenizer
+    model_dir: str | Path,
+    image_tok: ImageTokenizer,
+    mask_toks: dict[str, MaskTokenizer | PatchMaskTokenizer],
+    text_tok: TextTokenizer,
 ) -> None:
     """Write the three tokenizers into `model_dir` (weights, tokenizer.json, config sections)."""
     model_dir = Path(model_dir)
@@ -95,14 +100,24 @@ def _load_image(model_dir: Path, section: dict[str, Any], image_size: int) -> Im
     return tok.eval()
 
 
-def _load_masks(model_dir: Path, sections: dict[str, Any]) -> dict[str, MaskTokenizer]:
+def _mask_tokenizer(section: dict[str, Any]) -> MaskTokenizer | PatchMaskTokenizer:
+    """The section's kind: "patch" (patch codebook) or, without a kind, the learned VQ autoencoder."""
+    kind = section.get("kind", "vq")
+    if kind == "patch":
+        return PatchMaskTokenizer(PatchMaskTokenizerConfig.from_dict(section))
+    if kind != "vq":
+        raise ValueError(f"unknown mask tokenizer kind {kind!r} (expected 'vq' or 'patch')")
+    return MaskTokenizer(MaskTokenizerConfig.from_dict({k: v for k, v in section.items() if k != "kind"}))
+
+
+def _load_masks(model_dir: Path, sections: dict[str, Any]) -> dict[str, MaskTokenizer | PatchMaskTokenizer]:
     state = load_weights(model_dir, MASK_FILE)
     masks = {}
     for order, section in sections.items():
         if order not in ORDERS:
             raise ModelDirectoryError(f"{model_dir / 'config.json'}: unknown mask decoding order {order!r}")
         try:
-            tok = MaskTokenizer(MaskTokenizerConfig.from_dict(section))
+            tok = _mask_tokenizer(section)
         except (TypeError, ValueError) as exc:
             raise ModelDirectoryError(f"{model_dir / 'config.json'}: bad mask_tokenizers.{order}: {exc}") from exc
         prefix = f"{order}."
