@@ -280,3 +280,16 @@ def test_invalid_arguments_are_refused(decoder):
     only_raster = VocabLayout(n_text=12, n_image=8, n_mask={"raster": 6})
     with pytest.raises(ValueError, match="ids but the vocabulary"):
         list(autoregressive_infer(decoder, only_raster, PREFIX, "raster", RASTER))
+
+
+def test_expected_patch_decides_on_pixels_not_on_the_single_likeliest_code() -> None:
+    from napari_mris.model.generate import ExpectedPatch
+
+    patches = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]])
+    choose = ExpectedPatch(patches, slice(10, 14))  # mask codes are vocabulary ids 10..13
+    scores = torch.full((2, 16), float("-inf"))
+    # "empty" is the likeliest single code, but 60 % of the mass says "lesion": expected patch [.6 .6 .6 .3]
+    scores[0, 10:14] = torch.tensor([0.4, 0.3, 0.3, 0.0]).log()
+    scores[1, 10:14] = torch.tensor([0.9, 0.0, 0.05, 0.05]).log()  # clearly empty stays empty
+    assert scores[0].argmax().item() == 10
+    assert choose(scores).tolist() == [12, 10]  # the code nearest the expected patch

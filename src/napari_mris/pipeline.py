@@ -306,6 +306,7 @@ class MRISPipeline:
             beam=settings.beam,
             generator=self._generator(settings.seed),
             update_every=scales[-1] if settings.order == "raster" else None,
+            code_patches=getattr(mask_tokenizer, "codebook", None),  # patch codebooks: expected-patch greedy
         )
         decode_time = 0.0
         while not should_stop():

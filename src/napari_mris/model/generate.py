@@ -14,7 +14,7 @@ plugs into `generate()`) sets every other logit to -inf before any choice.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -57,10 +57,38 @@ def mask_code_tokens(layout: VocabLayout, order: str) -> LegalTokens:
     return LegalTokens(layout.vocab_size, range(*layout.mask_range(order)))
 
 
-def choose(scores: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None):
-    """Greedy (temperature 0) or temperature/top-k sampling over the last dimension of legal-masked scores."""
+class ExpectedPatch:
+    """Greedy choice for patch-codebook masks: the code closest to the probability-weighted mean patch.
+
+    With hundreds of lesion-border codes, argmax picks "empty" wherever p(empty) is the largest single
+    probability, even when most of the mass says "lesion" (spread over many similar border codes), so a
+    greedily decoded mask comes out empty. Choosing the code nearest (L2) to the expected patch decides on
+    the pixels instead: the minimum expected squared error choice among the codes.
+    """
+
+    def __init__(self, patches: torch.Tensor, mask_slice: slice) -> None:
+        self.patches = patches.float()  # (K, p*p), row k = the patch of mask code k
+        self.norms = self.patches.pow(2).sum(1)
+        self.mask_slice = mask_slice
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.patches.device != scores.device:
+            self.patches, self.norms = self.patches.to(scores.device), self.norms.to(scores.device)
+        probs = scores[..., self.mask_slice].float().softmax(-1)
+        expected = probs @ self.patches
+        return (self.norms - 2 * expected @ self.patches.T).argmin(-1) + self.mask_slice.start
+
+
+def choose(
+    scores: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator | None,
+    greedy: Callable[[torch.Tensor], torch.Tensor] | None = None,
+):
+    """Greedy (temperature 0: argmax, or `greedy(scores)`) or temperature/top-k sampling over legal scores."""
     if temperature == 0:
-        return scores.argmax(-1)
+        return scores.argmax(-1) if greedy is None else greedy(scores)
     scores = scores.float() / temperature
     if top_k is not None and top_k < scores.shape[-1]:
         kth = scores.topk(top_k, dim=-1).values[..., -1:]
@@ -84,17 +112,21 @@ def autoregressive_infer(
     generator: torch.Generator | None = None,
     update_every: int | None = None,
     speculative: bool = True,
+    code_patches: torch.Tensor | None = None,
 ) -> Iterator[DecodeStep]:
     """Decode one mask (or `samples` masks in one batch) for `prefix` = `prefix_ids(...)`, streaming updates.
 
     The presence decision is always the more likely of [SOV]/[REJ] (shared by all samples); sampling only
     varies the mask. Beam search returns the best beam (B = 1) and exists for raster order only.
+    `code_patches` (K, p*p), the patch of each mask code, switches greedy choice to `ExpectedPatch`.
     """
     scales = check_scales(order, scales)
     _check_arguments(decoder, layout, prefix, order, scales, samples, temperature, top_k, beam, update_every, generator)
     device = next(decoder.parameters()).device
     total = sum(s * s for s in scales)
     legal = mask_code_tokens(layout, order)
+    mask_slice = slice(*layout.mask_range(order))
+    greedy = ExpectedPatch(code_patches, mask_slice) if code_patches is not None else None
 
     def step(codes, done: int, p_reject: float) -> DecodeStep:
         return DecodeStep(order, codes, done, total, False, done == total, p_reject)
@@ -125,7 +157,7 @@ def autoregressive_infer(
                 if k > 0:
                     slots = scale_slots(layout, codes[-1], scales[k - 1], size)
                     logits = _scale_forward(decoder, slots, k + 1, cache)
-                ids = choose(legal(None, logits), temperature, top_k, generator)
+                ids = choose(legal(None, logits), temperature, top_k, generator, greedy)
                 codes.append(layout.mask_codes(order, ids))
                 yield step(list(codes), sum(s * s for s in scales[: k + 1]), p_reject)
             return
@@ -135,10 +167,10 @@ def autoregressive_infer(
         if beam > 1:
             tokens = (best for best, _ in raster_beam_search(decoder, legal, logits, cache, total, beam))
         elif speculative and temperature == 0 and samples == 1 and decoder.config.nktp_k > 1:
-            mask_slice = slice(*layout.mask_range(order))
-            tokens = raster_speculative(decoder, legal, logits, out.hidden_states[:, -1], cache, total, mask_slice)
+            hidden = out.hidden_states[:, -1]
+            tokens = raster_speculative(decoder, legal, logits, hidden, cache, total, mask_slice, greedy)
         else:
-            tokens = raster_tokens(decoder, legal, logits, cache, total, temperature, top_k, generator)
+            tokens = raster_tokens(decoder, legal, logits, cache, total, temperature, top_k, generator, greedy)
         every, last_yield = update_every or scales[0], 0
         for ids in tokens:
             done = ids.shape[1]
@@ -157,26 +189,32 @@ def eval_mode(decoder: MRISDecoder) -> Iterator[None]:
         decoder.train(was_training)
 
 
-def raster_tokens(decoder, legal, logits, cache, n_tokens, temperature, top_k, generator) -> Iterator[torch.Tensor]:
+def raster_tokens(
+    decoder, legal, logits, cache, n_tokens, temperature, top_k, generator, greedy=None
+) -> Iterator[torch.Tensor]:
     """Plain decoding: choose, feed, repeat. Yields the vocabulary ids so far, [B, n]."""
     tokens = torch.empty(logits.shape[0], n_tokens, dtype=torch.long, device=logits.device)
     for i in range(n_tokens):
-        tokens[:, i] = choose(legal(None, logits), temperature, top_k, generator)
+        tokens[:, i] = choose(legal(None, logits), temperature, top_k, generator, greedy)
         yield tokens[:, : i + 1].clone()
         if i + 1 < n_tokens:
             logits = decoder(tokens[:, i : i + 1], past_key_values=cache, use_cache=True).logits[:, -1]
 
 
-def raster_speculative(decoder, legal, logits, hidden, cache, n_tokens, mask_slice) -> Iterator[torch.Tensor]:
+def raster_speculative(
+    decoder, legal, logits, hidden, cache, n_tokens, mask_slice, greedy=None
+) -> Iterator[torch.Tensor]:
     """Greedy decoding where the NkTP heads draft the next tokens and one forward pass checks them all.
 
     From the hidden state h that predicts token t (greedy `nxt`), head j drafts token t+j-1. Feeding
     [nxt, d_2, ..., d_k] gives the greedy token after each; drafts are kept while they equal it, and the
     greedy token after the last kept one comes for free. Every kept token is the greedy token, so the
-    output is the plain greedy output; only the number of forward passes changes.
+    output is the plain greedy output; only the number of forward passes changes. `greedy` replaces
+    argmax as the greedy rule (e.g. `ExpectedPatch`); the drafts stay the heads' argmax guesses.
     """
+    pick = greedy if greedy is not None else (lambda scores: scores.argmax(-1))
     tokens = torch.empty(1, n_tokens, dtype=torch.long, device=logits.device)
-    tokens[:, 0] = legal(None, logits).argmax(-1)
+    tokens[:, 0] = pick(legal(None, logits))
     done = 1
     yield tokens[:, :done].clone()
     while done < n_tokens:
@@ -187,9 +225,9 @@ def raster_speculative(decoder, legal, logits, hidden, cache, n_tokens, mask_sli
             dim=-1,
         )  # [1, n_draft]: guesses for tokens[done : done + n_draft]
         out = decoder(torch.cat([tokens[:, done - 1 : done], drafts], 1), past_key_values=cache, use_cache=True)
-        greedy = legal(None, out.logits).argmax(-1)  # [1, n_draft + 1]: the greedy token after each fed token
-        accepted = int((drafts == greedy[:, :n_draft]).long().cumprod(-1).sum())
-        new = greedy[:, : accepted + 1][:, : n_tokens - done]  # the kept drafts (== greedy) and one more
+        chosen = pick(legal(None, out.logits))  # [1, n_draft + 1]: the greedy token after each fed token
+        accepted = int((drafts == chosen[:, :n_draft]).long().cumprod(-1).sum())
+        new = chosen[:, : accepted + 1][:, : n_tokens - done]  # the kept drafts (== greedy) and one more
         tokens[:, done : done + new.shape[1]] = new
         done += new.shape[1]
         cache.crop(-(n_draft - accepted))  # forget the rejected drafts
