@@ -3,7 +3,7 @@
 The first N images of QaTa-COV19 Val_Folder play the radiologist's corrected cases: each goes into a
 corrections store with its ground-truth mask as the "correction" and its description as the prompt,
 exactly as "Save as training example" would write it. A LoRA adapter is then fine-tuned on the store
-(with replay from Train_Folder, as the widget does when given replay data), and Dice is measured on a
+(with replay of the first 256 Train_Folder pairs, as the widget does when given replay data), and Dice is measured on a
 fixed set of later validation images (never among the corrected ones) before and after, for each N.
 
     python benchmarks/adaptation_loop.py --model src/napari_mris/models/default \\
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from napari_mris.corrections import CorrectionsStore
+from napari_mris.phantom import write_text_table
 from napari_mris.pipeline import MRISPipeline, resolve_model_dir
 from napari_mris_train.data import load_split
 from napari_mris_train.evaluate import evaluate_split
@@ -54,6 +55,20 @@ def write_corrections(split, count: int, root: Path) -> CorrectionsStore:
     return store
 
 
+def write_replay(split, count: int, root: Path) -> Path:
+    """The first `count` training pairs as a small LViT split (encoding all 5,716 would dominate the run)."""
+    folder = root / "Train_Folder"
+    (folder / "img").mkdir(parents=True)
+    (folder / "labelcol").mkdir()
+    rows = []
+    for _name, image_path, mask_path, description in split.pairs[:count]:
+        shutil.copy2(image_path, folder / "img" / image_path.name)
+        shutil.copy2(mask_path, folder / "labelcol" / mask_path.name)
+        rows.append((mask_path.name, description))
+    write_text_table(folder / "Train_text.csv", rows)
+    return root
+
+
 def dice_on(model_dir: Path, adapter: str | None, cases, order: str) -> tuple[float, float]:
     pipeline = MRISPipeline.from_pretrained(model_dir, device="cpu", adapter=adapter)
     report = evaluate_split(pipeline, cases, order=order, shuffled=False, absent=False, progress=False)
@@ -67,6 +82,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="+", default=[10, 50, 200], help="numbers of corrected cases")
     parser.add_argument("--eval-count", type=int, default=300, help="later validation cases scored (after max N)")
     parser.add_argument("--steps", type=int, default=100, help="LoRA steps per adaptation (the widget uses 200)")
+    parser.add_argument("--replay-count", type=int, default=256, help="training pairs replayed while adapting")
     parser.add_argument("--order", default="scale", choices=("scale", "raster"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the table here as JSON")
@@ -78,13 +94,14 @@ def main() -> None:
     cases = Subset(val, first_eval, first_eval + args.eval_count)
     with tempfile.TemporaryDirectory(prefix="mris-adapt-bench-") as scratch:
         model_dir = Path(shutil.copytree(resolve_model_dir(args.model), Path(scratch) / "model"))
+        replay = write_replay(load_split(args.data, split="train"), args.replay_count, Path(scratch) / "replay")
         before, eval_seconds = dice_on(model_dir, None, cases, args.order)
         print(f"base model: Dice {100 * before:.2f} % on val[{first_eval}:{cases.stop}] ({eval_seconds:.0f} s)")
         rows = []
         for n in args.n:
             store = write_corrections(val, n, Path(scratch) / f"corrections_{n}")
             start = time.perf_counter()
-            finetune(model_dir, store.root, f"n{n}", args.steps, replay_data=args.data, seed=0)
+            finetune(model_dir, store.root, f"n{n}", args.steps, replay_data=replay, seed=0)
             adapt_seconds = time.perf_counter() - start
             after, _ = dice_on(model_dir, f"n{n}", cases, args.order)
             rows.append({"n": n, "dice_before": before, "dice_after": after, "adapt_seconds": adapt_seconds})
