@@ -125,7 +125,8 @@ def test_prompt_table_reader_accepts_lvit_conventions(tmp_path) -> None:
     os.environ.get("QT_QPA_PLATFORM") == "offscreen" and not os.environ.get("DISPLAY"),
     reason="napari's canvas needs OpenGL: run under xvfb-run",
 )
-def test_demo_opens_napari_and_segments_the_phantom(tiny_model_dir, qtbot, monkeypatch) -> None:  # noqa: F811
+def _run_demo(argv: list[str], qtbot, monkeypatch):
+    """`napari-mris demo` with napari.run replaced by "wait until the segmentation ends"; returns the widget."""
     import napari
 
     from napari_mris._widget import MRISWidget
@@ -139,11 +140,22 @@ def test_demo_opens_napari_and_segments_the_phantom(tiny_model_dir, qtbot, monke
 
     def run_until_done() -> None:
         qtbot.waitUntil(lambda: widgets and not widgets[0].is_running, timeout=60_000)
-        viewer = widgets[0].viewer
-        assert widgets[0].status_label.text().startswith(("Done", "Target not found")), widgets[0].status_label.text()
         assert widgets[0].prompt() == make_phantom(7).description
-        viewer.close()
 
     monkeypatch.setattr(MRISWidget, "segment", segment)
     monkeypatch.setattr(napari, "run", run_until_done)
-    assert main(["demo", "--model", str(tiny_model_dir)]) == 0
+    assert main(["demo", *argv]) == 0
+    return widgets[0]
+
+
+def test_demo_opens_napari_and_segments_the_phantom(tiny_model_dir, qtbot, monkeypatch) -> None:  # noqa: F811
+    widget = _run_demo(["--model", str(tiny_model_dir)], qtbot, monkeypatch)
+    assert widget.status_label.text().startswith(("Done", "Target not found")), widget.status_label.text()
+    widget.viewer.close()
+
+
+def test_demo_with_the_bundled_model_draws_a_mask(qtbot, monkeypatch) -> None:
+    widget = _run_demo([], qtbot, monkeypatch)  # README's first command: no --model, the packaged default
+    assert widget.status_label.text().startswith("Done: label 1"), widget.status_label.text()
+    assert (widget.viewer.layers["MRIS"].data == 1).any()
+    widget.viewer.close()
