@@ -209,3 +209,22 @@ def test_cli_switches_and_bad_recipe(tiny_data, tmp_path):
     bad.write_text(TINY.read_text().replace("het_start:", "het_strat:"))
     with pytest.raises(ConfigError, match="het_strat"):
         load_recipe(bad)
+
+
+def test_export_writes_the_last_weights_and_nothing_else(tiny_model_dir, tmp_path) -> None:  # noqa: F811
+    from napari_mris.model.modeldir import read_config
+    from napari_mris_train.cli import main
+
+    out = tmp_path / "shipped"
+    assert main(["export", "--run", str(tiny_model_dir), "--out", str(out), "--model-id", "x-v1"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [
+            "config.json",
+            "image_tokenizer.safetensors",
+            "mask_tokenizer.safetensors",
+            "tokenizer.json",
+            "model.safetensors",
+        ]
+    )
+    assert read_config(out)["model_id"] == "x-v1" and read_config(out)["trained_steps"] > 0
+    assert main(["export", "--run", str(tmp_path / "missing"), "--out", str(out), "--model-id", "x"]) == 1

@@ -1,0 +1,48 @@
+"""`napari-mris-train export`: a training run's last weights as a clean model directory to ship.
+
+The trainer keeps `model.safetensors` for the best in-run validation and `checkpoints/last/` for the last
+step; the shipped default model is the last step (the end of the cosine schedule). This writes only what
+the runtime needs (config, decoder, tokenizers), never the cache, checkpoints or logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from napari_mris.errors import MRISError
+from napari_mris.model.decoder import load_decoder, save_decoder
+from napari_mris.model.modeldir import update_config
+from napari_mris_train.checkpoint import load_checkpoint, part
+
+RUNTIME_FILES = ("config.json", "image_tokenizer.safetensors", "mask_tokenizer.safetensors", "tokenizer.json")
+
+
+def export_last(run_dir: Path, out: Path, model_id: str) -> int:
+    """Copy the runtime files of `run_dir` to `out` with the last checkpoint's decoder; returns its step."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in RUNTIME_FILES:
+        shutil.copy2(run_dir / name, out / name)
+    decoder, layout = load_decoder(run_dir)
+    tensors, info = load_checkpoint(run_dir / "checkpoints" / "last")
+    decoder.load_state_dict(part(tensors, "model"))
+    save_decoder(decoder, layout, out)
+    update_config(out, model_id=model_id, trained_steps=int(info["step"]))
+    return int(info["step"])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, type=Path, help="a trained model directory (with checkpoints/last)")
+    parser.add_argument("--out", required=True, type=Path, help="the model directory to write")
+    parser.add_argument("--model-id", required=True, help="the model's name, e.g. default-qata-v1")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        step = export_last(args.run, args.out, args.model_id)
+    except (MRISError, OSError) as exc:
+        print(f"error: {exc}")
+        return 1
+    print(f"exported the step-{step} decoder of {args.run} to {args.out}")
+    return 0
