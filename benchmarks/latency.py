@@ -44,7 +44,7 @@ def time_generate(pipeline: MRISPipeline, image: np.ndarray, prompt: str) -> flo
     scales = pipeline.tokenizers.masks["raster"].scales
     start = time.perf_counter()
     text_ids, _ = pipeline._encode_prompt(prompt)
-    prefix = pipeline._prefix(image, None, text_ids)
+    prefix, _ = pipeline._prefix(image, None, text_ids)  # generate() runs the bare Llama: no pixel stem
     header = torch.tensor(mask_header(pipeline.layout, "raster", scales[-1]), device=prefix.device)
     ids = torch.cat([prefix, header])[None]
     with torch.inference_mode():

@@ -36,8 +36,9 @@ def test_saved_adapter_gives_the_in_memory_logits_and_keeps_the_base(tiny):
     merged, _ = load_decoder(model, adapter="roundtrip")
     base, _ = load_decoder(model)
     ids = torch.randint(0, layout.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    pixels = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        in_memory, loaded, original = (m(ids).logits for m in (tuned, merged, base))
+        in_memory, loaded, original = (m(ids, pixel_values=pixels).logits for m in (tuned, merged, base))
     torch.testing.assert_close(loaded, in_memory, atol=1e-5, rtol=1e-5)
     assert (in_memory - original).abs().max() > 1e-3  # the adapter did change the model
     assert file_sha256(model / "model.safetensors") == weights_before

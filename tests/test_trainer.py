@@ -111,7 +111,9 @@ def test_loss_decreases_on_a_fixed_batch(tiny_data, tmp_path):
     for _ in range(25):
         terms = compute_losses(
             decoder,
-            decoder(batch["input_ids"], batch["scale_ids"], batch["attention_mask"]),
+            decoder(
+                batch["input_ids"], batch["scale_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"]
+            ),
             batch,
             orders,
             layout,

@@ -289,7 +289,7 @@ class MRISPipeline:
     ) -> Iterator[StreamUpdate]:
         start = time.perf_counter()
         text_ids, notes = self._encode_prompt(prompt)
-        prefix = self._prefix(pixels, window, text_ids)
+        prefix, model_image = self._prefix(pixels, window, text_ids)
         timings = {"preprocess_s": time.perf_counter() - start}
         mask_tokenizer = self.tokenizers.masks[settings.order]
         scales = tuple(mask_tokenizer.scales)
@@ -307,6 +307,7 @@ class MRISPipeline:
             generator=self._generator(settings.seed),
             update_every=scales[-1] if settings.order == "raster" else None,
             code_patches=getattr(mask_tokenizer, "codebook", None),  # patch codebooks: expected-patch greedy
+            pixels=model_image,
         )
         decode_time = 0.0
         while not should_stop():
@@ -348,13 +349,16 @@ class MRISPipeline:
             return ids, ()
         return ids, (f"prompt truncated: only its first {text.max_length} of {full} tokens were used",)
 
-    def _prefix(self, pixels: np.ndarray, window: tuple[float, float] | None, text_ids: list[int]) -> torch.Tensor:
+    def _prefix(
+        self, pixels: np.ndarray, window: tuple[float, float] | None, text_ids: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt's token prefix and the (1, S, S) model image (for a decoder's pixel stem)."""
         image = to_model_image(pixels, window, self.image_size)
         with torch.inference_mode():
             batch = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)[None, None]
             codes = self.tokenizers.image.encode(batch)[0]
             prefix = prefix_ids(self.layout, codes, text_ids, int(self.tokenizers.image.grid))
-        return prefix.to(self.device)
+        return prefix.to(self.device), batch[0].to(self.device)
 
     def _generator(self, seed: int | None) -> torch.Generator | None:
         if seed is None:

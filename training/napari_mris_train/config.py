@@ -30,6 +30,7 @@ class DecoderRecipe:
     intermediate_size: int = 704
     dropout: float = 0.1
     nktp_k: int = 16
+    pixel_channels: list[int] = field(default_factory=list)  # pixel stem stages (pixel_stem.py); [] = tokens only
 
 
 @dataclass

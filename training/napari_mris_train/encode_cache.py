@@ -2,7 +2,8 @@
 
 For every example the cache holds the image codes and the full mask's codes of each order, both as stored
 and flipped left-right (the flip augmentation), the mask at model resolution (zone prompts and overlap
-checks need it) and the description's text ids. It is one safetensors file in the model directory's
+checks need it), the model image as uint8 (for a decoder with a pixel stem) and the description's text
+ids. It is one safetensors file in the model directory's
 `cache/`, named by a fingerprint of the tokenizer files and the split's pairs, so a changed tokenizer or
 dataset never reuses a stale cache.
 """
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from napari_mris.model.modeldir import file_sha256, save_weights
 from napari_mris.tokenizers.preprocess import to_model_image
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the model images are stored too (the decoder's pixel stem reads them)
 TOKENIZER_FILES = ("image_tokenizer.safetensors", "mask_tokenizer.safetensors", "tokenizer.json", "config.json")
 
 
@@ -35,6 +36,7 @@ class EncodedSplit:
     descriptions: list[str]
     image_codes: Tensor  # (N, 2, g*g): [:, 0] as stored, [:, 1] flipped left-right
     masks: Tensor  # (N, S, S) bool at model resolution, as stored
+    images: Tensor  # (N, S, S) uint8 model image (0..255 for 0..1), as stored
     mask_codes: dict[str, list[Tensor]]  # order -> one (N, 2, s*s) per scale, [:, 1] flipped
     text_ids: list[list[int]]  # the description's text ids (as stored; flipped texts are encoded on use)
 
@@ -85,6 +87,7 @@ def encode_split(split, tokenizers, image_size: int, batch_size: int = 32, progr
         descriptions=descriptions,
         image_codes=torch.cat(image_codes),
         masks=masks_t[:, 0].bool(),
+        images=(images_t[:, 0] * 255).round().to(torch.uint8),
         mask_codes={o: [torch.cat(s) for s in zip(*chunks, strict=True)] for o, chunks in mask_codes.items()},
         text_ids=[list(tokenizers.text.encode(d)) for d in descriptions],
     )
@@ -111,7 +114,13 @@ def save_encoded(path: Path, data: EncodedSplit) -> None:
     flat = torch.tensor([t for ids in data.text_ids for t in ids], dtype=torch.long)
     lengths = torch.tensor([len(ids) for ids in data.text_ids], dtype=torch.long)
     packed = torch.from_numpy(np.packbits(data.masks.numpy(), axis=-1))  # 8x smaller: 36 MB for QaTa, not 290
-    tensors = {"image_codes": data.image_codes, "masks": packed, "text": flat, "lengths": lengths}
+    tensors = {
+        "image_codes": data.image_codes,
+        "images": data.images,
+        "masks": packed,
+        "text": flat,
+        "lengths": lengths,
+    }
     for order, scales in data.mask_codes.items():
         for k, codes in enumerate(scales):
             tensors[f"mask.{order}.{k}"] = codes
@@ -139,6 +148,7 @@ def load_encoded(path: Path) -> EncodedSplit:
         descriptions=json.loads(meta["descriptions"]),
         image_codes=tensors["image_codes"],
         masks=torch.from_numpy(np.unpackbits(tensors["masks"].numpy(), axis=-1, count=int(meta["mask_size"]))).bool(),
+        images=tensors["images"],
         mask_codes=mask_codes,
         text_ids=[text[a:b] for a, b in zip(starts, ends, strict=True)],
     )

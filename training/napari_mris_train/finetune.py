@@ -129,7 +129,9 @@ def train_adapter(
             raise FinetuneCancelled(f"fine-tuning stopped at step {step} of {steps}; no adapter was saved")
         samples = [s for mixer, n in mixers if n > 0 for s in mixer.batch(step, n)]
         batch = to_device(collate([s.sequence for s in samples]), torch_device)
-        output = decoder(batch["input_ids"], batch["scale_ids"], batch["attention_mask"])
+        output = decoder(
+            batch["input_ids"], batch["scale_ids"], batch["attention_mask"], pixel_values=batch.get("pixel_values")
+        )
         loss = compute_losses(decoder, output, batch, [s.sequence.order for s in samples], layout, losses)["loss"]
         if not torch.isfinite(loss):
             raise MRISError(f"fine-tuning diverged at step {step + 1} (loss {float(loss)}); try a lower --lr")

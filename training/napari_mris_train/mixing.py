@@ -100,8 +100,14 @@ class SequenceMixer:
             order,
             codes,
             self.tokenizers.masks[order].scales,
+            pixels=self.pixels(index, flip),
         )
         return Sample(sequence, sample_key(index, order, flip, kind, text), kind, text, index)
+
+    def pixels(self, index: int, flip: bool) -> torch.Tensor:
+        """(1, S, S) float model image in [0, 1], flipped with the mask and text when the sample is."""
+        image = self.data.images[index].float() / 255.0
+        return (image.flip(-1) if flip else image)[None]
 
     def codes(self, order: str) -> list[torch.Tensor]:
         return self.data.mask_codes[order]

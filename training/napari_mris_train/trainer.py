@@ -203,7 +203,9 @@ def train_step(run: Run) -> dict[str, Any]:
     het_active = cfg.losses.het and run.step >= cfg.losses.het_start * cfg.steps
     run.model.train()
     with acc.autocast():
-        output = run.model(batch["input_ids"], batch["scale_ids"], batch["attention_mask"])
+        output = run.model(
+            batch["input_ids"], batch["scale_ids"], batch["attention_mask"], pixel_values=batch.get("pixel_values")
+        )
         orders, keys = [s.sequence.order for s in samples], [s.key for s in samples]
         terms = compute_losses(
             acc.unwrap_model(run.model),

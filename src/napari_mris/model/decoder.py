@@ -5,6 +5,8 @@ sized by `DecoderConfig` to train on a CPU and scaled up by config on a GPU. Aro
 
 - `scale_embed`: a learned embedding added to the input of next-scale slots (`scale_ids` = k for scale k,
   0 = none; row 0 stays zero), so the slots of different scales are told apart.
+- `pixel_stem` (optional, `pixel_channels`): a convolutional stem whose features are added to the image
+  token embeddings, so the decoder sees the pixels the image codes dropped (pixel_stem.py).
 - `nktp_heads`: for offsets j = 2..k, a zero-initialised residual block (Medusa) whose output goes through
   the SHARED `lm_head`. They are trained to predict the token j steps ahead (NkTP) and propose tokens for
   self-speculative decoding. `nktp_logits` can slice the unembedding to the mask codes, so 15 heads cost
@@ -21,7 +23,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from napari_mris.errors import ModelDirectoryError
 from napari_mris.model import modeldir
+from napari_mris.model.pixel_stem import PixelStem
+from napari_mris.model.sequence import IMAGE_START
 from napari_mris.model.vocab import BOS, EOS, PAD, VocabLayout
 
 WEIGHTS_NAME = "model.safetensors"
@@ -57,6 +61,7 @@ class DecoderConfig:
     n_scales: int = 8
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
+    pixel_channels: list[int] = field(default_factory=list)  # stride-2 stages of the pixel stem; [] = none
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -133,6 +138,7 @@ class MRISDecoder(nn.Module):
         with torch.no_grad():
             self.scale_embed.weight[0].zero_()
         self.nktp_heads = nn.ModuleList(ResidualBlock(config.hidden_size) for _ in range(config.nktp_k - 1))
+        self.pixel_stem = PixelStem(config.pixel_channels, config.hidden_size) if config.pixel_channels else None
 
     def base_llama(self) -> LlamaForCausalLM:
         """The LlamaForCausalLM, also when `self.llama` is wrapped in a peft model during fine-tuning."""
@@ -152,12 +158,19 @@ class MRISDecoder(nn.Module):
         use_cache: bool = False,
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        pixel_values: torch.Tensor | None = None,
     ) -> DecoderOutput:
-        """Logits and final hidden states; `attention_mask` is None (causal) or additive float [B, 1, Q, K]."""
+        """Logits and final hidden states; `attention_mask` is None (causal) or additive float [B, 1, Q, K].
+
+        `pixel_values` (B, 1, S, S), the preprocessed slice, is required by a decoder with a pixel stem on
+        every call that starts a sequence (training, or the prefill before the KV cache exists); a decoder
+        without one ignores it.
+        """
         llama = self.base_llama()
         embeds = llama.get_input_embeddings()(input_ids)
         if scale_ids is not None:
             embeds = embeds + self.scale_embed(scale_ids)
+        embeds = self._add_pixel_features(embeds, pixel_values, starts_sequence=not _cache_length(past_key_values))
         if attention_mask is not None:
             if attention_mask.dim() != 4:
                 raise ValueError(
@@ -179,12 +192,34 @@ class MRISDecoder(nn.Module):
         logits = llama.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return DecoderOutput(logits, hidden, out.past_key_values if use_cache else None)
 
+    def _add_pixel_features(
+        self, embeds: torch.Tensor, pixel_values: torch.Tensor | None, starts_sequence: bool
+    ) -> torch.Tensor:
+        if self.pixel_stem is None:  # a token-only decoder: the pixels are not needed
+            return embeds
+        if pixel_values is None:
+            if starts_sequence:
+                raise ValueError("this decoder has a pixel stem: pass pixel_values with the image tokens")
+            return embeds
+        features = self.pixel_stem(pixel_values.to(embeds.dtype))
+        stop = IMAGE_START + features.shape[1]
+        if embeds.shape[0] != features.shape[0] or embeds.shape[1] < stop:
+            raise ValueError(
+                f"pixel features {tuple(features.shape)} do not fit input embeddings {tuple(embeds.shape)}: "
+                f"the image tokens must sit at positions {IMAGE_START}..{stop - 1}"
+            )
+        return torch.cat([embeds[:, :IMAGE_START], embeds[:, IMAGE_START:stop] + features, embeds[:, stop:]], 1)
+
     def nktp_logits(self, hidden_states: torch.Tensor, offset: int, vocab_slice: slice | None = None) -> torch.Tensor:
         """Logits for the token `offset` steps ahead (offset 1 is `lm_head` itself, 2..k are the NkTP heads)."""
         if not 2 <= offset <= self.config.nktp_k:
             raise ValueError(f"NkTP offset must be in 2..{self.config.nktp_k}, got {offset}")
         weight = self.lm_head.weight if vocab_slice is None else self.lm_head.weight[vocab_slice]
         return F.linear(self.nktp_heads[offset - 2](hidden_states), weight)
+
+
+def _cache_length(past_key_values: Any) -> int:
+    return 0 if past_key_values is None else int(past_key_values.get_seq_length())
 
 
 def lora_target_modules() -> list[str]:

@@ -113,12 +113,14 @@ def autoregressive_infer(
     update_every: int | None = None,
     speculative: bool = True,
     code_patches: torch.Tensor | None = None,
+    pixels: torch.Tensor | None = None,
 ) -> Iterator[DecodeStep]:
     """Decode one mask (or `samples` masks in one batch) for `prefix` = `prefix_ids(...)`, streaming updates.
 
     The presence decision is always the more likely of [SOV]/[REJ] (shared by all samples); sampling only
     varies the mask. Beam search returns the best beam (B = 1) and exists for raster order only.
     `code_patches` (K, p*p), the patch of each mask code, switches greedy choice to `ExpectedPatch`.
+    `pixels` (1, S, S), the preprocessed slice, feeds a decoder's pixel stem (required when it has one).
     """
     scales = check_scales(order, scales)
     _check_arguments(decoder, layout, prefix, order, scales, samples, temperature, top_k, beam, update_every, generator)
@@ -133,7 +135,8 @@ def autoregressive_infer(
 
     with eval_mode(decoder):  # no dropout while decoding; the caller's mode comes back even after Stop
         # 1. The prefix, once, into the KV cache; the decision is read at its last position.
-        out = decoder(prefix.to(device)[None], use_cache=True, logits_to_keep=1)
+        pixel_values = None if pixels is None else pixels.to(device).reshape(1, 1, *pixels.shape[-2:])
+        out = decoder(prefix.to(device)[None], use_cache=True, logits_to_keep=1, pixel_values=pixel_values)
         decision = LegalTokens(layout.vocab_size, [SOV, REJ])(None, out.logits[0, -1])
         p_reject = float(decision.float().softmax(-1)[REJ])
         if int(decision.argmax()) == REJ:

@@ -22,6 +22,7 @@ from napari_mris.model.vocab import BOS, EOS, EOV, PAD, REJ, SOT, SOV, VocabLayo
 
 IGNORE = -100
 HEADER_LENGTH = 5  # [SOV] [ORDER] [Gm] [Gm] [SOT]
+IMAGE_START = 5  # the image tokens follow [BOS] [SOV] [Gg] [Gg] [SOT]
 
 
 @dataclass
@@ -34,6 +35,7 @@ class TrainingSequence:
     block_ids: torch.Tensor  # non-decreasing; a position sees every position whose block id is <= its own
     mask_positions: torch.Tensor  # positions whose label is a mask code, in target order (empty when rejected)
     order: str
+    pixels: torch.Tensor | None = None  # (1, S, S) preprocessed slice, for a decoder with a pixel stem
 
     def __len__(self) -> int:
         return int(self.input_ids.numel())
@@ -111,8 +113,12 @@ def build_training_sequence(
     order: str,
     mask_codes: Sequence[torch.Tensor] | torch.Tensor | None,
     scales: Sequence[int],
+    pixels: torch.Tensor | None = None,
 ) -> TrainingSequence:
-    """One training example; `mask_codes=None` builds the `[REJ]` form (target absent)."""
+    """One training example; `mask_codes=None` builds the `[REJ]` form (target absent).
+
+    `pixels` (1, S, S) travels with the sequence for a decoder with a pixel stem.
+    """
     layout.order_token(order)  # fails early on an order this model lacks
     scales = check_scales(order, scales)
     prefix = prefix_ids(layout, image_codes, text_ids, image_grid)
@@ -128,6 +134,7 @@ def build_training_sequence(
             torch.arange(len(input_ids)),
             torch.empty(0, dtype=torch.long),
             order,
+            pixels,
         )
 
     codes = _mask_code_list(order, mask_codes, scales)
@@ -162,7 +169,7 @@ def build_training_sequence(
             start = stop
         mask_positions = torch.arange(sot, len(input_ids))
     labels[n - 1] = SOV  # the presence decision, at the last text position
-    return TrainingSequence(input_ids, labels, scale_ids, block_ids, mask_positions, order)
+    return TrainingSequence(input_ids, labels, scale_ids, block_ids, mask_positions, order, pixels)
 
 
 def block_causal_allowed(block_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -185,9 +192,13 @@ def collate(sequences: Sequence[TrainingSequence]) -> dict[str, torch.Tensor | l
 
     `sample_positions[b][i]` is the position whose output predicts the i-th mask code of example b, so a
     per-(sample, target index) memory (HET) can find the same target again in later epochs.
+    `pixel_values` (B, 1, S, S) is there when the sequences carry pixels (all or none of them).
     """
     if not sequences:
         raise ValueError("collate needs at least one sequence")
+    with_pixels = [s.pixels is not None for s in sequences]
+    if any(with_pixels) and not all(with_pixels):
+        raise ValueError("some sequences carry pixels and some do not; a batch needs all or none")
     length = max(len(s) for s in sequences)
     batch = len(sequences)
     input_ids = torch.full((batch, length), PAD, dtype=torch.long)
@@ -203,10 +214,13 @@ def collate(sequences: Sequence[TrainingSequence]) -> dict[str, torch.Tensor | l
         block_ids[:t] = seq.block_ids
         valid = torch.arange(length) < t
         attention[b, 0] = additive_mask(block_causal_allowed(block_ids, valid))
-    return {
+    batch_dict = {
         "input_ids": input_ids,
         "labels": labels,
         "scale_ids": scale_ids,
         "attention_mask": attention,
         "sample_positions": [seq.mask_positions.clone() for seq in sequences],
     }
+    if all(with_pixels):
+        batch_dict["pixel_values"] = torch.stack([seq.pixels.float() for seq in sequences])
+    return batch_dict

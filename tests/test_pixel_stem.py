@@ -1,0 +1,135 @@
+"""The pixel stem: features land on the image tokens only, are required where a sequence starts, survive
+save/load, and the cached decoding path agrees with teacher forcing when the stem is on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from napari_mris.model.decoder import DecoderConfig, MRISDecoder, load_decoder, save_decoder
+from napari_mris.model.generate import autoregressive_infer, mask_code_tokens
+from napari_mris.model.pixel_stem import PixelStem
+from napari_mris.model.sequence import IMAGE_START, build_training_sequence, collate, prefix_ids
+from napari_mris.model.vocab import SOV, VocabLayout
+
+LAYOUT = VocabLayout(n_text=12, n_image=8, n_mask={"raster": 6, "scale": 6})
+IMAGE = torch.tensor([1, 5, 2, 7])  # a 2x2 image grid
+TEXT = [3, 9, 4]
+PREFIX = prefix_ids(LAYOUT, IMAGE, TEXT, 2)
+SCALES = (1, 2, 4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def stem_decoder(seed: int = 0, channels=(4, 8, 8)) -> MRISDecoder:
+    """16 px slices -> three stride-2 stages -> the 2x2 image grid."""
+    torch.manual_seed(seed)
+    config = DecoderConfig(
+        vocab_size=LAYOUT.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        dropout=0.0,
+        nktp_k=4,
+        n_scales=len(SCALES),
+        pixel_channels=list(channels),
+    )
+    decoder = MRISDecoder(config).eval()
+    with torch.no_grad():  # large features, so that pixels visibly change the output of a random model
+        decoder.pixel_stem.proj.weight.normal_(std=1.0)
+        decoder.llama.lm_head.weight.normal_(std=1.0)
+    return decoder
+
+
+def pixels(seed: int) -> torch.Tensor:
+    return torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def test_stem_maps_a_slice_to_one_feature_per_image_token():
+    stem = PixelStem([8, 16, 16, 32], hidden_size=24)
+    out = stem(torch.rand(3, 1, 224, 224))
+    assert out.shape == (3, 14 * 14, 24)
+    with pytest.raises(ValueError, match="grayscale"):
+        stem(torch.rand(1, 3, 224, 224))
+    with pytest.raises(ValueError, match="at least one stage"):
+        PixelStem([], hidden_size=24)
+
+
+def test_pixels_change_only_positions_from_the_image_tokens_on():
+    decoder = stem_decoder()
+    ids = PREFIX[None]
+    with torch.no_grad():
+        a = decoder(ids, pixel_values=pixels(0)[None]).hidden_states[0]
+        b = decoder(ids, pixel_values=pixels(1)[None]).hidden_states[0]
+    assert torch.allclose(a[:IMAGE_START], b[:IMAGE_START])  # causal: the header never sees the image
+    assert not torch.allclose(a[IMAGE_START:], b[IMAGE_START:], atol=1e-4)
+
+
+def test_a_stem_decoder_refuses_a_sequence_start_without_pixels_and_a_misplaced_image():
+    decoder = stem_decoder()
+    with pytest.raises(ValueError, match="pass pixel_values"):
+        decoder(PREFIX[None])
+    with pytest.raises(ValueError, match="do not fit"):
+        decoder(PREFIX[None, :6], pixel_values=pixels(0)[None])  # the image tokens are cut off
+    with pytest.raises(ValueError, match="grayscale"):
+        decoder(PREFIX[None], pixel_values=torch.rand(1, 3, 16, 16))
+
+
+def test_a_token_only_decoder_ignores_pixels():
+    decoder = stem_decoder()
+    plain = MRISDecoder(DecoderConfig(**{**decoder.config.to_dict(), "pixel_channels": []})).eval()
+    assert plain.pixel_stem is None
+    with torch.no_grad():
+        assert torch.equal(plain(PREFIX[None]).logits, plain(PREFIX[None], pixel_values=pixels(0)[None]).logits)
+
+
+def test_collate_stacks_pixels_all_or_none():
+    codes = [torch.tensor([2]), torch.tensor([0, 1, 2, 3]), torch.arange(16) % 6]
+    with_px = build_training_sequence(LAYOUT, IMAGE, TEXT, 2, "scale", codes, SCALES, pixels=pixels(0))
+    without = build_training_sequence(LAYOUT, IMAGE, TEXT, 2, "scale", codes, SCALES)
+    batch = collate([with_px, with_px])
+    assert batch["pixel_values"].shape == (2, 1, 16, 16)
+    assert "pixel_values" not in collate([without])
+    with pytest.raises(ValueError, match="all or none"):
+        collate([with_px, without])
+
+
+@pytest.mark.parametrize("order, scales", [("raster", (4,)), ("scale", SCALES)])
+def test_cached_decoding_with_pixels_agrees_with_teacher_forcing(order, scales):
+    decoder = stem_decoder(seed=3)
+    with torch.no_grad():  # make sure the model decides "present", so there is a mask to compare
+        hidden = decoder(PREFIX[None], pixel_values=pixels(5)[None]).hidden_states[0, -1]
+        decoder.llama.lm_head.weight[SOV] = hidden * 10
+    steps = list(autoregressive_infer(decoder, LAYOUT, PREFIX, order, scales, pixels=pixels(5)))
+    assert steps[-1].finished and not steps[-1].rejected
+    codes = steps[-1].codes
+    codes = [codes[0]] if order == "raster" else [c[0] for c in codes]
+    seq = build_training_sequence(LAYOUT, IMAGE, TEXT, 2, order, codes, scales, pixels=pixels(5))
+    batch = collate([seq])
+    with torch.no_grad():
+        logits = decoder(
+            batch["input_ids"], batch["scale_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"]
+        ).logits[0]
+    predicted = mask_code_tokens(LAYOUT, order)(None, logits[seq.mask_positions]).argmax(-1)
+    assert torch.equal(predicted, seq.labels[seq.mask_positions])
+    with pytest.raises(ValueError, match="pass pixel_values"):
+        list(autoregressive_infer(decoder, LAYOUT, PREFIX, order, scales))
+
+
+def test_stem_weights_and_config_survive_save_and_load(tmp_path):
+    decoder = stem_decoder(seed=7)
+    save_decoder(decoder, LAYOUT, tmp_path)
+    loaded, _ = load_decoder(tmp_path)
+    assert loaded.config.pixel_channels == [4, 8, 8]
+    with torch.no_grad():
+        expected = decoder(PREFIX[None], pixel_values=pixels(2)[None]).logits
+        assert torch.allclose(loaded(PREFIX[None], pixel_values=pixels(2)[None]).logits, expected, atol=1e-6)
