@@ -82,3 +82,36 @@ def test_saved_and_loaded_through_the_model_directory(fitted, tmp_path) -> None:
     for order, original in (("raster", raster), ("scale", pyramid)):
         for a, b in zip(original.encode(masks), loaded.masks[order].encode(masks), strict=True):
             assert torch.equal(a, b)
+
+
+def test_border_refiner_starts_neutral_keeps_the_codes_and_sharpens_the_masks(tmp_path) -> None:
+    from napari_mris_train.tokenizer_training import refiner_loss, train_stage
+
+    masks = disks(300, seed=4)
+    coarse = fit_codebook(PatchMaskTokenizer(PatchMaskTokenizerConfig(32, (1, 2, 4), 6)), masks)  # blocky
+    refined = PatchMaskTokenizer(PatchMaskTokenizerConfig(32, (1, 2, 4), 6, refiner_channels=16))
+    refined.codebook.copy_(coarse.codebook)
+    test = disks(40, seed=9)
+    codes = coarse.encode(test)
+    neutral, plain = refined.decode(codes), coarse.decode(codes)  # zero-initialised: no change but a 1e-3 clamp
+    torch.testing.assert_close(neutral, plain, atol=1.01e-3, rtol=0)
+    assert torch.equal(neutral >= 0.5, plain >= 0.5)
+    torch.manual_seed(0)
+    train_stage("refine", refined, refiner_loss, masks.bool(), steps=150, batch_size=16, lr=3e-3, progress=False)
+    for a, b in zip(codes, refined.encode(test), strict=True):
+        assert torch.equal(a, b)  # codes are the codebook's alone: an LM trained on them stays valid
+
+    def mean_dice(tok) -> float:
+        prob = tok.decode(codes)
+        return sum(dice((p >= 0.5).float(), t) for p, t in zip(prob, test, strict=True)) / len(test)
+
+    before, after = mean_dice(coarse), mean_dice(refined)
+    assert after > before + 0.02, (before, after)
+    image = ImageTokenizer(ImageTokenizerConfig(32, 4, (4, 4), (8, 8, 8)))
+    text = TextTokenizer.train(["lower left lung"], 280, 16)
+    save_tokenizers(tmp_path, image, {"scale": refined}, text)
+    loaded = load_tokenizers(tmp_path).masks["scale"]
+    assert loaded.config.refiner_channels == 16
+    torch.testing.assert_close(loaded.decode(codes), refined.decode(codes))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        PatchMaskTokenizerConfig(28, (4,), 6, refiner_channels=8)  # 7 px patches

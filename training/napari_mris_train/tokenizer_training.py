@@ -22,7 +22,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,8 @@ class MaskRecipe:
     steps: int = 3000
     batch_size: int = 16
     lr: float = 1e-3
+    refiner_channels: int = 0  # kind patch: width of the BorderRefiner (0 = none), trained with the codes frozen
+    refiner_steps: int = 600
 
 
 @dataclass
@@ -97,7 +99,7 @@ class TokenizerRecipe:
         r = self.mask
         scales = r.raster_scales if order == "raster" else r.scale_scales
         if r.kind == "patch":
-            return PatchMaskTokenizerConfig(self.image_size, scales, r.codebook_size)
+            return PatchMaskTokenizerConfig(self.image_size, scales, r.codebook_size, r.refiner_channels)
         if r.kind != "vq":
             raise ConfigError(f"mask_tokenizer.kind must be 'vq' or 'patch', got {r.kind!r}")
         return MaskTokenizerConfig(self.image_size, scales, r.latent_dim, r.codebook_size, r.channels)
@@ -285,6 +287,24 @@ def reconstruction_loss(
     return loss, logs
 
 
+def refiner_loss(model: PatchMaskTokenizer, masks: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """BCE + soft Dice of the refined mosaic against the mask, codes frozen.
+
+    Half the batches use the finest scale (the mask the user gets); the rest a random coarser one, so the
+    coarse-to-fine previews are refined too. Targets are the mask area-resized to the mosaic.
+    """
+    scales = model.scales
+    coarse = len(scales) > 1 and bool(torch.rand(()) < 0.5)
+    scale = scales[int(torch.randint(len(scales) - 1, ()))] if coarse else scales[-1]
+    with torch.no_grad():
+        mosaic = model.paste(model.nearest(model.patches(masks, scale)), scale)
+        target = F.interpolate(masks, size=mosaic.shape[-2:], mode="area")
+    logits = model.refiner(mosaic)
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    dice = soft_dice_loss(logits, target)
+    return bce + dice, {"bce": bce.item(), "dice": dice.item(), "scale": float(scale)}
+
+
 def image_loss(model: ImageTokenizer, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     rec = model(images).reconstruction
     l1, mse = F.l1_loss(rec, images), F.mse_loss(rec, images)
@@ -383,6 +403,9 @@ def train_tokenizers(
         config = recipe.mask_config(order)
         if isinstance(config, PatchMaskTokenizerConfig):  # k-means: seconds to minutes, no checkpoints needed
             masks[order] = fit_codebook(PatchMaskTokenizer(config), data.masks, seed=recipe.seed).eval()
+            if masks[order].refiner is not None:
+                steps_ = recipe.mask.refiner_steps
+                _train_refiner(order, masks[order], data.masks, recipe, steps_, ckpt_dir, resume, progress)
             continue
         model = MaskTokenizer(config)
         masks[order] = _run_or_restore(order, model, mask_loss, data.masks, recipe, ckpt_dir, resume, stages, progress)
@@ -397,27 +420,32 @@ def refine_mask_decoders(
     train: Preloaded,
     recipe: TokenizerRecipe,
     *,
-    steps: int,
+    steps: int | None = None,
     resume: bool = False,
     progress: bool = True,
 ) -> Tokenizers:
-    """Fine-tune only the decoders of `out_dir`'s mask tokenizers, at a quarter of the recipe's rate.
+    """Fine-tune only the decoders of `out_dir`'s mask tokenizers (`steps`, default 1,000 / refiner_steps).
 
     Encoders and codebooks stay frozen, so every mask keeps its codes and a decoder LM trained on those
     codes stays valid; only codes -> mask gets sharper (and the coarse previews clearer). This is how a
-    tokenizer set is improved after the expensive LM training has started.
+    tokenizer set is improved after the expensive LM training has started. A VQ decoder is tuned at a
+    quarter of the recipe's rate; a patch codebook gets a `BorderRefiner` (refiner_channels) trained.
     """
     out_dir = Path(out_dir)
     tokenizers = load_tokenizers(out_dir)
     for order, tokenizer in tokenizers.masks.items():
-        if not isinstance(tokenizer, MaskTokenizer):
-            continue  # a patch codebook has no decoder to refine
+        if isinstance(tokenizer, PatchMaskTokenizer):
+            tokenizers.masks[order] = _with_refiner(tokenizer, recipe.mask.refiner_channels)
+            refiner_steps = steps or recipe.mask.refiner_steps
+            ckpt = out_dir / "checkpoints"
+            _train_refiner(order, tokenizers.masks[order], train.masks, recipe, refiner_steps, ckpt, resume, progress)
+            continue
         train_stage(
             f"refine-{order}",
             tokenizer,
             decoder_only_loss,
             train.masks,
-            steps=steps,
+            steps=steps or 1000,
             batch_size=recipe.mask.batch_size,
             lr=recipe.mask.lr / 4,
             ckpt_dir=out_dir / "checkpoints",
@@ -429,6 +457,44 @@ def refine_mask_decoders(
         )
     save_tokenizers(out_dir, tokenizers.image, tokenizers.masks, tokenizers.text)
     return load_tokenizers(out_dir)
+
+
+def _with_refiner(tokenizer: PatchMaskTokenizer, channels: int) -> PatchMaskTokenizer:
+    """The same codebook with a (fresh) BorderRefiner of `channels`, unless it already has one."""
+    if tokenizer.refiner is not None:
+        return tokenizer
+    if channels <= 0:
+        raise ConfigError("--refine-decoders on a patch tokenizer needs mask_tokenizer.refiner_channels > 0")
+    refined = PatchMaskTokenizer(replace(tokenizer.config, refiner_channels=channels))
+    refined.codebook.copy_(tokenizer.codebook)
+    return refined
+
+
+def _train_refiner(
+    order: str,
+    tokenizer: PatchMaskTokenizer,
+    masks: torch.Tensor,
+    recipe: TokenizerRecipe,
+    steps: int,
+    ckpt_dir: Path,
+    resume: bool,
+    progress: bool,
+) -> None:
+    train_stage(
+        f"refine-{order}",
+        tokenizer,
+        refiner_loss,
+        masks,
+        steps=steps,
+        batch_size=recipe.mask.batch_size,
+        lr=recipe.mask.lr,
+        ckpt_dir=ckpt_dir,
+        resume=resume,
+        checkpoint_every=recipe.checkpoint_every,
+        seed=recipe.seed + 20 + STAGES.index(order),
+        progress=progress,
+        trainable=tokenizer.refiner,
+    )
 
 
 def _run_or_restore(
@@ -651,7 +717,7 @@ def run(args: argparse.Namespace) -> int:
     train = preload(load_split(args.data, split="train"), recipe.image_size, args.limit)
     print(f"read {len(train.names)} training pairs in {time.perf_counter() - t0:.0f} s", flush=True)
     if args.refine_decoders:
-        refine_mask_decoders(out, train, recipe, steps=args.steps or 1000, resume=args.resume)
+        refine_mask_decoders(out, train, recipe, steps=args.steps, resume=args.resume)
     else:
         train_tokenizers(recipe, train, out, steps=args.steps, resume=args.resume, stages=stages)
     print(f"wrote tokenizers to {out} in {time.perf_counter() - t0:.0f} s")

@@ -12,6 +12,11 @@ Both decoding orders use the same class. `scales=(14,)` is the raster tokenizer;
 14)` is a pyramid for next-scale decoding: scale s encodes the mask resized to s*p pixels, so the codes
 of any scale alone decode to that scale's coarse mask (a pyramid rather than VAR's residual sums; the
 coarse previews the widget shows are then recognisable by construction).
+
+Pasted centres are blocky: a centre is the mean of many border shapes, and a patch knows nothing of its
+neighbours. An optional `BorderRefiner` (`refiner_channels` > 0) reads the pasted mosaic and corrects it
+where neighbouring patches disagree; it is trained after the codebook with the codes frozen, so a decoder
+LM trained on the codes stays valid (`napari-mris-train tokenizers --refine-decoders`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class PatchMaskTokenizerConfig:
     image_size: int = 224
     scales: tuple[int, ...] = (14,)
     codebook_size: int = 512
+    refiner_channels: int = 0  # 0 = paste the centres as they are; > 0 = a BorderRefiner this wide
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scales", tuple(int(s) for s in self.scales))
@@ -43,6 +49,10 @@ class PatchMaskTokenizerConfig:
             raise ValueError(
                 f"codebook_size must be at least 3 (empty, full, one boundary patch), got {self.codebook_size}"
             )
+        if self.refiner_channels < 0:
+            raise ValueError(f"refiner_channels must be >= 0, got {self.refiner_channels}")
+        if self.refiner_channels and self.patch % BorderRefiner.FACTOR:
+            raise ValueError(f"a refiner needs patches that are a multiple of {BorderRefiner.FACTOR} px")
 
     @property
     def grid(self) -> int:
@@ -60,6 +70,37 @@ class PatchMaskTokenizerConfig:
         return cls(**{k: v for k, v in data.items() if k != "kind"})
 
 
+class BorderRefiner(nn.Module):
+    """A residual CNN on the pasted mosaic: logit(mosaic) + a correction, computed at 1/4 resolution.
+
+    Dilations 1, 2, 4 give it a receptive field of about four patches, enough to see how a border runs
+    on through the neighbours. The last layer starts at zero, so an untrained refiner changes nothing.
+    """
+
+    FACTOR = 4  # pixel-unshuffle factor: 224 px mosaics are refined on a 56 x 56 grid
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        f2 = self.FACTOR**2
+        self.body = nn.Sequential(
+            nn.PixelUnshuffle(self.FACTOR),
+            nn.Conv2d(f2, channels, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=2, dilation=2),
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=4, dilation=4),
+            nn.SiLU(),
+            nn.Conv2d(channels, f2, 3, padding=1),
+            nn.PixelShuffle(self.FACTOR),
+        )
+        nn.init.zeros_(self.body[-2].weight)
+        nn.init.zeros_(self.body[-2].bias)
+
+    def forward(self, mosaic: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) pasted probabilities -> refined logits of the same shape."""
+        return torch.logit(mosaic.clamp(1e-3, 1 - 1e-3)) + self.body(mosaic * 2 - 1)
+
+
 class PatchMaskTokenizer(nn.Module):
     """Binary mask (B, 1, H, W) <-> codes, one (B, s*s) LongTensor per scale; the codebook is a buffer."""
 
@@ -70,6 +111,7 @@ class PatchMaskTokenizer(nn.Module):
         codebook = torch.full((cfg.codebook_size, p * p), 0.5)
         codebook[EMPTY], codebook[FULL] = 0.0, 1.0
         self.register_buffer("codebook", codebook)
+        self.refiner = BorderRefiner(cfg.refiner_channels) if cfg.refiner_channels else None
 
     @property
     def codebook_size(self) -> int:
@@ -101,19 +143,24 @@ class PatchMaskTokenizer(nn.Module):
     def encode(self, masks: torch.Tensor) -> list[torch.Tensor]:
         return [self.nearest(self.patches(masks, s)) for s in self.scales]
 
+    def paste(self, codes: torch.Tensor, scale: int) -> torch.Tensor:
+        """(B, s*s) codes of one scale -> (B, 1, s*p, s*p) mosaic of their codebook patches."""
+        if codes.ndim != 2 or codes.shape[1] != scale * scale:
+            raise ValueError(f"codes of scale {scale} must be (B, {scale * scale}), got {tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ValueError(f"mask codes must lie in 0..{self.codebook_size - 1}")
+        p = self.config.patch
+        patches = self.codebook[codes.long()].transpose(1, 2)  # (B, p*p, s*s)
+        return F.fold(patches, output_size=(scale * p, scale * p), kernel_size=p, stride=p)
+
     @torch.no_grad()
     def decode(self, codes: list[torch.Tensor], out_size: tuple[int, int] | None = None) -> torch.Tensor:
         """Codes of the first k scales -> (B, 1, S, S) probabilities from the k-th scale's patches."""
         if not 1 <= len(codes) <= len(self.scales):
             raise ValueError(f"expected 1..{len(self.scales)} scales of codes, got {len(codes)}")
-        scale, last = self.scales[len(codes) - 1], codes[-1]
-        if last.ndim != 2 or last.shape[1] != scale * scale:
-            raise ValueError(f"codes of scale {scale} must be (B, {scale * scale}), got {tuple(last.shape)}")
-        if last.numel() and (int(last.min()) < 0 or int(last.max()) >= self.codebook_size):
-            raise ValueError(f"mask codes must lie in 0..{self.codebook_size - 1}")
-        p = self.config.patch
-        patches = self.codebook[last.long()].transpose(1, 2)  # (B, p*p, s*s)
-        prob = F.fold(patches, output_size=(scale * p, scale * p), kernel_size=p, stride=p)
+        prob = self.paste(codes[-1], self.scales[len(codes) - 1])
+        if self.refiner is not None:
+            prob = torch.sigmoid(self.refiner(prob))
         size = tuple(out_size) if out_size is not None else (self.image_size, self.image_size)
         if prob.shape[-2:] != size:
             prob = F.interpolate(prob, size=size, mode="bilinear", align_corners=False)
