@@ -133,3 +133,28 @@ def test_stem_weights_and_config_survive_save_and_load(tmp_path):
     with torch.no_grad():
         expected = decoder(PREFIX[None], pixel_values=pixels(2)[None]).logits
         assert torch.allclose(loaded(PREFIX[None], pixel_values=pixels(2)[None]).logits, expected, atol=1e-6)
+
+
+def test_lesion_target_trains_the_stem_directly():
+    """The auxiliary lesion term is BCE of lesion_head against each patch's lesion fraction, and its
+    gradient reaches the stem; without targets (or with weight 0) it is absent."""
+    from napari_mris_train.losses import LossConfig, compute_losses
+
+    decoder = stem_decoder()
+    codes = [torch.tensor([2]), torch.tensor([0, 1, 2, 3]), torch.arange(16) % 6]
+    seq = build_training_sequence(LAYOUT, IMAGE, TEXT, 2, "scale", codes, SCALES, pixels=pixels(0))
+    batch = collate([seq])
+    batch["lesion"] = torch.tensor([[0.0, 0.25, 1.0, 0.0]])
+    output = decoder(
+        batch["input_ids"], batch["scale_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"]
+    )
+    assert output.lesion_logits.shape == (1, 4)
+    terms = compute_losses(decoder, output, batch, ["scale"], LAYOUT, LossConfig(het=False, lesion_weight=2.0))
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(output.lesion_logits, batch["lesion"])
+    torch.testing.assert_close(terms["lesion"], expected)
+    decoder.zero_grad()
+    terms["lesion"].backward()
+    assert decoder.pixel_stem.stages[0][0].weight.grad.abs().sum() > 0
+    off = compute_losses(decoder, output, batch, ["scale"], LAYOUT, LossConfig(het=False, lesion_weight=0.0))
+    assert "lesion" not in off
+    torch.testing.assert_close(terms["loss"] - off["loss"], 2.0 * terms["lesion"])

@@ -69,11 +69,20 @@ def test_mixing_builds_every_kind_of_sequence(tiny_data, tmp_path):
     cache = next((tmp_path / "cache").glob("encoded_*.safetensors"))
     again = load_encoded(cache)
     assert again.names == data.names and torch.equal(again.masks, data.masks) and again.text_ids == data.text_ids
+    assert torch.equal(again.images, data.images) and data.images.dtype == torch.uint8
     recipe = replace(tiny_recipe().train, absent_fraction=0.3, zone_fraction=0.3, foreign_fraction=0.2)
     mixer = SequenceMixer(data, tokenizers, layout, recipe)
     samples = [s for step in range(12) for s in mixer.batch(step, 8)]
     kinds = {s.kind for s in samples}
     assert {"full", "zone", "absent"} <= kinds
+    for s in samples:  # pixels, mask and lesion target are flipped together (or not at all)
+        image = data.images[s.index].float()[None] / 255
+        flipped = not torch.equal(s.sequence.pixels, image)
+        assert torch.equal(s.sequence.pixels, image.flip(-1) if flipped else image)
+        mask = data.masks[s.index].float()
+        mask = mask.flip(-1) if flipped else mask
+        expected = torch.nn.functional.adaptive_avg_pool2d(mask[None, None], 4).reshape(-1)
+        torch.testing.assert_close(s.lesion, expected)
     for s in samples:
         decision = (
             s.sequence.labels[s.sequence.labels == REJ].numel() + s.sequence.labels[s.sequence.labels == SOV].numel()

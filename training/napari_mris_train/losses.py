@@ -36,6 +36,7 @@ class LossConfig:
     het_memory: int = 64  # remembered tokens per (sample, position)
     het_max_keys: int = 200_000  # bound on the number of (sample, position) entries
     decision_weight: float = 1.0  # weight of the one [SOV]/[REJ] decision token against each mask token
+    lesion_weight: float = 1.0  # auxiliary: the pixel stem's lesion_head against each patch's lesion fraction
 
 
 # --- the per-token terms -------------------------------------------------------------------------------
@@ -223,6 +224,10 @@ def compute_losses(
     loss = terms["ntp"] + cfg.tcl_weight * terms["tcl"] + cfg.nktp_weight * terms["nktp"]
     if het_active:
         loss = loss + cfg.het_weight * terms["het"]
+    lesion_logits = getattr(output, "lesion_logits", None)
+    if cfg.lesion_weight > 0 and lesion_logits is not None and "lesion" in batch:
+        terms["lesion"] = F.binary_cross_entropy_with_logits(lesion_logits.float(), batch["lesion"].float())
+        loss = loss + cfg.lesion_weight * terms["lesion"]
     return {"loss": loss, **terms}
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from napari_mris.model.sequence import TrainingSequence, build_training_sequence
 from napari_mris.model.vocab import VocabLayout
@@ -38,6 +39,7 @@ class Sample:
     kind: str
     text: str
     index: int
+    lesion: torch.Tensor  # (g*g,) fraction of each image-token patch covered by any lesion (text-free target)
 
 
 class SequenceMixer:
@@ -102,7 +104,13 @@ class SequenceMixer:
             self.tokenizers.masks[order].scales,
             pixels=self.pixels(index, flip),
         )
-        return Sample(sequence, sample_key(index, order, flip, kind, text), kind, text, index)
+        key = sample_key(index, order, flip, kind, text)
+        return Sample(sequence, key, kind, text, index, self.lesion_fraction(mask))
+
+    def lesion_fraction(self, mask: np.ndarray) -> torch.Tensor:
+        """The (already flipped) whole mask area-averaged onto the image token grid, flattened."""
+        m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+        return F.adaptive_avg_pool2d(m, self.grid).reshape(-1)
 
     def pixels(self, index: int, flip: bool) -> torch.Tensor:
         """(1, S, S) float model image in [0, 1], flipped with the mask and text when the sample is."""

@@ -199,7 +199,9 @@ def train_step(run: Run) -> dict[str, Any]:
         group["lr"] = lr
     tick = time.perf_counter()
     samples = run.mixer.batch(run.step, cfg.batch_size, acc.process_index, acc.num_processes)
-    batch = to_device(collate([s.sequence for s in samples]), acc.device)
+    batch = collate([s.sequence for s in samples])
+    batch["lesion"] = torch.stack([s.lesion for s in samples])
+    batch = to_device(batch, acc.device)
     het_active = cfg.losses.het and run.step >= cfg.losses.het_start * cfg.steps
     run.model.train()
     with acc.autocast():

@@ -6,7 +6,9 @@ sized by `DecoderConfig` to train on a CPU and scaled up by config on a GPU. Aro
 - `scale_embed`: a learned embedding added to the input of next-scale slots (`scale_ids` = k for scale k,
   0 = none; row 0 stays zero), so the slots of different scales are told apart.
 - `pixel_stem` (optional, `pixel_channels`): a convolutional stem whose features are added to the image
-  token embeddings, so the decoder sees the pixels the image codes dropped (pixel_stem.py).
+  token embeddings, so the decoder sees the pixels the image codes dropped (pixel_stem.py); with it
+  `lesion_head`, a linear read-out of those features that training fits to the fraction of each patch
+  covered by any lesion (an auxiliary target that teaches the stem lesion texture directly).
 - `nktp_heads`: for offsets j = 2..k, a zero-initialised residual block (Medusa) whose output goes through
   the SHARED `lm_head`. They are trained to predict the token j steps ahead (NkTP) and propose tokens for
   self-speculative decoding. `nktp_logits` can slice the unembedding to the mask codes, so 15 heads cost
@@ -113,6 +115,7 @@ class DecoderOutput:
     logits: torch.Tensor  # [B, Q, V] (or the last `logits_to_keep` positions)
     hidden_states: torch.Tensor  # [B, Q, H], last layer after the final RMSNorm (what lm_head sees)
     past_key_values: Any  # transformers Cache when use_cache, else None
+    lesion_logits: torch.Tensor | None = None  # [B, g*g] lesion_head on the pixel features, when computed
 
 
 class ResidualBlock(nn.Module):
@@ -139,6 +142,7 @@ class MRISDecoder(nn.Module):
             self.scale_embed.weight[0].zero_()
         self.nktp_heads = nn.ModuleList(ResidualBlock(config.hidden_size) for _ in range(config.nktp_k - 1))
         self.pixel_stem = PixelStem(config.pixel_channels, config.hidden_size) if config.pixel_channels else None
+        self.lesion_head = nn.Linear(config.hidden_size, 1) if config.pixel_channels else None
 
     def base_llama(self) -> LlamaForCausalLM:
         """The LlamaForCausalLM, also when `self.llama` is wrapped in a peft model during fine-tuning."""
@@ -170,7 +174,11 @@ class MRISDecoder(nn.Module):
         embeds = llama.get_input_embeddings()(input_ids)
         if scale_ids is not None:
             embeds = embeds + self.scale_embed(scale_ids)
-        embeds = self._add_pixel_features(embeds, pixel_values, starts_sequence=not _cache_length(past_key_values))
+        features = self._pixel_features(pixel_values, starts_sequence=not _cache_length(past_key_values))
+        lesion_logits = None
+        if features is not None:
+            embeds = _add_at_image_tokens(embeds.to(features.dtype), features)
+            lesion_logits = self.lesion_head(features)[..., 0]
         if attention_mask is not None:
             if attention_mask.dim() != 4:
                 raise ValueError(
@@ -190,25 +198,17 @@ class MRISDecoder(nn.Module):
         )
         hidden = out.last_hidden_state
         logits = llama.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-        return DecoderOutput(logits, hidden, out.past_key_values if use_cache else None)
+        return DecoderOutput(logits, hidden, out.past_key_values if use_cache else None, lesion_logits)
 
-    def _add_pixel_features(
-        self, embeds: torch.Tensor, pixel_values: torch.Tensor | None, starts_sequence: bool
-    ) -> torch.Tensor:
+    def _pixel_features(self, pixel_values: torch.Tensor | None, starts_sequence: bool) -> torch.Tensor | None:
+        """The stem's (B, g*g, hidden) features, or None (no stem, or a cached step that needs none)."""
         if self.pixel_stem is None:  # a token-only decoder: the pixels are not needed
-            return embeds
+            return None
         if pixel_values is None:
             if starts_sequence:
                 raise ValueError("this decoder has a pixel stem: pass pixel_values with the image tokens")
-            return embeds
-        features = self.pixel_stem(pixel_values.to(embeds.dtype))
-        stop = IMAGE_START + features.shape[1]
-        if embeds.shape[0] != features.shape[0] or embeds.shape[1] < stop:
-            raise ValueError(
-                f"pixel features {tuple(features.shape)} do not fit input embeddings {tuple(embeds.shape)}: "
-                f"the image tokens must sit at positions {IMAGE_START}..{stop - 1}"
-            )
-        return torch.cat([embeds[:, :IMAGE_START], embeds[:, IMAGE_START:stop] + features, embeds[:, stop:]], 1)
+            return None
+        return self.pixel_stem(pixel_values.to(self.pixel_stem.proj.weight.dtype))
 
     def nktp_logits(self, hidden_states: torch.Tensor, offset: int, vocab_slice: slice | None = None) -> torch.Tensor:
         """Logits for the token `offset` steps ahead (offset 1 is `lm_head` itself, 2..k are the NkTP heads)."""
@@ -216,6 +216,17 @@ class MRISDecoder(nn.Module):
             raise ValueError(f"NkTP offset must be in 2..{self.config.nktp_k}, got {offset}")
         weight = self.lm_head.weight if vocab_slice is None else self.lm_head.weight[vocab_slice]
         return F.linear(self.nktp_heads[offset - 2](hidden_states), weight)
+
+
+def _add_at_image_tokens(embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Add the (B, g*g, H) pixel features to the embeddings of the image tokens (from `IMAGE_START`)."""
+    stop = IMAGE_START + features.shape[1]
+    if embeds.shape[0] != features.shape[0] or embeds.shape[1] < stop:
+        raise ValueError(
+            f"pixel features {tuple(features.shape)} do not fit input embeddings {tuple(embeds.shape)}: "
+            f"the image tokens must sit at positions {IMAGE_START}..{stop - 1}"
+        )
+    return torch.cat([embeds[:, :IMAGE_START], embeds[:, IMAGE_START:stop] + features, embeds[:, stop:]], 1)
 
 
 def _cache_length(past_key_values: Any) -> int:
