@@ -293,3 +293,31 @@ def test_expected_patch_decides_on_pixels_not_on_the_single_likeliest_code() -> 
     scores[1, 10:14] = torch.tensor([0.9, 0.0, 0.05, 0.05]).log()  # clearly empty stays empty
     assert scores[0].argmax().item() == 10
     assert choose(scores).tolist() == [12, 10]  # the code nearest the expected patch
+
+
+@pytest.mark.parametrize("speculative", [True, False])
+def test_cached_decoding_with_fixed_text_positions_agrees_with_the_training_layout(speculative):
+    """With text_slots the decoding path shifts the RoPE positions after the text exactly as training does."""
+    torch.manual_seed(0)
+    config = DecoderConfig(**{**tiny_decoder().config.to_dict(), "text_slots": 8})
+    decoder = MRISDecoder(config).eval()
+    with torch.no_grad():
+        decoder.llama.lm_head.weight.normal_(std=1.0)
+        for head in decoder.nktp_heads:  # heads that guess differently from lm_head: some drafts rejected
+            head.linear.weight.normal_(std=0.5)
+    force_decision(decoder, SOV)
+    for order, scales in (("raster", RASTER), ("scale", SCALES)):
+        steps = list(autoregressive_infer(decoder, LAYOUT, PREFIX, order, scales, speculative=speculative))
+        codes = steps[-1].codes
+        codes = [codes[0]] if order == "raster" else [c[0] for c in codes]
+        seq = build_training_sequence(LAYOUT, IMAGE, TEXT, 2, order, codes, scales, text_slots=8)
+        batch = collate([seq])
+        with torch.no_grad():
+            shifted = decoder(
+                batch["input_ids"], batch["scale_ids"], batch["attention_mask"], position_ids=batch["position_ids"]
+            ).logits[0]
+            plain = decoder(batch["input_ids"], batch["scale_ids"], batch["attention_mask"]).logits[0]
+        legal = mask_code_tokens(LAYOUT, order)
+        predicted = legal(None, shifted[seq.mask_positions]).argmax(-1)
+        assert torch.equal(predicted, seq.labels[seq.mask_positions]), order
+        assert not torch.allclose(shifted[seq.mask_positions], plain[seq.mask_positions])  # the shift matters

@@ -170,3 +170,23 @@ def test_collate_pads_and_builds_the_block_causal_mask():
     assert not allowed[1, :14, 14:].any()
     assert torch.equal(allowed[1, :14, :14], causal[:14, :14])
     assert allowed.any(dim=-1).all()
+
+
+def test_text_slots_put_the_mask_at_the_same_positions_for_any_prompt_length():
+    mask = torch.tensor([1, 0, 2, 3])
+    short = build_training_sequence(LAYOUT, IMAGE, [3], 2, "raster", [mask], (2,), text_slots=6)
+    long = build_training_sequence(LAYOUT, IMAGE, [3, 4, 5, 6], 2, "raster", [mask], (2,), text_slots=6)
+    for seq, n_text in ((short, 1), (long, 4)):
+        n = 5 + 4 + 1 + n_text  # the prefix
+        assert torch.equal(seq.position_ids[:n], torch.arange(n))  # image and text keep plain positions
+        assert int(seq.position_ids[n]) == 5 + 4 + 1 + 6  # [SOV] always right after the 6 text slots
+    assert torch.equal(short.position_ids[-4:], long.position_ids[-4:])
+    plain = build_training_sequence(LAYOUT, IMAGE, [3], 2, "raster", [mask], (2,))
+    assert torch.equal(plain.position_ids, torch.arange(len(plain)))
+    rejected = build_training_sequence(LAYOUT, IMAGE, [3], 2, "raster", None, (2,), text_slots=6)
+    assert rejected.position_ids.tolist()[-2:] == [16, 17]
+    batch = collate([short, long])
+    assert torch.equal(batch["position_ids"][1, : len(long)], long.position_ids)
+    assert batch["position_ids"][0, len(short) :].min() > short.position_ids.max()  # padding, past the end
+    with pytest.raises(ValueError, match="do not fit"):
+        build_training_sequence(LAYOUT, IMAGE, [3] * 7, 2, "raster", [mask], (2,), text_slots=6)

@@ -31,6 +31,7 @@ class DecoderRecipe:
     dropout: float = 0.1
     nktp_k: int = 16
     pixel_channels: list[int] = field(default_factory=list)  # pixel stem stages (pixel_stem.py); [] = tokens only
+    text_slots: int = 0  # fixed RoPE positions for the text (sequence.position_shift); 0 = plain positions
 
 
 @dataclass

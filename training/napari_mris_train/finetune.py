@@ -73,7 +73,15 @@ def attach_lora(decoder, rank: int, alpha: int, targets: list[str] | None, dropo
 
 
 def adaptation_mixers(
-    tokenizers, layout, dataset, replay_data, replay_fraction: float, batch_size: int, seed: int, progress: bool
+    tokenizers,
+    layout,
+    dataset,
+    replay_data,
+    replay_fraction: float,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+    text_slots: int = 0,
 ) -> list[tuple[SequenceMixer, int]]:
     """(mixer, examples per batch) pairs: the new data taught as given, plus replay with the full mix."""
     size = int(tokenizers.image.image_size)
@@ -83,11 +91,14 @@ def adaptation_mixers(
     )
     own_data = encode_split(open_dataset(dataset), tokenizers, size, progress=progress)
     n_replay = min(round(batch_size * replay_fraction), batch_size - 1) if replay_data is not None else 0
-    mixers = [(SequenceMixer(own_data, tokenizers, layout, as_given), batch_size - n_replay)]
+    mixers = [(SequenceMixer(own_data, tokenizers, layout, as_given, text_slots), batch_size - n_replay)]
     if n_replay:
         replay_split = encode_split(open_dataset(replay_data), tokenizers, size, progress=progress)
         mixers.append(
-            (SequenceMixer(replay_split, tokenizers, layout, TrainRecipe(orders=orders, seed=seed + 1)), n_replay)
+            (
+                SequenceMixer(replay_split, tokenizers, layout, TrainRecipe(orders=orders, seed=seed + 1), text_slots),
+                n_replay,
+            )
         )
     return mixers
 
@@ -119,7 +130,9 @@ def train_adapter(
     torch_device = resolve_device(device)
     tokenizers = load_tokenizers(model_dir)
     decoder, layout = load_decoder(model_dir)
-    mixers = adaptation_mixers(tokenizers, layout, dataset, replay_data, replay_fraction, batch_size, seed, progress)
+    mixers = adaptation_mixers(
+        tokenizers, layout, dataset, replay_data, replay_fraction, batch_size, seed, progress, decoder.config.text_slots
+    )
     attach_lora(decoder, rank, alpha, targets).to(torch_device).train()
     params = [p for p in decoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -130,7 +143,11 @@ def train_adapter(
         samples = [s for mixer, n in mixers if n > 0 for s in mixer.batch(step, n)]
         batch = to_device(collate([s.sequence for s in samples]), torch_device)
         output = decoder(
-            batch["input_ids"], batch["scale_ids"], batch["attention_mask"], pixel_values=batch.get("pixel_values")
+            batch["input_ids"],
+            batch["scale_ids"],
+            batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            pixel_values=batch.get("pixel_values"),
         )
         loss = compute_losses(decoder, output, batch, [s.sequence.order for s in samples], layout, losses)["loss"]
         if not torch.isfinite(loss):

@@ -43,7 +43,9 @@ class Sample:
 
 
 class SequenceMixer:
-    def __init__(self, data: EncodedSplit, tokenizers, layout: VocabLayout, recipe: TrainRecipe) -> None:
+    def __init__(
+        self, data: EncodedSplit, tokenizers, layout: VocabLayout, recipe: TrainRecipe, text_slots: int = 0
+    ) -> None:
         missing = [o for o in recipe.orders if o not in layout.orders or o not in tokenizers.masks]
         if missing:
             raise ConfigError(f"train.orders asks for {missing}, but the model directory has only {layout.orders}")
@@ -51,6 +53,7 @@ class SequenceMixer:
             raise ConfigError("the training split is empty")
         self.data, self.tokenizers, self.layout, self.recipe = data, tokenizers, layout, recipe
         self.orders = tuple(recipe.orders)
+        self.text_slots = text_slots  # the decoder's fixed text positions (sequence.position_shift)
         self.grid = int(tokenizers.image.grid)
         self._permutations: dict[int, np.ndarray] = {}
 
@@ -103,6 +106,7 @@ class SequenceMixer:
             codes,
             self.tokenizers.masks[order].scales,
             pixels=self.pixels(index, flip),
+            text_slots=self.text_slots,
         )
         key = sample_key(index, order, flip, kind, text)
         return Sample(sequence, key, kind, text, index, self.lesion_fraction(mask))

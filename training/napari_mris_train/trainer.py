@@ -41,7 +41,7 @@ from napari_mris_train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from napari_mris_train.config import Recipe, load_recipe
+from napari_mris_train.config import ConfigError, Recipe, load_recipe
 from napari_mris_train.data import concat_splits, load_split
 from napari_mris_train.encode_cache import cached_encoding
 from napari_mris_train.evaluate import evaluate_split
@@ -81,9 +81,12 @@ def max_sequence_length(tokenizers) -> int:
 
 def build_decoder(recipe: Recipe, tokenizers, layout: VocabLayout) -> MRISDecoder:
     scale = tokenizers.masks.get("scale")
+    slots, max_text = recipe.decoder.text_slots, tokenizers.text.max_length
+    if 0 < slots < max_text:
+        raise ConfigError(f"decoder.text_slots {slots} is shorter than the text tokenizer's max_length {max_text}")
     config = DecoderConfig(
         vocab_size=layout.vocab_size,
-        max_position_embeddings=max_sequence_length(tokenizers),
+        max_position_embeddings=max_sequence_length(tokenizers) + max(0, slots - max_text),
         n_scales=len(scale.scales) if scale is not None else 0,
         **asdict(recipe.decoder),
     )
@@ -187,7 +190,7 @@ def setup(
     memory = HETMemory(cfg.losses.het_memory, cfg.losses.het_max_keys) if cfg.losses.het else None
     step, best = restore(last, recipe, decoder, optimizer, memory) if resume else (0, -1.0)
     model, optimizer = accelerator.prepare(decoder, optimizer)
-    mixer = SequenceMixer(data, tokenizers, layout, cfg)
+    mixer = SequenceMixer(data, tokenizers, layout, cfg, recipe.decoder.text_slots)
     return Run(recipe, run_dir, accelerator, tokenizers, layout, model, optimizer, mixer, memory, val_split, step, best)
 
 
@@ -206,7 +209,11 @@ def train_step(run: Run) -> dict[str, Any]:
     run.model.train()
     with acc.autocast():
         output = run.model(
-            batch["input_ids"], batch["scale_ids"], batch["attention_mask"], pixel_values=batch.get("pixel_values")
+            batch["input_ids"],
+            batch["scale_ids"],
+            batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            pixel_values=batch.get("pixel_values"),
         )
         orders, keys = [s.sequence.order for s in samples], [s.key for s in samples]
         terms = compute_losses(

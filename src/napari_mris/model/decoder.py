@@ -64,6 +64,7 @@ class DecoderConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     pixel_channels: list[int] = field(default_factory=list)  # stride-2 stages of the pixel stem; [] = none
+    text_slots: int = 0  # RoPE positions given to the text whatever its length (sequence.position_shift); 0 = plain
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:

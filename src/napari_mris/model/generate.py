@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from transformers import LogitsProcessor
 
 from napari_mris.model.decoder import MRISDecoder
-from napari_mris.model.sequence import check_scales, mask_header, scale_slots
+from napari_mris.model.sequence import check_scales, count_text_tokens, mask_header, position_shift, scale_slots
 from napari_mris.model.vocab import REJ, SOV, VocabLayout
 
 
@@ -147,6 +147,8 @@ def autoregressive_infer(
         # 2. The forced header, for every row of the batch (samples or beams share the cached prefix).
         batch = beam if beam > 1 else samples
         cache = out.past_key_values
+        shift = position_shift(count_text_tokens(layout, prefix), decoder.config.text_slots)
+        decoder = ShiftedPositions(decoder, shift) if shift else decoder
         if batch > 1:
             cache.batch_repeat_interleave(batch)
         header = torch.tensor(mask_header(layout, order, scales[-1]), device=device).expand(batch, -1)
@@ -180,6 +182,24 @@ def autoregressive_infer(
             if done - last_yield >= every or done == total:
                 last_yield = done
                 yield step(layout.mask_codes(order, ids), done, p_reject)
+
+
+class ShiftedPositions:
+    """The decoder, called with RoPE positions `shift` beyond the cache length (after the text, see
+    `sequence.position_shift`); everything else (config, NkTP heads) is the decoder's own."""
+
+    def __init__(self, decoder: MRISDecoder, shift: int) -> None:
+        self.decoder, self.shift = decoder, shift
+
+    def __call__(self, input_ids: torch.Tensor, *, past_key_values, **kwargs):
+        start = past_key_values.get_seq_length() + self.shift
+        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        return self.decoder(
+            input_ids, past_key_values=past_key_values, position_ids=positions.expand(input_ids.shape[0], -1), **kwargs
+        )
+
+    def __getattr__(self, name: str):
+        return getattr(self.decoder, name)
 
 
 @contextmanager

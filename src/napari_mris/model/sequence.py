@@ -3,6 +3,10 @@
     [BOS] [SOV] [Gg] [Gg] [SOT] image(g*g) [EOV] text... [SOV] [ORDER] [Gm] [Gm] [SOT] mask... [EOV] [EOS]
     [BOS] [SOV] [Gg] [Gg] [SOT] image(g*g) [EOV] text... [REJ] [EOS]                       (target absent)
 
+RoPE positions: with `text_slots` > 0 (the decoder's setting) the text is given that many positions
+whatever its length, so the decision, header and mask tokens always sit at the same positions and every
+mask cell is a fixed distance from its image cell (`position_shift`); 0 keeps plain positions 0..T-1.
+
 `labels[t]` is the target of the output at position t (already shifted: do not shift again), -100 where
 there is no loss. Raster order is plain next-token prediction. Next-scale order is not: the `[SOT]` output
 predicts scale 1, and scale k >= 2 is predicted in one step from s_k*s_k input *slots* holding scale k-1's
@@ -36,6 +40,7 @@ class TrainingSequence:
     mask_positions: torch.Tensor  # positions whose label is a mask code, in target order (empty when rejected)
     order: str
     pixels: torch.Tensor | None = None  # (1, S, S) preprocessed slice, for a decoder with a pixel stem
+    position_ids: torch.Tensor | None = None  # RoPE positions (None = 0..T-1)
 
     def __len__(self) -> int:
         return int(self.input_ids.numel())
@@ -58,6 +63,26 @@ def prefix_ids(
     head = torch.tensor([BOS, SOV, g, g, SOT], dtype=torch.long)
     tail = torch.tensor([EOV], dtype=torch.long)
     return torch.cat([head, layout.image_ids(image_codes), tail, layout.text_ids(text)])
+
+
+def position_shift(n_text: int, text_slots: int) -> int:
+    """How far the tokens after an `n_text`-token text move along the RoPE positions (0 when text_slots is 0).
+
+    Why: a mask token must find the image token of its own cell. With plain positions their distance
+    changes with the prompt's length, and rotary attention cannot learn a fixed "look g*g + c back"; with a
+    fixed number of text positions the distance is the same in every sequence.
+    """
+    if text_slots <= 0:
+        return 0
+    if n_text > text_slots:
+        raise ValueError(f"{n_text} text tokens do not fit the decoder's {text_slots} text positions")
+    return text_slots - n_text
+
+
+def count_text_tokens(layout: VocabLayout, prefix: torch.Tensor) -> int:
+    """The number of text tokens in a prefix built by `prefix_ids`."""
+    start = layout.text_start
+    return int(((prefix >= start) & (prefix < start + layout.n_text)).sum())
 
 
 def mask_header(layout: VocabLayout, order: str, grid: int) -> list[int]:
@@ -114,15 +139,24 @@ def build_training_sequence(
     mask_codes: Sequence[torch.Tensor] | torch.Tensor | None,
     scales: Sequence[int],
     pixels: torch.Tensor | None = None,
+    text_slots: int = 0,
 ) -> TrainingSequence:
     """One training example; `mask_codes=None` builds the `[REJ]` form (target absent).
 
-    `pixels` (1, S, S) travels with the sequence for a decoder with a pixel stem.
+    `pixels` (1, S, S) travels with the sequence for a decoder with a pixel stem; `text_slots` is the
+    decoder's fixed number of text positions (see `position_shift`).
     """
     layout.order_token(order)  # fails early on an order this model lacks
     scales = check_scales(order, scales)
     prefix = prefix_ids(layout, image_codes, text_ids, image_grid)
     n = prefix.numel()
+    shift = position_shift(len(torch.as_tensor(text_ids).reshape(-1)), text_slots)
+
+    def positions(length: int) -> torch.Tensor:
+        ids = torch.arange(length)
+        ids[n:] += shift
+        return ids
+
     if mask_codes is None:
         input_ids = torch.cat([prefix, torch.tensor([REJ, EOS])])
         labels = torch.full_like(input_ids, IGNORE)
@@ -135,6 +169,7 @@ def build_training_sequence(
             torch.empty(0, dtype=torch.long),
             order,
             pixels,
+            positions(len(input_ids)),
         )
 
     codes = _mask_code_list(order, mask_codes, scales)
@@ -169,7 +204,9 @@ def build_training_sequence(
             start = stop
         mask_positions = torch.arange(sot, len(input_ids))
     labels[n - 1] = SOV  # the presence decision, at the last text position
-    return TrainingSequence(input_ids, labels, scale_ids, block_ids, mask_positions, order, pixels)
+    return TrainingSequence(
+        input_ids, labels, scale_ids, block_ids, mask_positions, order, pixels, positions(len(input_ids))
+    )
 
 
 def block_causal_allowed(block_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -204,12 +241,16 @@ def collate(sequences: Sequence[TrainingSequence]) -> dict[str, torch.Tensor | l
     input_ids = torch.full((batch, length), PAD, dtype=torch.long)
     labels = torch.full((batch, length), IGNORE, dtype=torch.long)
     scale_ids = torch.zeros((batch, length), dtype=torch.long)
+    position_ids = torch.arange(length).repeat(batch, 1)
     attention = torch.empty((batch, 1, length, length), dtype=torch.float32)
     for b, seq in enumerate(sequences):
         t = len(seq)
         input_ids[b, :t] = seq.input_ids
         labels[b, :t] = seq.labels
         scale_ids[b, :t] = seq.scale_ids
+        if seq.position_ids is not None:
+            position_ids[b, :t] = seq.position_ids
+            position_ids[b, t:] = seq.position_ids[-1] + 1 + torch.arange(length - t)  # padding: never attended
         block_ids = torch.arange(length)
         block_ids[:t] = seq.block_ids
         valid = torch.arange(length) < t
@@ -218,6 +259,7 @@ def collate(sequences: Sequence[TrainingSequence]) -> dict[str, torch.Tensor | l
         "input_ids": input_ids,
         "labels": labels,
         "scale_ids": scale_ids,
+        "position_ids": position_ids,
         "attention_mask": attention,
         "sample_positions": [seq.mask_positions.clone() for seq in sequences],
     }
