@@ -239,3 +239,13 @@ def test_export_writes_the_last_weights_and_nothing_else(tiny_model_dir, tmp_pat
     )
     assert read_config(out)["model_id"] == "x-v1" and read_config(out)["trained_steps"] > 0
     assert main(["export", "--run", str(tmp_path / "missing"), "--out", str(out), "--model-id", "x"]) == 1
+    # the preferred decoding order travels with the model and is what the pipeline uses unasked
+    from napari_mris.pipeline import MRISPipeline
+
+    assert MRISPipeline.from_pretrained(out).default_order == "scale"
+    args = ["export", "--run", str(tiny_model_dir), "--out", str(out), "--model-id", "x-v1"]
+    assert main([*args, "--default-order", "raster"]) == 0
+    pipeline = MRISPipeline.from_pretrained(out)
+    assert pipeline.default_order == "raster" and pipeline.settings().order == "raster"
+    assert pipeline.settings(order="scale").order == "scale"
+

@@ -60,6 +60,17 @@ def run(qtbot, widget: MRISWidget) -> None:
     qtbot.waitUntil(lambda: not widget.is_running, timeout=WAIT_MS)
 
 
+def test_widget_selects_the_model_s_preferred_order(viewer, tmp_path) -> None:
+    (tmp_path / "config.json").write_text('{"default_order": "raster"}')
+    widget = MRISWidget(viewer)
+    widget.order_combo.setCurrentIndex(widget.order_combo.findData("scale"))
+    widget.set_model(tmp_path)
+    assert widget.order_combo.currentData() == "raster"
+    widget.order_combo.setCurrentIndex(widget.order_combo.findData("scale"))
+    widget._show_model()  # refreshing the model line (as after loading) keeps the user's choice
+    assert widget.order_combo.currentData() == "scale"
+
+
 def test_segment_button_needs_an_image_and_a_prompt(viewer) -> None:
     widget = make_widget(viewer, prompt="")
     assert not widget.segment_button.isEnabled()

@@ -13,6 +13,7 @@ user painted for another finding. Stop keeps what was drawn so far (as one undo 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -109,6 +110,7 @@ class MRISWidget(QWidget):
         self._connect()
         self.refresh_layers()
         self._show_model()
+        self._use_model_default_order()
 
     # ------------------------------------------------------------------ layout
 
@@ -265,6 +267,12 @@ class MRISWidget(QWidget):
         self.adapter_combo.setCurrentIndex(max(index, 0))
         self.adapter_combo.blockSignals(False)
 
+    def _use_model_default_order(self) -> None:
+        """Select the model's preferred order, when a model is chosen (never over a choice made since)."""
+        order = _default_order(self.model)
+        if order is not None:
+            self.order_combo.setCurrentIndex(max(self.order_combo.findData(order), 0))
+
     # ------------------------------------------------------------------ model choice
 
     def set_model(self, model: str | Path, adapter: str | None = None) -> None:
@@ -274,6 +282,7 @@ class MRISWidget(QWidget):
             return
         self.model, self.adapter, self._pipeline = model, adapter, None
         self._show_model()
+        self._use_model_default_order()
 
     def set_pipeline(self, pipeline: MRISPipeline) -> None:
         """Use a pipeline that is already loaded (scripts, notebooks, tests) instead of loading `self.model`."""
@@ -282,6 +291,7 @@ class MRISWidget(QWidget):
             return
         self.model, self.adapter, self._pipeline = pipeline.model_dir, pipeline.adapter, pipeline
         self._show_model()
+        self._use_model_default_order()
 
     @property
     def pipeline(self) -> MRISPipeline | None:
@@ -724,6 +734,15 @@ def _window(image: Image, plane: tuple[int, ...]) -> tuple[float, float] | None:
     if isinstance(source, Slice):
         return source.window
     return None
+
+
+def _default_order(model: str | Path) -> str | None:
+    """The model's `default_order` from its config.json, read without loading torch (None if unset)."""
+    path = (DEFAULT_MODEL_DIR if str(model) == "default" else Path(model)) / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("default_order")
+    except (OSError, ValueError, AttributeError):
+        return None  # a missing or broken config is reported when the model loads
 
 
 def _adapters(model: str | Path) -> list[str]:

@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     _model_options(predict)
-    predict.add_argument("--order", choices=("scale", "raster"), default="scale", help="coarse-to-fine or raster")
+    predict.add_argument(
+        "--order", choices=("scale", "raster"), help="coarse-to-fine or raster (default: the model's default_order)"
+    )
     predict.add_argument("--samples", type=int, default=1, help="N > 1: consensus of N sampled masks")
     predict.add_argument("--beam", type=int, default=1, help="beam width (raster order only)")
     predict.set_defaults(run=run_predict)

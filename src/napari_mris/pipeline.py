@@ -186,6 +186,15 @@ class MRISPipeline:
         return tuple(order for order in self.layout.orders if order in self.tokenizers.masks)
 
     @property
+    def default_order(self) -> str:
+        """The order the model decodes best (config.json `default_order`, written by training's export),
+        else coarse-to-fine when the model has it."""
+        preferred = self.config.get("default_order")
+        if preferred in self.orders:
+            return preferred
+        return "scale" if "scale" in self.orders else self.orders[0]
+
+    @property
     def image_size(self) -> int:
         return int(self.tokenizers.image.image_size)
 
@@ -207,14 +216,16 @@ class MRISPipeline:
 
     def settings(
         self,
-        order: str = "scale",
+        order: str | None = None,
         samples: int = 1,
         temperature: float = 0.0,
         beam: int = 1,
         top_k: int | None = None,
         seed: int | None = None,
     ) -> DecodingSettings:
-        """Validate decoding options against this model; samples > 1 implies sampling."""
+        """Validate decoding options against this model (order None = its `default_order`); samples > 1
+        implies sampling."""
+        order = order or self.default_order
         if order not in self.orders:
             names = ", ".join(f"{o} ({ORDER_LABELS.get(o, o)})" for o in self.orders)
             raise MRISError(f"This model cannot decode in {order!r} order; it has: {names}")
@@ -236,7 +247,7 @@ class MRISPipeline:
         self,
         image: np.ndarray,
         prompt: str,
-        order: str = "scale",
+        order: str | None = None,
         samples: int = 1,
         temperature: float = 0.0,
         beam: int = 1,

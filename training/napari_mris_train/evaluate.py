@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
 
 def evaluate_command(args: argparse.Namespace) -> int:
     pipeline = MRISPipeline.from_pretrained(args.model, device=args.device, adapter=args.adapter)
-    order = args.order or ("scale" if "scale" in pipeline.orders else pipeline.orders[0])
+    order = args.order or pipeline.default_order
     split = open_split(args.data)
     report = evaluate_split(
         pipeline,
