@@ -222,7 +222,9 @@ def test_export_png_nifti_and_sidecar(viewer, image_layer, qtbot, tmp_path) -> N
     content = json.loads(sidecar.read_text())
     (segment,) = content["segments"]
     assert segment["label"] == 1 and segment["prompt"] == "lower left lung" and segment["pixels"] == mask.sum()
-    assert segment["model_hash"] == "0123456789abcdef" and segment["settings"]["order"] == "scale"
+    assert (
+        segment["model_hash"] == "0123456789abcdef" and segment["settings"]["order"] == widget.order_combo.currentData()
+    )
     assert content["image"]["spacing"] == [0.7, 0.7] and "napari-mris" in content["software"]
     nifti, _ = widget.export_to(tmp_path / "mask.nii.gz")
     volume = sitk.ReadImage(str(nifti))
