@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from _tiny_decoder import TINY_LAYOUT, one_torch_thread, tiny_decoder_config  # noqa: F401
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 
 from napari_mris.errors import ModelDirectoryError
 from napari_mris.model import modeldir
 from napari_mris.model.decoder import (
-    DecoderConfig,
     MRISDecoder,
     load_decoder,
     lora_target_modules,
@@ -20,40 +20,14 @@ from napari_mris.model.decoder import (
     save_decoder,
 )
 from napari_mris.model.sequence import build_training_sequence, collate
-from napari_mris.model.vocab import VocabLayout
 
-LAYOUT = VocabLayout(n_text=12, n_image=8, n_mask={"raster": 6, "scale": 6})
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models decode fastest on one thread; two threads fight the other processes on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_config(**overrides) -> DecoderConfig:
-    settings = dict(
-        vocab_size=LAYOUT.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        dropout=0.0,
-        nktp_k=4,
-        n_scales=3,
-    )
-    settings.update(overrides)
-    return DecoderConfig(**settings)
+LAYOUT = TINY_LAYOUT
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_decoder(seed: int = 0, **overrides) -> MRISDecoder:
     torch.manual_seed(seed)
-    return MRISDecoder(tiny_config(**overrides)).eval()
+    return MRISDecoder(tiny_decoder_config(**overrides)).eval()
 
 
 def scale_batch(last_scale_codes: torch.Tensor):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _tiny_decoder import TINY_LAYOUT, one_torch_thread, tiny_decoder_config  # noqa: F401
 
 from napari_mris.model.decoder import DecoderConfig, MRISDecoder
 from napari_mris.model.generate import (
@@ -17,7 +18,8 @@ from napari_mris.model.generate import (
 from napari_mris.model.sequence import build_training_sequence, collate, mask_header, prefix_ids
 from napari_mris.model.vocab import REJ, SOV, VocabLayout
 
-LAYOUT = VocabLayout(n_text=12, n_image=8, n_mask={"raster": 6, "scale": 6})
+LAYOUT = TINY_LAYOUT
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 RASTER = (4,)
 SCALES = (1, 2, 4)
 IMAGE = torch.tensor([1, 5, 2, 7])
@@ -26,18 +28,7 @@ TEXT = [3, 9, 4]
 
 def tiny_decoder(seed: int = 0, nktp_k: int = 4) -> MRISDecoder:
     torch.manual_seed(seed)
-    config = DecoderConfig(
-        vocab_size=LAYOUT.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        dropout=0.0,
-        nktp_k=nktp_k,
-        n_scales=len(SCALES),
-    )
+    config = tiny_decoder_config(nktp_k=nktp_k, n_scales=len(SCALES))
     decoder = MRISDecoder(config).eval()
     with torch.no_grad():  # a livelier random model than the 0.02 init: more varied greedy sequences
         decoder.llama.lm_head.weight.normal_(std=1.0)
@@ -54,15 +45,6 @@ def force_decision(decoder: MRISDecoder, token: int) -> None:
 
 
 PREFIX = prefix_ids(LAYOUT, IMAGE, TEXT, 2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models decode fastest on one thread; two threads fight the other processes on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def final(decoder, order, scales=None, **kwargs):

@@ -5,44 +5,26 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tiny_decoder import TINY_LAYOUT, one_torch_thread, tiny_decoder_config  # noqa: F401
 
 from napari_mris.model.decoder import DecoderConfig, MRISDecoder, load_decoder, save_decoder
 from napari_mris.model.generate import autoregressive_infer, mask_code_tokens
 from napari_mris.model.pixel_stem import PixelStem
 from napari_mris.model.sequence import IMAGE_START, build_training_sequence, collate, prefix_ids
-from napari_mris.model.vocab import SOV, VocabLayout
+from napari_mris.model.vocab import SOV
 
-LAYOUT = VocabLayout(n_text=12, n_image=8, n_mask={"raster": 6, "scale": 6})
+LAYOUT = TINY_LAYOUT
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 IMAGE = torch.tensor([1, 5, 2, 7])  # a 2x2 image grid
 TEXT = [3, 9, 4]
 PREFIX = prefix_ids(LAYOUT, IMAGE, TEXT, 2)
 SCALES = (1, 2, 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def stem_decoder(seed: int = 0, channels=(4, 8, 8)) -> MRISDecoder:
     """16 px slices -> three stride-2 stages -> the 2x2 image grid."""
     torch.manual_seed(seed)
-    config = DecoderConfig(
-        vocab_size=LAYOUT.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        dropout=0.0,
-        nktp_k=4,
-        n_scales=len(SCALES),
-        pixel_channels=list(channels),
-    )
+    config = tiny_decoder_config(n_scales=len(SCALES), pixel_channels=list(channels))
     decoder = MRISDecoder(config).eval()
     with torch.no_grad():  # large features, so that pixels visibly change the output of a random model
         decoder.pixel_stem.proj.weight.normal_(std=1.0)
