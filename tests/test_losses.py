@@ -6,7 +6,10 @@ import math
 
 import pytest
 import torch
+from _tiny_decoder import TINY_LAYOUT, tiny_decoder_config
 
+from napari_mris.model.decoder import MRISDecoder
+from napari_mris.model.sequence import build_training_sequence, collate
 from napari_mris.model.vocab import REJ, SOV, VocabLayout
 from napari_mris_train.het_memory import HETMemory, sample_key
 from napari_mris_train.losses import (
@@ -176,3 +179,32 @@ def test_compute_losses_restricts_the_softmax_to_legal_tokens():
         tcl.append(-math.log(p_ct))
     assert terms["tcl"].item() == pytest.approx(sum(tcl) / 2, rel=1e-5)
     assert terms["loss"].item() == pytest.approx(terms["ntp"].item() + 0.5 * terms["tcl"].item(), rel=1e-6)
+
+
+def test_losses_from_hidden_states_equal_losses_from_full_logits():
+    """Training skips the full logits (compute_logits=False): every term and gradient must be unchanged."""
+    torch.manual_seed(0)
+    decoder = MRISDecoder(tiny_decoder_config(nktp_k=3)).eval()
+    seqs = [
+        build_training_sequence(
+            TINY_LAYOUT, torch.arange(4), [3, 4, 5], 2, "raster", [torch.tensor([1, 0, 5, 2])], (2,)
+        ),
+        build_training_sequence(
+            TINY_LAYOUT, torch.arange(4), [6], 2, "scale", [torch.tensor([2]), torch.tensor([0, 1, 2, 3])], (1, 2)
+        ),
+    ]
+    batch = collate(seqs)
+    cfg = LossConfig(tcl=True, tcl_negatives=2, nktp=True, het=False)
+
+    def terms_and_grad(compute_logits: bool):
+        decoder.zero_grad()
+        out = decoder(batch["input_ids"], batch["scale_ids"], batch["attention_mask"], compute_logits=compute_logits)
+        assert (out.logits is None) != compute_logits
+        terms = compute_losses(decoder, out, batch, ["raster", "scale"], TINY_LAYOUT, cfg)
+        terms["loss"].backward()
+        return {k: v.item() for k, v in terms.items()}, decoder.lm_head.weight.grad.clone()
+
+    full, grad_full = terms_and_grad(True)
+    sliced, grad_sliced = terms_and_grad(False)
+    assert sliced == pytest.approx(full, rel=1e-5) and full["loss"] > 0
+    torch.testing.assert_close(grad_sliced, grad_full)

@@ -172,6 +172,20 @@ def decision_logits(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(is_decision[:, None], restricted, z), is_decision
 
 
+def logits_at(decoder, output, rows: Tensor, positions: Tensor, vocab: tuple[int, int] | None = None) -> Tensor:
+    """Logits (N, V) at (rows, positions) over the ids `vocab` = [start, stop) (all ids when None).
+
+    Sliced from `output.logits` when the decoder computed them; otherwise projected from the hidden states
+    of these positions only. Training asks for the latter: the losses read the mask codes and decisions,
+    a fraction of the positions and of the vocabulary, and the full [B, Q, V] logits of the rest would cost
+    more than the transformer itself once the mask codebooks are large.
+    """
+    ids = slice(None) if vocab is None else slice(*vocab)
+    if output.logits is not None:
+        return output.logits[rows, positions, ids]
+    return F.linear(output.hidden_states[rows, positions], decoder.lm_head.weight[ids])
+
+
 def compute_losses(
     decoder,
     output,
@@ -189,9 +203,9 @@ def compute_losses(
     `orders[b]` is the decoding order of example b; `sample_keys[b]` its stable id for the HET memory.
     The memory is read before and updated after the loss, so HET only uses mistakes of earlier steps.
     """
-    logits, hidden = output.logits, output.hidden_states
+    hidden = output.hidden_states
     per_token, weights = [], []
-    zero = logits.sum() * 0.0
+    zero = hidden.sum() * 0.0
     terms = {"tcl": zero, "nktp": zero, "het": zero}
     n_mask = 0
     for order in layout.orders:
@@ -199,7 +213,7 @@ def compute_losses(
         if targets is None:
             continue
         start, stop = layout.mask_range(order)
-        z = logits[targets.rows, targets.positions, start:stop].float()
+        z = logits_at(decoder, output, targets.rows, targets.positions, (start, stop)).float()
         per_token.append(focal_loss(z, targets.codes, cfg.focal_alpha, cfg.focal_gamma))
         weights.append(torch.ones_like(per_token[-1]))
         share = targets.codes.numel()
@@ -214,7 +228,7 @@ def compute_losses(
             terms["het"] = terms["het"] + share * het_term(z, targets, sample_keys, memory, cfg, het_active)
     rows, positions, other = other_targets(batch, layout)
     if other.numel():
-        z_other, is_decision = decision_logits(logits[rows, positions], other)
+        z_other, is_decision = decision_logits(logits_at(decoder, output, rows, positions), other)
         per_token.append(focal_loss(z_other, other, cfg.focal_alpha, cfg.focal_gamma))
         weights.append(torch.where(is_decision, cfg.decision_weight, 1.0))
     per_token, weights = torch.cat(per_token), torch.cat(weights)

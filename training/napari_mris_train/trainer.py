@@ -214,6 +214,7 @@ def train_step(run: Run) -> dict[str, Any]:
             batch["attention_mask"],
             position_ids=batch["position_ids"],
             pixel_values=batch.get("pixel_values"),
+            compute_logits=False,  # the losses project only the positions they read (losses.logits_at)
         )
         orders, keys = [s.sequence.order for s in samples], [s.key for s in samples]
         terms = compute_losses(

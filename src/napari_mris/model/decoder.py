@@ -113,7 +113,7 @@ class DecoderConfig:
 
 @dataclass
 class DecoderOutput:
-    logits: torch.Tensor  # [B, Q, V] (or the last `logits_to_keep` positions)
+    logits: torch.Tensor | None  # [B, Q, V] (or the last `logits_to_keep` positions); None if not computed
     hidden_states: torch.Tensor  # [B, Q, H], last layer after the final RMSNorm (what lm_head sees)
     past_key_values: Any  # transformers Cache when use_cache, else None
     lesion_logits: torch.Tensor | None = None  # [B, g*g] lesion_head on the pixel features, when computed
@@ -164,12 +164,14 @@ class MRISDecoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         pixel_values: torch.Tensor | None = None,
+        compute_logits: bool = True,
     ) -> DecoderOutput:
         """Logits and final hidden states; `attention_mask` is None (causal) or additive float [B, 1, Q, K].
 
         `pixel_values` (B, 1, S, S), the preprocessed slice, is required by a decoder with a pixel stem on
         every call that starts a sequence (training, or the prefill before the KV cache exists); a decoder
-        without one ignores it.
+        without one ignores it. `compute_logits=False` skips `lm_head`: training projects only the positions
+        and vocabulary slices its losses read.
         """
         llama = self.base_llama()
         embeds = llama.get_input_embeddings()(input_ids)
@@ -198,7 +200,9 @@ class MRISDecoder(nn.Module):
             position_ids=position_ids,
         )
         hidden = out.last_hidden_state
-        logits = llama.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        logits = None
+        if compute_logits:
+            logits = llama.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return DecoderOutput(logits, hidden, out.past_key_values if use_cache else None, lesion_logits)
 
     def _pixel_features(self, pixel_values: torch.Tensor | None, starts_sequence: bool) -> torch.Tensor | None:
