@@ -43,6 +43,17 @@ def test_empty_and_full_patches_have_fixed_codes(fitted) -> None:
     assert raster.decode(raster.encode(empty)).max() == 0 and raster.decode(raster.encode(full)).min() == 1
 
 
+def test_nearest_is_the_exhaustive_search(fitted) -> None:
+    """Encoding skips the search for empty and full patches; the codes must equal a search of every code."""
+    _, pyramid = fitted
+    masks = torch.cat([disks(40, seed=3), torch.zeros(2, 1, 32, 32), torch.ones(2, 1, 32, 32)])
+    for scale in pyramid.scales:
+        patches = pyramid.patches(masks, scale)
+        flat = patches.reshape(-1, patches.shape[-1])
+        exhaustive = torch.cdist(flat, pyramid.codebook).argmin(1).view(patches.shape[:-1])
+        assert torch.equal(pyramid.nearest(patches), exhaustive)
+
+
 def test_round_trip_shapes_determinism_and_quality(fitted) -> None:
     raster, pyramid = fitted
     masks = disks(20, seed=1)  # not the fitting masks

@@ -134,10 +134,18 @@ class PatchMaskTokenizer(nn.Module):
         return F.unfold(resized, kernel_size=self.config.patch, stride=self.config.patch).transpose(1, 2)
 
     def nearest(self, patches: torch.Tensor) -> torch.Tensor:
-        """Index of the closest codebook patch (squared distance) for each row of (..., p*p)."""
+        """Index of the closest codebook patch (squared distance) for each row of (..., p*p).
+
+        All-empty and all-full patches (most of a mask) are at distance 0 from codes 0 and 1 and from no
+        fitted centre (those are means of border patches), so only the border patches are searched.
+        """
         flat = patches.reshape(-1, patches.shape[-1])
-        distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codebook.T + self.codebook.pow(2).sum(1)[None]
-        return distances.argmin(1).view(patches.shape[:-1])
+        codes = torch.full((len(flat),), EMPTY, dtype=torch.long, device=flat.device)
+        codes[(flat == 1).all(1)] = FULL
+        border = torch.nonzero((flat != 0).any(1) & (flat != 1).any(1), as_tuple=True)[0]
+        if len(border):
+            codes[border] = _nearest(flat[border], self.codebook)
+        return codes.view(patches.shape[:-1])
 
     @torch.no_grad()
     def encode(self, masks: torch.Tensor) -> list[torch.Tensor]:
