@@ -72,7 +72,11 @@ def test_mixing_builds_every_kind_of_sequence(tiny_data, tmp_path):
     assert torch.equal(again.images, data.images) and data.images.dtype == torch.uint8
     recipe = replace(tiny_recipe().train, absent_fraction=0.3, zone_fraction=0.3, foreign_fraction=0.2)
     mixer = SequenceMixer(data, tokenizers, layout, recipe)
-    samples = [s for step in range(12) for s in mixer.batch(step, 8)]
+    batches = [mixer.batch(step, 8) for step in range(12)]
+    samples = [s for batch in batches for s in batch]
+    # one decoding order per batch (no raster sequence padded to next-scale length), both orders over steps
+    assert all(len({s.sequence.order for s in batch}) == 1 for batch in batches)
+    assert {batch[0].sequence.order for batch in batches} == set(recipe.orders) == {"raster", "scale"}
     kinds = {s.kind for s in samples}
     assert {"full", "zone", "absent"} <= kinds
     for s in samples:  # pixels, mask and lesion target are flipped together (or not at all)
@@ -161,6 +165,57 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
     assert any("val_dice" in r for r in log) and (halves / "model.safetensors").is_file()
     assert {"ntp", "tcl", "nktp", "het", "tokens_per_s"} <= set(log[0])
+
+
+def test_stem_warmup_trains_only_the_stem_and_resume_skips_it(tiny_data, tmp_path, monkeypatch):
+    root, tokenizers_dir = tiny_data
+    recipe = tiny_recipe(steps=2, checkpoint_every=1, warmup_steps=1, stem_warmup_steps=30, stem_warmup_lr=3e-3)
+    init = {}
+    real_warm_up = trainer.warm_up_stem
+
+    def spy(run, progress):
+        init.update({k: v.clone() for k, v in run.accelerator.unwrap_model(run.model).state_dict().items()})
+        real_warm_up(run, progress)
+
+    monkeypatch.setattr(trainer, "warm_up_stem", spy)
+    straight = trainer.train(recipe, root, fresh_model_dir(tokenizers_dir, tmp_path, "a"), progress=False)
+    log = [json.loads(line) for line in (straight / trainer.LOG_NAME).read_text().splitlines()]
+    assert [r["stem_warmup_step"] for r in log if "stem_warmup_step" in r] == [30]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2]
+
+    # the warm-up alone (a run stopped right after it) moved the stem and lesion head and nothing else
+    only = fresh_model_dir(tokenizers_dir, tmp_path, "b")
+    trainer.train(recipe, root, only, stop_after=0, progress=False)
+    warmed = model_state(only)
+    changed = {k for k in warmed if not torch.equal(warmed[k], init[k])}
+    assert changed and all(k.startswith(("pixel_stem.", "lesion_head.")) for k in changed), changed
+
+    # resuming skips the warm-up and ends where the straight run did
+    first = trainer.warm_up_stem
+    calls = []
+    monkeypatch.setattr(trainer, "warm_up_stem", lambda run, progress: calls.append(1) or first(run, progress))
+    trainer.train(recipe, root, only, resume=True, progress=False)
+    assert not calls
+    a, b = model_state(straight), model_state(only)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    run = trainer.setup(recipe, root, fresh_model_dir(tokenizers_dir, tmp_path, "c"), None, False, False)
+    pixels, target = run.mixer.stem_batch(0, 16)
+    assert pixels.shape == (16, 1, 32, 32) and target.shape == (16, 16) and 0 < float(target.max()) <= 1.0
+
+    def lesion_loss(state):
+        run.model.load_state_dict(state)
+        with torch.no_grad():
+            return float(torch.nn.functional.binary_cross_entropy_with_logits(run.model.lesion_logits(pixels), target))
+
+    assert lesion_loss(warmed) < 0.8 * lesion_loss(init)
+
+
+def test_stem_warmup_needs_a_stem(tiny_data, tmp_path):
+    root, tokenizers_dir = tiny_data
+    recipe = tiny_recipe(steps=1, stem_warmup_steps=2)
+    recipe = replace(recipe, decoder=replace(recipe.decoder, pixel_channels=[]))
+    with pytest.raises(trainer.ConfigError, match="pixel stem"):
+        trainer.train(recipe, root, fresh_model_dir(tokenizers_dir, tmp_path), progress=False)
 
 
 def test_nan_loss_stops_and_keeps_good_weights(tiny_data, tmp_path, monkeypatch):

@@ -53,6 +53,8 @@ class TrainRecipe:
     foreign_fraction: float = 0.05  # another image's description whose mask does not overlap -> [REJ]
     flip: bool = True  # horizontal flip with left/right swapped in the text
     seed: int = 0
+    stem_warmup_steps: int = 0  # stem-only steps on the lesion target before the decoder trains (0 = none)
+    stem_warmup_lr: float = 1.0e-3
     losses: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self) -> None:
@@ -63,6 +65,8 @@ class TrainRecipe:
             )
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError(f"train: steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if self.stem_warmup_steps < 0:
+            raise ConfigError(f"train: stem_warmup_steps must be >= 0, got {self.stem_warmup_steps}")
 
 
 @dataclass

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from napari_mris.errors import MRISError
@@ -256,6 +257,42 @@ def train_step(run: Run) -> dict[str, Any]:
     }
 
 
+def warm_up_stem(run: Run, progress: bool) -> None:
+    """Train only the pixel stem and its lesion head on the text-free lesion target, before the decoder.
+
+    Why: the stem's image understanding bounds the masks (docs/results.md), yet in joint training it gets
+    one update per decoder step, and a decoder step (the transformer over ~450-660 tokens) costs several
+    times a stem step. `stem_warmup_steps` cheap stem-only steps first give it many more updates for the
+    same wall clock. The warm-up has its own AdamW (the decoder's optimizer starts fresh afterwards) and
+    a linear warm-up + cosine schedule; a checkpoint is written when it ends, so `--resume` skips it
+    (an interrupted warm-up starts over: it lasts minutes).
+    """
+    cfg = run.recipe.train
+    decoder = run.accelerator.unwrap_model(run.model)
+    if decoder.pixel_stem is None:
+        raise ConfigError("train.stem_warmup_steps needs a pixel stem (decoder.pixel_channels)")
+    params = [*decoder.pixel_stem.parameters(), *decoder.lesion_head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.stem_warmup_lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    steps, warmup = cfg.stem_warmup_steps, max(1, cfg.stem_warmup_steps // 20)
+    decoder.train()
+    for step in tqdm(range(steps), desc="stem warm-up", disable=not progress, mininterval=5):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, cfg.stem_warmup_lr, cfg.min_lr, warmup)
+        pixels, target = run.mixer.stem_batch(step, cfg.batch_size)
+        with run.accelerator.autocast():
+            logits = decoder.lesion_logits(pixels.to(run.accelerator.device))
+        loss = F.binary_cross_entropy_with_logits(logits.float(), target.to(logits.device))
+        if not math.isfinite(float(loss)):
+            raise TrainingDiverged(f"stem warm-up loss became {float(loss)} at step {step + 1}; lower stem_warmup_lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        if run.accelerator.is_main_process and ((step + 1) % 50 == 0 or step + 1 == steps):
+            append_log(run.log_path, {"stem_warmup_step": step + 1, "lesion": float(loss)})
+    save_state(run)
+
+
 def save_state(run: Run) -> None:
     run.accelerator.wait_for_everyone()
     if not run.accelerator.is_main_process:
@@ -286,6 +323,8 @@ def train(
     run = setup(recipe, data_root, out, tag, resume, progress, tuple(extra_train))
     cfg = recipe.train
     end = cfg.steps if stop_after is None else min(cfg.steps, run.step + stop_after)
+    if cfg.stem_warmup_steps and not run.last.exists():  # a checkpoint means the warm-up is behind us
+        warm_up_stem(run, progress)
     bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train {recipe.name}", disable=not progress)
     while run.step < end:
         record = train_step(run)
