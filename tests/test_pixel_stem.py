@@ -10,7 +10,15 @@ from _tiny_decoder import TINY_LAYOUT, one_torch_thread, tiny_decoder_config  # 
 from napari_mris.model.decoder import DecoderConfig, MRISDecoder, load_decoder, save_decoder
 from napari_mris.model.generate import autoregressive_infer, mask_code_tokens
 from napari_mris.model.pixel_stem import PixelStem
-from napari_mris.model.sequence import IMAGE_START, build_training_sequence, collate, prefix_ids
+from napari_mris.model.sequence import (
+    IMAGE_START,
+    build_training_sequence,
+    cell_offset,
+    code_cells,
+    collate,
+    grid_of_cell,
+    prefix_ids,
+)
 from napari_mris.model.vocab import SOV
 
 LAYOUT = TINY_LAYOUT
@@ -21,10 +29,10 @@ PREFIX = prefix_ids(LAYOUT, IMAGE, TEXT, 2)
 SCALES = (1, 2, 4)
 
 
-def stem_decoder(seed: int = 0, channels=(4, 8, 8)) -> MRISDecoder:
+def stem_decoder(seed: int = 0, channels=(4, 8, 8), cell_features: bool = False) -> MRISDecoder:
     """16 px slices -> three stride-2 stages -> the 2x2 image grid."""
     torch.manual_seed(seed)
-    config = tiny_decoder_config(n_scales=len(SCALES), pixel_channels=list(channels))
+    config = tiny_decoder_config(n_scales=len(SCALES), pixel_channels=list(channels), cell_features=cell_features)
     decoder = MRISDecoder(config).eval()
     with torch.no_grad():  # large features, so that pixels visibly change the output of a random model
         decoder.pixel_stem.proj.weight.normal_(std=1.0)
@@ -140,3 +148,85 @@ def test_lesion_target_trains_the_stem_directly():
     off = compute_losses(decoder, output, batch, ["scale"], LAYOUT, LossConfig(het=False, lesion_weight=0.0))
     assert "lesion" not in off
     torch.testing.assert_close(terms["loss"] - off["loss"], 2.0 * terms["lesion"])
+
+
+def test_code_cells_index_one_table_of_every_grid():
+    assert [cell_offset(s) for s in (1, 2, 3, 4)] == [0, 1, 5, 14]
+    assert code_cells((1, 2)).tolist() == [0, 1, 2, 3, 4]
+    assert code_cells((3,)).tolist() == list(range(5, 14))
+    assert [grid_of_cell(i) for i in (0, 1, 4, 5, 13, 14)] == [1, 2, 2, 3, 3, 4]
+    decoder = stem_decoder(cell_features=True)
+    features = torch.arange(8.0).reshape(1, 4, 2).repeat(2, 1, 1)  # a 2x2 grid of 2-channel features
+    table = decoder.cell_table(features, 4)
+    assert table.shape == (2, 1 + 4 + 9 + 16, 2)
+    torch.testing.assert_close(table[0, 0], features[0].mean(0))  # the 1x1 grid: the mean
+    torch.testing.assert_close(table[0, 1:5], features[0])  # the 2x2 grid: the features themselves
+
+
+def test_cell_features_reach_mask_positions_only_and_need_a_stem():
+    codes = [torch.tensor([2]), torch.tensor([0, 1, 2, 3]), torch.arange(16) % 6]
+    seq = build_training_sequence(LAYOUT, IMAGE, TEXT, 2, "scale", codes, SCALES, pixels=pixels(0))
+    assert torch.equal(seq.slot_cells[seq.mask_positions], code_cells(SCALES))
+    assert (seq.slot_cells >= 0).sum() == seq.mask_positions.numel()
+    batch = collate([seq])
+    args = (batch["input_ids"], batch["scale_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        on = stem_decoder(cell_features=True)(*args, pixel_values=batch["pixel_values"], slot_cells=batch["slot_cells"])
+        off = stem_decoder(cell_features=True)(*args, pixel_values=batch["pixel_values"])
+    first = int(seq.mask_positions[0])
+    assert torch.allclose(on.hidden_states[0, :first], off.hidden_states[0, :first])
+    assert not torch.allclose(on.hidden_states[0, first:], off.hidden_states[0, first:], atol=1e-4)
+    with pytest.raises(ValueError, match="needs pixel_channels"):
+        tiny_decoder_config(cell_features=True)
+
+
+def teacher_forced(decoder, order, scales, codes):
+    """(the training sequence of `codes`, its logits with pixels and cells as training computes them)."""
+    seq = build_training_sequence(LAYOUT, IMAGE, TEXT, 2, order, codes, scales, pixels=pixels(6))
+    batch = collate([seq])
+    with torch.no_grad():
+        logits = decoder(
+            batch["input_ids"],
+            batch["scale_ids"],
+            batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            slot_cells=batch["slot_cells"],
+        ).logits[0]
+    return seq, mask_code_tokens(LAYOUT, order)(None, logits[seq.mask_positions])
+
+
+@pytest.mark.parametrize(
+    "order, scales, options",
+    [("raster", (4,), {"speculative": True}), ("raster", (4,), {"speculative": False}), ("scale", SCALES, {})],
+)
+def test_cached_decoding_with_cell_features_agrees_with_teacher_forcing(order, scales, options):
+    """Every decoding loop hands each fed token the cell of the code it predicts, as training does."""
+    decoder = cell_decoder()
+    steps = list(autoregressive_infer(decoder, LAYOUT, PREFIX, order, scales, pixels=pixels(6), **options))
+    assert steps[-1].finished and not steps[-1].rejected
+    codes = steps[-1].codes
+    codes = [codes[0]] if order == "raster" else [c[0] for c in codes]
+    seq, logits = teacher_forced(decoder, order, scales, codes)
+    assert torch.equal(logits.argmax(-1), seq.labels[seq.mask_positions])
+
+
+def test_beam_search_with_cell_features_scores_as_teacher_forcing():
+    decoder = cell_decoder()
+
+    def log_prob(codes):
+        seq, logits = teacher_forced(decoder, "raster", (4,), [codes])
+        return float(logits.log_softmax(-1).gather(1, seq.labels[seq.mask_positions][:, None]).sum())
+
+    greedy = list(autoregressive_infer(decoder, LAYOUT, PREFIX, "raster", (4,), pixels=pixels(6)))[-1].codes[0]
+    beam = list(autoregressive_infer(decoder, LAYOUT, PREFIX, "raster", (4,), pixels=pixels(6), beam=4))[-1].codes[0]
+    assert log_prob(beam) >= log_prob(greedy) - 1e-4
+
+
+def cell_decoder() -> MRISDecoder:
+    decoder = stem_decoder(seed=4, cell_features=True)
+    with torch.no_grad():
+        hidden = decoder(PREFIX[None], pixel_values=pixels(6)[None]).hidden_states[0, -1]
+        decoder.llama.lm_head.weight[SOV] = hidden * 10
+        for head in decoder.nktp_heads:  # drafts that are sometimes wrong: the cache gets cropped
+            head.linear.weight.normal_(std=0.5)
+    return decoder

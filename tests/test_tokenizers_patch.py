@@ -7,7 +7,14 @@ import torch
 
 from napari_mris.tokenizers import load_tokenizers, save_tokenizers
 from napari_mris.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
-from napari_mris.tokenizers.patch import EMPTY, FULL, PatchMaskTokenizer, PatchMaskTokenizerConfig, fit_codebook
+from napari_mris.tokenizers.patch import (
+    EMPTY,
+    FULL,
+    PatchMaskTokenizer,
+    PatchMaskTokenizerConfig,
+    _squared_distance,
+    fit_codebook,
+)
 from napari_mris.tokenizers.text import TextTokenizer
 
 
@@ -126,3 +133,10 @@ def test_border_refiner_starts_neutral_keeps_the_codes_and_sharpens_the_masks(tm
     torch.testing.assert_close(loaded.decode(codes), refined.decode(codes))
     with pytest.raises(ValueError, match="multiple of 4"):
         PatchMaskTokenizerConfig(28, (4,), 6, refiner_channels=8)  # 7 px patches
+
+
+def test_chunked_kmeans_distance_is_the_whole_array_one() -> None:
+    """k-means++ computes its distances in row chunks (memory); the numbers, and so the fitted codebook for
+    a seed, are those of the whole-array expression."""
+    x = torch.rand(20_000, 64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_squared_distance(x, x[7], chunk=999), (x - x[7]).pow(2).sum(1))

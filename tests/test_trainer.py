@@ -303,4 +303,3 @@ def test_export_writes_the_last_weights_and_nothing_else(tiny_model_dir, tmp_pat
     pipeline = MRISPipeline.from_pretrained(out)
     assert pipeline.default_order == "raster" and pipeline.settings().order == "raster"
     assert pipeline.settings(order="scale").order == "scale"
-

@@ -148,6 +148,7 @@ def train_adapter(
             batch["attention_mask"],
             position_ids=batch["position_ids"],
             pixel_values=batch.get("pixel_values"),
+            slot_cells=batch["slot_cells"],
             compute_logits=False,
         )
         loss = compute_losses(decoder, output, batch, [s.sequence.order for s in samples], layout, losses)["loss"]

@@ -215,6 +215,7 @@ def train_step(run: Run) -> dict[str, Any]:
             batch["attention_mask"],
             position_ids=batch["position_ids"],
             pixel_values=batch.get("pixel_values"),
+            slot_cells=batch["slot_cells"],
             compute_logits=False,  # the losses project only the positions they read (losses.logits_at)
         )
         orders, keys = [s.sequence.order for s in samples], [s.key for s in samples]

@@ -13,6 +13,9 @@ sized by `DecoderConfig` to train on a CPU and scaled up by config on a GPU. Aro
   the SHARED `lm_head`. They are trained to predict the token j steps ahead (NkTP) and propose tokens for
   self-speculative decoding. `nktp_logits` can slice the unembedding to the mask codes, so 15 heads cost
   15 x (hidden x K) rather than 15 x (hidden x vocab).
+- `cell_features` (optional, needs the stem): the position that predicts mask code i also gets the stem's
+  feature of that code's cell added to its input (`slot_cells`, see `sequence.code_cells`), so a mask
+  position reads its own patch of the image instead of having to find it by attention.
 
 Embeddings are untied (`tie_word_embeddings=False`): the same id means different things as an input slot
 (an upsampled coarser code) and as an output (a code of this scale), and untied weights keep the
@@ -22,6 +25,7 @@ safetensors file free of shared tensors and the LoRA merge simple.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -37,7 +41,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from napari_mris.errors import ModelDirectoryError
 from napari_mris.model import modeldir
 from napari_mris.model.pixel_stem import PixelStem
-from napari_mris.model.sequence import IMAGE_START
+from napari_mris.model.sequence import IMAGE_START, grid_of_cell
 from napari_mris.model.vocab import BOS, EOS, PAD, VocabLayout
 
 WEIGHTS_NAME = "model.safetensors"
@@ -65,6 +69,7 @@ class DecoderConfig:
     rms_norm_eps: float = 1e-6
     pixel_channels: list[int] = field(default_factory=list)  # stride-2 stages of the pixel stem; [] = none
     text_slots: int = 0  # RoPE positions given to the text whatever its length (sequence.position_shift); 0 = plain
+    cell_features: bool = False  # add the stem feature of its own cell to each mask position (sequence.code_cells)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -78,6 +83,8 @@ class DecoderConfig:
             raise ValueError(f"nktp_k must be >= 1 (1 = no extra heads), got {self.nktp_k}")
         if self.n_scales < 0:
             raise ValueError(f"n_scales must be >= 0, got {self.n_scales}")
+        if self.cell_features and not self.pixel_channels:
+            raise ValueError("cell_features adds pixel-stem features: it needs pixel_channels")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,6 +124,7 @@ class DecoderOutput:
     hidden_states: torch.Tensor  # [B, Q, H], last layer after the final RMSNorm (what lm_head sees)
     past_key_values: Any  # transformers Cache when use_cache, else None
     lesion_logits: torch.Tensor | None = None  # [B, g*g] lesion_head on the pixel features, when computed
+    pixel_features: torch.Tensor | None = None  # [B, g*g, H] the stem's features, when computed
 
 
 class ResidualBlock(nn.Module):
@@ -165,13 +173,17 @@ class MRISDecoder(nn.Module):
         logits_to_keep: int = 0,
         pixel_values: torch.Tensor | None = None,
         compute_logits: bool = True,
+        slot_cells: torch.Tensor | None = None,
+        cell_table: torch.Tensor | None = None,
     ) -> DecoderOutput:
         """Logits and final hidden states; `attention_mask` is None (causal) or additive float [B, 1, Q, K].
 
         `pixel_values` (B, 1, S, S), the preprocessed slice, is required by a decoder with a pixel stem on
         every call that starts a sequence (training, or the prefill before the KV cache exists); a decoder
         without one ignores it. `compute_logits=False` skips `lm_head`: training projects only the positions
-        and vocabulary slices its losses read.
+        and vocabulary slices its losses read. `slot_cells` [B, Q] (-1 = none) names the cell whose stem
+        feature each position gets (cell_features decoders only; others ignore it); the features come from
+        `pixel_values` or, on cached steps, from the `cell_table` the prefill returned.
         """
         llama = self.base_llama()
         embeds = llama.get_input_embeddings()(input_ids)
@@ -182,6 +194,14 @@ class MRISDecoder(nn.Module):
         if features is not None:
             embeds = _add_at_image_tokens(embeds.to(features.dtype), features)
             lesion_logits = self.lesion_head(features)[..., 0]
+        if self.config.cell_features:
+            if features is not None:
+                largest = grid_of_cell(int(slot_cells.max())) if slot_cells is not None and slot_cells.numel() else 1
+                cell_table = self.cell_table(features, largest)
+            if slot_cells is not None and bool((slot_cells >= 0).any()):
+                if cell_table is None:
+                    raise ValueError("slot_cells need the stem's cell features: pass pixel_values or cell_table")
+                embeds = embeds + _gather_cells(cell_table.to(embeds.dtype), slot_cells)
         if attention_mask is not None:
             if attention_mask.dim() != 4:
                 raise ValueError(
@@ -203,7 +223,17 @@ class MRISDecoder(nn.Module):
         logits = None
         if compute_logits:
             logits = llama.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-        return DecoderOutput(logits, hidden, out.past_key_values if use_cache else None, lesion_logits)
+        past = out.past_key_values if use_cache else None
+        return DecoderOutput(logits, hidden, past, lesion_logits, features)
+
+    def cell_table(self, features: torch.Tensor, largest: int) -> torch.Tensor:
+        """(B, g*g, H) stem features -> (B, cells, H): the features area-pooled to every grid 1x1 .. GxG in
+        turn (`sequence.code_cells`), G = max(`largest`, g)."""
+        batch, n, hidden = features.shape
+        grid = math.isqrt(n)
+        square = features.transpose(1, 2).reshape(batch, hidden, grid, grid)
+        pooled = [F.adaptive_avg_pool2d(square, s).flatten(2) for s in range(1, max(largest, grid) + 1)]
+        return torch.cat(pooled, dim=2).transpose(1, 2)
 
     def _pixel_features(self, pixel_values: torch.Tensor | None, starts_sequence: bool) -> torch.Tensor | None:
         """The stem's (B, g*g, hidden) features, or None (no stem, or a cached step that needs none)."""
@@ -238,6 +268,14 @@ def _add_at_image_tokens(embeds: torch.Tensor, features: torch.Tensor) -> torch.
             f"the image tokens must sit at positions {IMAGE_START}..{stop - 1}"
         )
     return torch.cat([embeds[:, :IMAGE_START], embeds[:, IMAGE_START:stop] + features, embeds[:, stop:]], 1)
+
+
+def _gather_cells(table: torch.Tensor, slot_cells: torch.Tensor) -> torch.Tensor:
+    """(B, Q, H): row `slot_cells[b, q]` of `table[b]`, zero where `slot_cells` is -1."""
+    if slot_cells.shape[0] != table.shape[0]:
+        table = table.expand(slot_cells.shape[0], -1, -1)  # samples or beams share one slice's features
+    index = slot_cells.clamp(min=0)[..., None].expand(-1, -1, table.shape[-1])
+    return torch.gather(table, 1, index) * (slot_cells >= 0)[..., None].to(table.dtype)
 
 
 def _cache_length(past_key_values: Any) -> int:

@@ -23,7 +23,15 @@ import torch.nn.functional as F
 from transformers import LogitsProcessor
 
 from napari_mris.model.decoder import MRISDecoder
-from napari_mris.model.sequence import check_scales, count_text_tokens, mask_header, position_shift, scale_slots
+from napari_mris.model.sequence import (
+    HEADER_LENGTH,
+    check_scales,
+    code_cells,
+    count_text_tokens,
+    mask_header,
+    position_shift,
+    scale_slots,
+)
 from napari_mris.model.vocab import REJ, SOV, VocabLayout
 
 
@@ -147,6 +155,9 @@ def autoregressive_infer(
         # 2. The forced header, for every row of the batch (samples or beams share the cached prefix).
         batch = beam if beam > 1 else samples
         cache = out.past_key_values
+        if decoder.config.cell_features:  # the [SOT] at cache index len(prefix) + 4 predicts mask code 0
+            table = decoder.cell_table(out.pixel_features, scales[-1])
+            decoder = CellFeatures(decoder, table, code_cells(scales), prefix.numel() + HEADER_LENGTH - 1)
         shift = position_shift(count_text_tokens(layout, prefix), decoder.config.text_slots)
         decoder = ShiftedPositions(decoder, shift) if shift else decoder
         if batch > 1:
@@ -196,6 +207,35 @@ class ShiftedPositions:
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         return self.decoder(
             input_ids, past_key_values=past_key_values, position_ids=positions.expand(input_ids.shape[0], -1), **kwargs
+        )
+
+    def __getattr__(self, name: str):
+        return getattr(self.decoder, name)
+
+
+class CellFeatures:
+    """The decoder, given the stem feature of the cell of the mask code each fed token predicts.
+
+    A token at cache index q predicts mask code q - `sot_index` (the [SOT] predicts code 0, as in training,
+    `sequence.build_training_sequence`); positions past the mask block get none. Reading the index off the
+    cache length keeps every decoding loop (plain, speculative with cache crops, beam, next-scale) unchanged.
+    """
+
+    def __init__(self, decoder, cell_table: torch.Tensor, cells: torch.Tensor, sot_index: int) -> None:
+        self.decoder, self.cell_table, self.sot_index = decoder, cell_table, sot_index
+        self.cells = cells.to(cell_table.device)
+
+    def __call__(self, input_ids: torch.Tensor, *, past_key_values, **kwargs):
+        first = past_key_values.get_seq_length() - self.sot_index
+        code = torch.arange(first, first + input_ids.shape[1], device=input_ids.device)
+        inside = (code >= 0) & (code < len(self.cells))
+        slot_cells = torch.where(inside, self.cells[code.clamp(0, len(self.cells) - 1)], -1)
+        return self.decoder(
+            input_ids,
+            past_key_values=past_key_values,
+            slot_cells=slot_cells.expand(input_ids.shape[0], -1),
+            cell_table=self.cell_table,
+            **kwargs,
         )
 
     def __getattr__(self, name: str):

@@ -41,6 +41,7 @@ class TrainingSequence:
     order: str
     pixels: torch.Tensor | None = None  # (1, S, S) preprocessed slice, for a decoder with a pixel stem
     position_ids: torch.Tensor | None = None  # RoPE positions (None = 0..T-1)
+    slot_cells: torch.Tensor | None = None  # cell of the mask code each position predicts (code_cells), -1 = none
 
     def __len__(self) -> int:
         return int(self.input_ids.numel())
@@ -118,6 +119,31 @@ def scale_slots(layout: VocabLayout, prev_codes: torch.Tensor, prev_size: int, s
     return layout.mask_ids("scale", prev_codes[:, index])
 
 
+def cell_offset(size: int) -> int:
+    """Where the cells of an s x s grid start in the cell table of `code_cells`: 1 + 4 + ... + (s-1)^2."""
+    return (size - 1) * size * (2 * size - 1) // 6
+
+
+def grid_of_cell(index: int) -> int:
+    """The grid size s whose cells hold table index `index` (the inverse of `cell_offset`)."""
+    size = 1
+    while cell_offset(size + 1) <= index:
+        size += 1
+    return size
+
+
+def code_cells(scales: Sequence[int]) -> torch.Tensor:
+    """For each mask code of one order (codes of all `scales` in sequence order), its cell in one table
+    that holds every grid 1x1, 2x2, ..., GxG in turn (cell j of the s x s grid is `cell_offset(s) + j`).
+
+    A decoder with `cell_features` adds the pixel-stem feature of that cell (the stem's features pooled to
+    the s x s grid) to the input of the position that predicts the code, so a mask position reads its own
+    patch of the image directly. The table layout depends on nothing but the grid sizes, so raster and
+    next-scale codes index the same table.
+    """
+    return torch.cat([cell_offset(s) + torch.arange(s * s) for s in scales])
+
+
 def _mask_code_list(order: str, mask_codes: Sequence[torch.Tensor] | torch.Tensor, scales: tuple[int, ...]):
     if isinstance(mask_codes, torch.Tensor):
         mask_codes = [mask_codes] if order == "raster" else list(mask_codes)
@@ -170,6 +196,7 @@ def build_training_sequence(
             order,
             pixels,
             positions(len(input_ids)),
+            torch.full_like(input_ids, -1),
         )
 
     codes = _mask_code_list(order, mask_codes, scales)
@@ -204,8 +231,10 @@ def build_training_sequence(
             start = stop
         mask_positions = torch.arange(sot, len(input_ids))
     labels[n - 1] = SOV  # the presence decision, at the last text position
+    slot_cells = torch.full_like(input_ids, -1)
+    slot_cells[mask_positions] = code_cells(scales)
     return TrainingSequence(
-        input_ids, labels, scale_ids, block_ids, mask_positions, order, pixels, positions(len(input_ids))
+        input_ids, labels, scale_ids, block_ids, mask_positions, order, pixels, positions(len(input_ids)), slot_cells
     )
 
 
@@ -242,6 +271,7 @@ def collate(sequences: Sequence[TrainingSequence]) -> dict[str, torch.Tensor | l
     labels = torch.full((batch, length), IGNORE, dtype=torch.long)
     scale_ids = torch.zeros((batch, length), dtype=torch.long)
     position_ids = torch.arange(length).repeat(batch, 1)
+    slot_cells = torch.full((batch, length), -1, dtype=torch.long)
     attention = torch.empty((batch, 1, length, length), dtype=torch.float32)
     for b, seq in enumerate(sequences):
         t = len(seq)
@@ -251,6 +281,8 @@ def collate(sequences: Sequence[TrainingSequence]) -> dict[str, torch.Tensor | l
         if seq.position_ids is not None:
             position_ids[b, :t] = seq.position_ids
             position_ids[b, t:] = seq.position_ids[-1] + 1 + torch.arange(length - t)  # padding: never attended
+        if seq.slot_cells is not None:
+            slot_cells[b, :t] = seq.slot_cells
         block_ids = torch.arange(length)
         block_ids[:t] = seq.block_ids
         valid = torch.arange(length) < t
@@ -261,6 +293,7 @@ def collate(sequences: Sequence[TrainingSequence]) -> dict[str, torch.Tensor | l
         "scale_ids": scale_ids,
         "position_ids": position_ids,
         "attention_mask": attention,
+        "slot_cells": slot_cells,
         "sample_positions": [seq.mask_positions.clone() for seq in sequences],
     }
     if all(with_pixels):
