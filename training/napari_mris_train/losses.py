@@ -240,9 +240,14 @@ def compute_losses(
         loss = loss + cfg.het_weight * terms["het"]
     lesion_logits = getattr(output, "lesion_logits", None)
     if cfg.lesion_weight > 0 and lesion_logits is not None and "lesion" in batch:
-        terms["lesion"] = F.binary_cross_entropy_with_logits(lesion_logits.float(), batch["lesion"].float())
+        terms["lesion"] = lesion_loss(lesion_logits, batch["lesion"])
         loss = loss + cfg.lesion_weight * terms["lesion"]
     return {"loss": loss, **terms}
+
+
+def lesion_loss(lesion_logits: Tensor, lesion: Tensor) -> Tensor:
+    """The lesion target: BCE of the stem's read-out against each patch's lesion fraction (B, g*g)."""
+    return F.binary_cross_entropy_with_logits(lesion_logits.float(), lesion.float().to(lesion_logits.device))
 
 
 def nktp_loss(decoder, hidden: Tensor, targets: MaskTargets, vocab: tuple[int, int], cfg: LossConfig) -> Tensor:

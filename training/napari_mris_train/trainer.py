@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from napari_mris.errors import MRISError
@@ -47,7 +46,7 @@ from napari_mris_train.data import concat_splits, load_split
 from napari_mris_train.encode_cache import cached_encoding
 from napari_mris_train.evaluate import evaluate_split
 from napari_mris_train.het_memory import HETMemory
-from napari_mris_train.losses import compute_losses
+from napari_mris_train.losses import compute_losses, lesion_loss
 from napari_mris_train.mixing import SequenceMixer, to_device
 
 TOKENIZER_FILES = ("config.json", "image_tokenizer.safetensors", "mask_tokenizer.safetensors", "tokenizer.json")
@@ -282,7 +281,7 @@ def warm_up_stem(run: Run, progress: bool) -> None:
         pixels, target = run.mixer.stem_batch(step, cfg.batch_size)
         with run.accelerator.autocast():
             logits = decoder.lesion_logits(pixels.to(run.accelerator.device))
-        loss = F.binary_cross_entropy_with_logits(logits.float(), target.to(logits.device))
+        loss = lesion_loss(logits, target)
         if not math.isfinite(float(loss)):
             raise TrainingDiverged(f"stem warm-up loss became {float(loss)} at step {step + 1}; lower stem_warmup_lr")
         optimizer.zero_grad(set_to_none=True)

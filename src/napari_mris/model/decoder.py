@@ -249,7 +249,7 @@ class MRISDecoder(nn.Module):
         """(B, g*g) lesion-fraction logits of the stem alone, no tokens: what the stem warm-up trains."""
         if self.pixel_stem is None or self.lesion_head is None:
             raise ValueError("this decoder has no pixel stem (decoder.pixel_channels is empty)")
-        return self.lesion_head(self.pixel_stem(pixel_values.to(self.pixel_stem.proj.weight.dtype)))[..., 0]
+        return self.lesion_head(self._pixel_features(pixel_values, starts_sequence=True))[..., 0]
 
     def nktp_logits(self, hidden_states: torch.Tensor, offset: int, vocab_slice: slice | None = None) -> torch.Tensor:
         """Logits for the token `offset` steps ahead (offset 1 is `lm_head` itself, 2..k are the NkTP heads)."""
