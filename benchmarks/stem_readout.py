@@ -1,8 +1,9 @@
 """What the pixel stem alone sees: Dice of a model's text-free lesion read-out on a validation split.
 
-The decoder's `lesion_head` is fitted to each image patch's lesion fraction (training's lesion target and
-stem warm-up). Thresholding its sigmoid at 0.5, upsampled bilinearly from the token grid to the mask's own
-resolution, gives a text-free segmentation: a measure of the stem's image understanding, which bounds what
+The stem's read-out is fitted to the mask in training and in the stem warm-up: a linear `lesion_head` to
+each image patch's lesion fraction, or a U-Net stem's lesion map to the mask itself (losses.lesion_loss).
+Thresholding its sigmoid at 0.5, upsampled bilinearly from its grid to the mask's own resolution, gives
+a text-free segmentation: a measure of the stem's image understanding, which bounds what
 the mask tokens can draw. Scored with the same per-image metric code as `napari-mris-train eval`.
 
     python benchmarks/stem_readout.py --model src/napari_mris/models/default --data ../shared/data/QaTa-COV19
@@ -45,7 +46,8 @@ def main() -> None:
         for i in tqdm(range(count), desc="stem read-out", mininterval=5):
             example = split[i]
             pixels = torch.from_numpy(np.ascontiguousarray(to_model_image(example.image, None, size)))[None, None]
-            prob = torch.sigmoid(decoder.lesion_logits(pixels)).reshape(1, 1, grid, grid)
+            logits = decoder.lesion_logits(pixels)
+            prob = torch.sigmoid(logits if logits.dim() == 4 else logits.reshape(1, 1, grid, grid))
             prob = F.interpolate(prob, size=example.mask.shape, mode="bilinear", align_corners=False)
             scores.append(dice_iou(prob[0, 0].numpy() > 0.5, example.mask))
     dice, iou = (float(np.mean(values)) for values in zip(*scores, strict=True))

@@ -73,8 +73,8 @@ class ScriptedPipeline:
         self.gate = gate
         self.calls: list[dict] = []
 
-    def settings(self, order="scale", samples=1, temperature=0.0, beam=1, top_k=None, seed=None):
-        return DecodingSettings(order, samples, temperature, beam, top_k, seed)
+    def settings(self, order="scale", samples=1, temperature=0.0, beam=1, top_k=None, seed=None, snap=True):
+        return DecodingSettings(order, samples, temperature, beam, top_k, seed, snap)
 
     def stream(self, image, prompt, order="scale", samples=1, window=None, should_stop=None, **_):
         self.calls.append({"shape": image.shape, "prompt": prompt, "order": order, "samples": samples})

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from napari_mris.io import read_slice
 from napari_mris.pipeline import DEFAULT_MODEL_DIR, MRISPipeline
 
@@ -16,7 +18,7 @@ def test_bundled_model_is_small_and_has_a_model_card() -> None:
     assert {"config.json", "model.safetensors", "mask_tokenizer.safetensors", "MODEL_CARD.md"} <= set(files)
     assert sum(files.values()) <= 40 * 1024 * 1024
     assert not any(name.endswith((".pt", ".pth", ".bin", ".ckpt")) for name in files)  # safetensors only
-    assert json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())["model_id"] == "default-qata-v3"
+    assert json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())["model_id"] == "default-qata-v4"
 
 
 def test_default_model_segments_the_sample_phantom() -> None:
@@ -28,3 +30,22 @@ def test_default_model_segments_the_sample_phantom() -> None:
     result = updates[-1]
     assert result.finished and not result.rejected
     assert result.mask.shape == image.pixels.shape and result.mask.any()
+
+
+def test_default_model_snaps_its_finished_mask_to_its_lesion_map() -> None:
+    """v4's stem draws a lesion map; the finished mask is the token mask snapped to it (lesion_snap.py),
+    and `snap=False` gives the token mask as decoded. The settings record which one a mask is."""
+    from napari_mris.lesion_snap import snap_to_lesion_map
+
+    pipeline = MRISPipeline.from_pretrained("default", device="cpu")
+    image = read_slice(SAMPLES / "img" / "phantom_07.png", expect_2d=True)
+    description = "Bilateral pulmonary infection, three infected areas, lower left lung and upper lower right lung."
+    tokens = pipeline.segment(image.pixels, description, window=image.window, snap=False)
+    snapped = pipeline.segment(image.pixels, description, window=image.window)
+    assert snapped.settings.snap and not tokens.settings.snap
+    _, model_image = pipeline._prefix(image.pixels, image.window, pipeline._encode_prompt(description)[0])
+    lesion = pipeline._lesion_probability(model_image, image.pixels.shape)
+    assert lesion is not None and lesion.shape == image.pixels.shape
+    expected = snap_to_lesion_map(tokens.probability, lesion)
+    np.testing.assert_allclose(snapped.probability, expected, atol=1e-6)
+    assert np.array_equal(snapped.mask, expected >= 0.5) and snapped.mask.sum() >= tokens.mask.sum()

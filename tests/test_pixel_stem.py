@@ -29,10 +29,15 @@ PREFIX = prefix_ids(LAYOUT, IMAGE, TEXT, 2)
 SCALES = (1, 2, 4)
 
 
-def stem_decoder(seed: int = 0, channels=(4, 8, 8), cell_features: bool = False) -> MRISDecoder:
-    """16 px slices -> three stride-2 stages -> the 2x2 image grid."""
+def stem_decoder(seed: int = 0, channels=(4, 8, 8), cell_features: bool = False, decoder_channels=()) -> MRISDecoder:
+    """16 px slices -> three stride-2 stages -> the 2x2 image grid (and, with `decoder_channels`, a lesion map)."""
     torch.manual_seed(seed)
-    config = tiny_decoder_config(n_scales=len(SCALES), pixel_channels=list(channels), cell_features=cell_features)
+    config = tiny_decoder_config(
+        n_scales=len(SCALES),
+        pixel_channels=list(channels),
+        cell_features=cell_features,
+        pixel_decoder_channels=list(decoder_channels),
+    )
     decoder = MRISDecoder(config).eval()
     with torch.no_grad():  # large features, so that pixels visibly change the output of a random model
         decoder.pixel_stem.proj.weight.normal_(std=1.0)
@@ -46,12 +51,29 @@ def pixels(seed: int) -> torch.Tensor:
 
 def test_stem_maps_a_slice_to_one_feature_per_image_token():
     stem = PixelStem([8, 16, 16, 32], hidden_size=24)
-    out = stem(torch.rand(3, 1, 224, 224))
-    assert out.shape == (3, 14 * 14, 24)
+    features, lesion_map = stem(torch.rand(3, 1, 224, 224))
+    assert features.shape == (3, 14 * 14, 24) and lesion_map is None
     with pytest.raises(ValueError, match="grayscale"):
         stem(torch.rand(1, 3, 224, 224))
     with pytest.raises(ValueError, match="at least one stage"):
         PixelStem([], hidden_size=24)
+
+
+def test_unet_stem_climbs_back_through_its_skips_to_a_lesion_map():
+    """Three up-stages on a four-stage encoder: a 112 x 112 map from 224 px, 8 map pixels per token cell;
+    the map depends on the fine skips (a change in one 4 x 4 corner moves the map there most)."""
+    torch.manual_seed(0)
+    stem = PixelStem([8, 16, 16, 32], hidden_size=24, decoder_channels=[16, 8, 8]).eval()
+    x = torch.rand(1, 1, 224, 224)
+    features, lesion_map = stem(x)
+    assert features.shape == (1, 196, 24) and lesion_map.shape == (1, 1, 112, 112) and stem.map_upsample == 8
+    y = x.clone()
+    y[..., :4, :4] = 1 - y[..., :4, :4]
+    with torch.no_grad():
+        change = (stem(y)[1] - stem(x)[1]).abs()[0, 0]
+    assert change[:4, :4].mean() > 5 * change[56:, 56:].mean()
+    with pytest.raises(ValueError, match="at least 4 encoder stages"):
+        PixelStem([8, 16, 16], hidden_size=24, decoder_channels=[16, 8, 8])
 
 
 def test_pixels_change_only_positions_from_the_image_tokens_on():
@@ -134,13 +156,16 @@ def test_lesion_target_trains_the_stem_directly():
     codes = [torch.tensor([2]), torch.tensor([0, 1, 2, 3]), torch.arange(16) % 6]
     seq = build_training_sequence(LAYOUT, IMAGE, TEXT, 2, "scale", codes, SCALES, pixels=pixels(0))
     batch = collate([seq])
-    batch["lesion"] = torch.tensor([[0.0, 0.25, 1.0, 0.0]])
+    batch["lesion"] = torch.zeros(1, 1, 16, 16)  # the whole mask: patch fractions 0, 0.25, 1, 0
+    batch["lesion"][0, 0, :2, 8:] = 1.0
+    batch["lesion"][0, 0, 8:, :8] = 1.0
     output = decoder(
         batch["input_ids"], batch["scale_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"]
     )
     assert output.lesion_logits.shape == (1, 4)
     terms = compute_losses(decoder, output, batch, ["scale"], LAYOUT, LossConfig(het=False, lesion_weight=2.0))
-    expected = torch.nn.functional.binary_cross_entropy_with_logits(output.lesion_logits, batch["lesion"])
+    fractions = torch.tensor([[0.0, 0.25, 1.0, 0.0]])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(output.lesion_logits, fractions)
     torch.testing.assert_close(terms["lesion"], expected)
     decoder.zero_grad()
     terms["lesion"].backward()
@@ -148,6 +173,44 @@ def test_lesion_target_trains_the_stem_directly():
     off = compute_losses(decoder, output, batch, ["scale"], LAYOUT, LossConfig(het=False, lesion_weight=0.0))
     assert "lesion" not in off
     torch.testing.assert_close(terms["loss"] - off["loss"], 2.0 * terms["lesion"])
+
+
+def test_a_lesion_map_gets_bce_plus_dice_against_the_pooled_mask():
+    """A U-Net stem's (B, 1, h, w) map is scored against the mask area-pooled to h x w: BCE + soft Dice,
+    the U-Net peer's loss; a perfect, confident map scores near zero, its negation high."""
+    from napari_mris_train.losses import lesion_loss
+
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[0, 0, 4:12, 4:12] = 1.0
+    mask[1, 0, :8] = 1.0
+    target = torch.nn.functional.avg_pool2d(mask, 2)
+    good, bad = 20 * (2 * target - 1), -20 * (2 * target - 1)
+    assert float(lesion_loss(good, mask)) < 1e-3
+    assert float(lesion_loss(bad, mask)) > 10
+    logits = torch.randn(2, 1, 8, 8)
+    prob = torch.sigmoid(logits)
+    dice = (2 * (prob * target).sum((1, 2, 3)) + 1) / (prob.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    torch.testing.assert_close(lesion_loss(logits, mask), bce + (1 - dice).mean())
+
+
+def test_unet_stem_cells_read_their_patch_of_the_lesion_map():
+    """With a lesion map, each cell of an s x s grid also gets its u x u patch of map probabilities,
+    projected: a change in the map's top-left quarter reaches the 2x2 grid's first cell and no other."""
+    decoder = stem_decoder(channels=(4, 8, 8), cell_features=True, decoder_channels=(8,))
+    assert decoder.lesion_head is None and decoder.pixel_stem.map_upsample == 2
+    features = torch.zeros(1, 4, decoder.config.hidden_size)
+    lesion_map = torch.zeros(1, 1, 4, 4)
+    moved = lesion_map.clone()
+    moved[..., :2, :2] = 5.0
+    with torch.no_grad():
+        a, b = decoder.cell_table(features, 2, lesion_map), decoder.cell_table(features, 2, moved)
+    changed = (a - b).abs().sum(-1)[0]
+    assert changed[0] > 0 and changed[1] > 0 and torch.all(changed[2:] == 0)  # 1x1 cell, 2x2 cell 0
+    with pytest.raises(ValueError, match="lesion_map"):
+        decoder.cell_table(features, 2)
+    with pytest.raises(ValueError, match="climb back"):
+        tiny_decoder_config(pixel_channels=[4, 8], pixel_decoder_channels=[8, 8])
 
 
 def test_code_cells_index_one_table_of_every_grid():
@@ -195,13 +258,15 @@ def teacher_forced(decoder, order, scales, codes):
     return seq, mask_code_tokens(LAYOUT, order)(None, logits[seq.mask_positions])
 
 
+@pytest.mark.parametrize("decoder_channels", [(), (8,)], ids=["linear", "unet"])
 @pytest.mark.parametrize(
     "order, scales, options",
     [("raster", (4,), {"speculative": True}), ("raster", (4,), {"speculative": False}), ("scale", SCALES, {})],
 )
-def test_cached_decoding_with_cell_features_agrees_with_teacher_forcing(order, scales, options):
-    """Every decoding loop hands each fed token the cell of the code it predicts, as training does."""
-    decoder = cell_decoder()
+def test_cached_decoding_with_cell_features_agrees_with_teacher_forcing(order, scales, options, decoder_channels):
+    """Every decoding loop hands each fed token the cell of the code it predicts, as training does (also
+    the patch of a U-Net stem's lesion map, which only the prefill computes)."""
+    decoder = cell_decoder(decoder_channels)
     steps = list(autoregressive_infer(decoder, LAYOUT, PREFIX, order, scales, pixels=pixels(6), **options))
     assert steps[-1].finished and not steps[-1].rejected
     codes = steps[-1].codes
@@ -222,9 +287,11 @@ def test_beam_search_with_cell_features_scores_as_teacher_forcing():
     assert log_prob(beam) >= log_prob(greedy) - 1e-4
 
 
-def cell_decoder() -> MRISDecoder:
-    decoder = stem_decoder(seed=4, cell_features=True)
+def cell_decoder(decoder_channels=()) -> MRISDecoder:
+    decoder = stem_decoder(seed=4, cell_features=True, decoder_channels=decoder_channels)
     with torch.no_grad():
+        if decoder.cell_patch_proj is not None:  # map patches that visibly move the mask positions
+            decoder.cell_patch_proj.weight.normal_(std=1.0)
         hidden = decoder(PREFIX[None], pixel_values=pixels(6)[None]).hidden_states[0, -1]
         decoder.llama.lm_head.weight[SOV] = hidden * 10
         for head in decoder.nktp_heads:  # drafts that are sometimes wrong: the cache gets cropped

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--samples", type=int, default=1, help="N > 1: consensus of N sampled masks")
     predict.add_argument("--beam", type=int, default=1, help="beam width (raster order only)")
+    predict.add_argument(
+        "--no-snap", action="store_true", help="the token mask as decoded, not snapped to the lesion map"
+    )
     predict.set_defaults(run=run_predict)
 
     demo = commands.add_parser("demo", help="open napari with a phantom chest X-ray and segment its description")
@@ -125,7 +128,7 @@ def run_predict(args: argparse.Namespace) -> int:
     jobs = collect_jobs(args.inputs, args.prompt, args.prompts)
     _check_unique_stems(jobs)
     pipeline = MRISPipeline.from_pretrained(args.model, device=args.device, adapter=args.adapter)
-    settings = pipeline.settings(order=args.order, samples=args.samples, beam=args.beam)  # fail before any work
+    settings = pipeline.settings(order=args.order, samples=args.samples, beam=args.beam, snap=not args.no_snap)
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, str, bool, float]] = []
     for number, job in enumerate(jobs, start=1):
@@ -135,7 +138,7 @@ def run_predict(args: argparse.Namespace) -> int:
             warnings.simplefilter("ignore", UserWarning)
             result = pipeline.segment(
                 image.pixels, job.prompt, window=image.window, order=settings.order, samples=settings.samples,
-                temperature=settings.temperature, beam=settings.beam,
+                temperature=settings.temperature, beam=settings.beam, snap=settings.snap,
             )  # fmt: skip
         write_png(args.out / f"{MASK_PREFIX}{_stem(job.image)}.png", result.mask, binary=True)
         seconds = time.perf_counter() - start

@@ -20,6 +20,7 @@ import torch
 
 from napari_mris.errors import ModelDirectoryError, MRISError, UnsupportedImageError
 from napari_mris.export import software_versions
+from napari_mris.lesion_snap import snap_to_lesion_map
 from napari_mris.model.decoder import load_decoder
 from napari_mris.model.generate import autoregressive_infer
 from napari_mris.model.modeldir import model_hash, read_config
@@ -44,6 +45,7 @@ class DecodingSettings:
     beam: int = 1
     top_k: int | None = None
     seed: int | None = None
+    snap: bool = True  # finished mask snapped to the stem's lesion map, for a decoder that has one (lesion_snap.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -222,9 +224,10 @@ class MRISPipeline:
         beam: int = 1,
         top_k: int | None = None,
         seed: int | None = None,
+        snap: bool = True,
     ) -> DecodingSettings:
         """Validate decoding options against this model (order None = its `default_order`); samples > 1
-        implies sampling."""
+        implies sampling. `snap` applies only to a decoder with a lesion map (lesion_snap.py)."""
         order = order or self.default_order
         if order not in self.orders:
             names = ", ".join(f"{o} ({ORDER_LABELS.get(o, o)})" for o in self.orders)
@@ -241,7 +244,7 @@ class MRISPipeline:
             raise MRISError(f"temperature must be >= 0, got {temperature}")
         if int(samples) > 1 and float(temperature) == 0.0:
             temperature = SAMPLING_TEMPERATURE
-        return DecodingSettings(order, int(samples), float(temperature), int(beam), top_k, seed)
+        return DecodingSettings(order, int(samples), float(temperature), int(beam), top_k, seed, bool(snap))
 
     def stream(
         self,
@@ -255,6 +258,7 @@ class MRISPipeline:
         *,
         top_k: int | None = None,
         seed: int | None = None,
+        snap: bool = True,
         should_stop: Callable[[], bool] | None = None,
     ) -> Iterator[StreamUpdate]:
         """Yield the growing mask for `prompt` on the 2D `image`; the last update has finished=True.
@@ -262,14 +266,13 @@ class MRISPipeline:
         `should_stop` is polled between decoding steps; when it returns True the stream ends without a
         finished update (the caller keeps the last partial mask or discards it).
         """
-        settings = self.settings(order, samples, temperature, beam, top_k, seed)
+        settings = self.settings(order, samples, temperature, beam, top_k, seed, snap)
         return self._stream(as_plane(image), prompt, settings, window, should_stop or (lambda: False))
 
     def segment(self, image: np.ndarray, prompt: str, **options: Any) -> SegmentationResult:
         """Run a stream to its end and return the final mask with its provenance."""
-        settings = self.settings(
-            **{k: options[k] for k in ("order", "samples", "temperature", "beam", "top_k", "seed") if k in options}
-        )
+        names = ("order", "samples", "temperature", "beam", "top_k", "seed", "snap")
+        settings = self.settings(**{k: options[k] for k in names if k in options})
         last = None
         for last in self.stream(image, prompt, **options):  # noqa: B007 - only the last update is wanted
             pass
@@ -331,8 +334,11 @@ class MRISPipeline:
                 continue
             tick = time.perf_counter()
             probs = None if rejected else self._probabilities(step, settings.order)
+            lesion = None
+            if step.finished and probs is not None and settings.snap:
+                lesion = self._lesion_probability(model_image, pixels.shape)
             decode_time += time.perf_counter() - tick
-            update = self._update(step, probs, pixels.shape, several=settings.samples > 1)
+            update = self._update(step, probs, pixels.shape, several=settings.samples > 1, lesion=lesion)
             elapsed = time.perf_counter() - start
             timings.setdefault("first_update_s", elapsed)
             timings.update(mask_decode_s=decode_time, total_s=elapsed)
@@ -390,8 +396,20 @@ class MRISPipeline:
         probs[rejected] = 0.0
         return probs
 
-    def _update(self, step, probs: np.ndarray | None, shape: tuple[int, int], *, several: bool) -> StreamUpdate:
-        """Consensus over samples: mean probability thresholded at 0.5; std as the uncertainty."""
+    def _lesion_probability(self, model_image: torch.Tensor, shape: tuple[int, int]) -> np.ndarray | None:
+        """The stem's lesion map as a probability at the image's `shape`, or None (no map in this decoder)."""
+        stem = getattr(self.decoder, "pixel_stem", None)
+        if stem is None or stem.lesion_map is None:
+            return None
+        with torch.inference_mode():
+            logits = self.decoder.lesion_logits(model_image[None].to(self.device))
+        return resize_probability(torch.sigmoid(logits.float())[0, 0].cpu().numpy(), shape)
+
+    def _update(
+        self, step, probs: np.ndarray | None, shape: tuple[int, int], *, several: bool, lesion: np.ndarray | None = None
+    ) -> StreamUpdate:
+        """Consensus over samples: mean probability thresholded at 0.5; std as the uncertainty; snapped to
+        the `lesion` probability map when one is given (lesion_snap.py)."""
         progress = step.tokens_done / step.tokens_total if step.tokens_total else 1.0
         if probs is None:
             return StreamUpdate(
@@ -405,6 +423,8 @@ class MRISPipeline:
                 finished=True,
             )
         probability = resize_probability(probs.mean(axis=0), shape).astype(np.float32)
+        if lesion is not None:
+            probability = snap_to_lesion_map(probability, lesion)
         uncertainty = resize_probability(probs.std(axis=0), shape).astype(np.float32) if several else None
         return StreamUpdate(
             mask=probability >= 0.5,

@@ -49,6 +49,7 @@ def evaluate_split(
     absent: bool = True,
     seed: int = 0,
     progress: bool = True,
+    snap: bool = True,
 ) -> dict[str, Any]:
     """Decode the first `limit` examples of `split` and return the metrics (and a row per image)."""
     count = len(split) if limit is None else min(limit, len(split))
@@ -61,23 +62,26 @@ def evaluate_split(
     start = time.perf_counter()
     for index in tqdm(range(count), desc=f"eval {order}", disable=not progress, leave=False):
         example = split[index]
-        result = pipeline.segment(example.image, example.description, order=order, beam=beam)
+        result = pipeline.segment(example.image, example.description, order=order, beam=beam, snap=snap)
         d, i = dice_iou(result.mask, example.mask)
         dice.add(d)
         iou.add(i)
         rejected += int(result.rejected)
         row = {"name": example.name, "dice": d, "iou": i, "rejected": bool(result.rejected)}
         if shuffled and (text := other_description(descriptions, index, rng)) is not None:
-            other = pipeline.segment(example.image, text, order=order, beam=beam)
+            other = pipeline.segment(example.image, text, order=order, beam=beam, snap=snap)
             row["shuffled_dice"] = dice_iou(other.mask, example.mask)[0]
             shuffled_dice.add(row["shuffled_dice"])
         if absent and (text := absent_target(example.mask, rng)) is not None:
-            row["absent_rejected"] = bool(pipeline.segment(example.image, text, order=order, beam=beam).rejected)
+            row["absent_rejected"] = bool(
+                pipeline.segment(example.image, text, order=order, beam=beam, snap=snap).rejected
+            )
             n_acc.add(row["absent_rejected"])
         rows.append(row)
     seconds = time.perf_counter() - start
     report = {
         "order": order,
+        "snap": snap,
         "beam": beam,
         "n_images": count,
         "dice": dice.mean,
@@ -123,6 +127,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for the shuffled and absent-target prompts")
     parser.add_argument("--no-shuffle", action="store_true", help="skip the other-description run")
     parser.add_argument("--no-absent", action="store_true", help="skip the absent-target run")
+    parser.add_argument(
+        "--no-snap", action="store_true", help="the token mask as decoded, not snapped to the lesion map"
+    )
 
 
 def open_split(path: Path):
@@ -153,6 +160,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         shuffled=not args.no_shuffle,
         absent=not args.no_absent,
         seed=args.seed,
+        snap=not args.no_snap,
     )
     report = {
         "model": str(pipeline.model_dir),

@@ -8,6 +8,7 @@ so the paper's ablation (baseline, +TCL, +NkTP, +HET) can be re-run from the CLI
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -245,9 +246,23 @@ def compute_losses(
     return {"loss": loss, **terms}
 
 
-def lesion_loss(lesion_logits: Tensor, lesion: Tensor) -> Tensor:
-    """The lesion target: BCE of the stem's read-out against each patch's lesion fraction (B, g*g)."""
-    return F.binary_cross_entropy_with_logits(lesion_logits.float(), lesion.float().to(lesion_logits.device))
+def lesion_loss(lesion_logits: Tensor, masks: Tensor) -> Tensor:
+    """The text-free lesion target of the stem's read-out, against the whole (B, 1, S, S) masks.
+
+    A (B, g*g) linear read-out is fitted by BCE to each patch's lesion fraction. A (B, 1, h, w) U-Net
+    lesion map gets BCE + soft Dice (the U-Net peer's loss, benchmarks/unet_baseline.py) against the masks
+    area-pooled to its size: Dice keeps the small lesions from drowning in background pixels.
+    """
+    masks = masks.float().to(lesion_logits.device)
+    logits = lesion_logits.float()
+    if logits.dim() == 2:
+        fraction = F.adaptive_avg_pool2d(masks, math.isqrt(logits.shape[1])).flatten(1)
+        return F.binary_cross_entropy_with_logits(logits, fraction)
+    target = F.adaptive_avg_pool2d(masks, logits.shape[-2:])
+    prob = torch.sigmoid(logits)
+    inter = (prob * target).sum(dim=(1, 2, 3))
+    dice = (2 * inter + 1) / (prob.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3)) + 1)
+    return F.binary_cross_entropy_with_logits(logits, target) + (1 - dice).mean()
 
 
 def nktp_loss(decoder, hidden: Tensor, targets: MaskTargets, vocab: tuple[int, int], cfg: LossConfig) -> Tensor:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from napari_mris.model.sequence import TrainingSequence, build_training_sequence
 from napari_mris.model.vocab import VocabLayout
@@ -42,7 +41,7 @@ class Sample:
     kind: str
     text: str
     index: int
-    lesion: torch.Tensor  # (g*g,) fraction of each image-token patch covered by any lesion (text-free target)
+    lesion: torch.Tensor  # (1, S, S) the whole mask, any lesion, flipped with the sample (text-free target)
 
 
 class SequenceMixer:
@@ -112,10 +111,10 @@ class SequenceMixer:
             text_slots=self.text_slots,
         )
         key = sample_key(index, order, flip, kind, text)
-        return Sample(sequence, key, kind, text, index, self.lesion_fraction(mask))
+        return Sample(sequence, key, kind, text, index, self.lesion_target(mask))
 
     def stem_batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pixels (B, 1, S, S), lesion fractions (B, g*g)) of random examples, each flipped or not: the
+        """(pixels (B, 1, S, S), whole masks (B, 1, S, S)) of random examples, each flipped or not: the
         text-free batches of the stem warm-up (trainer.warm_up_stem), a function of (seed, step)."""
         rng = np.random.default_rng([self.recipe.seed, step, 1_000_003])  # a stream apart from `batch`'s
         pixels, targets = [], []
@@ -123,13 +122,13 @@ class SequenceMixer:
             flip = self.recipe.flip and bool(rng.random() < 0.5)
             mask = self.data.masks[int(index)].numpy()
             pixels.append(self.pixels(int(index), flip))
-            targets.append(self.lesion_fraction(mask[:, ::-1].copy() if flip else mask))
+            targets.append(self.lesion_target(mask[:, ::-1].copy() if flip else mask))
         return torch.stack(pixels), torch.stack(targets)
 
-    def lesion_fraction(self, mask: np.ndarray) -> torch.Tensor:
-        """The (already flipped) whole mask area-averaged onto the image token grid, flattened."""
-        m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
-        return F.adaptive_avg_pool2d(m, self.grid).reshape(-1)
+    @staticmethod
+    def lesion_target(mask: np.ndarray) -> torch.Tensor:
+        """The (already flipped) whole mask as a (1, S, S) float tensor (losses.lesion_loss pools it)."""
+        return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
 
     def pixels(self, index: int, flip: bool) -> torch.Tensor:
         """(1, S, S) float model image in [0, 1], flipped with the mask and text when the sample is."""

@@ -271,7 +271,8 @@ def warm_up_stem(run: Run, progress: bool) -> None:
     decoder = run.accelerator.unwrap_model(run.model)
     if decoder.pixel_stem is None:
         raise ConfigError("train.stem_warmup_steps needs a pixel stem (decoder.pixel_channels)")
-    params = [*decoder.pixel_stem.parameters(), *decoder.lesion_head.parameters()]
+    heads = [] if decoder.lesion_head is None else list(decoder.lesion_head.parameters())
+    params = [*decoder.pixel_stem.parameters(), *heads]
     optimizer = torch.optim.AdamW(params, lr=cfg.stem_warmup_lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     steps, warmup = cfg.stem_warmup_steps, max(1, cfg.stem_warmup_steps // 20)
     decoder.train()

@@ -6,16 +6,18 @@ sized by `DecoderConfig` to train on a CPU and scaled up by config on a GPU. Aro
 - `scale_embed`: a learned embedding added to the input of next-scale slots (`scale_ids` = k for scale k,
   0 = none; row 0 stays zero), so the slots of different scales are told apart.
 - `pixel_stem` (optional, `pixel_channels`): a convolutional stem whose features are added to the image
-  token embeddings, so the decoder sees the pixels the image codes dropped (pixel_stem.py); with it
-  `lesion_head`, a linear read-out of those features that training fits to the fraction of each patch
-  covered by any lesion (an auxiliary target that teaches the stem lesion texture directly).
+  token embeddings, so the decoder sees the pixels the image codes dropped (pixel_stem.py). Training fits
+  a text-free lesion read-out of the stem to the mask (an auxiliary target that teaches it lesion texture
+  directly): `lesion_head`, a linear read-out of each patch's lesion fraction, or, with
+  `pixel_decoder_channels`, the stem's own U-Net lesion map.
 - `nktp_heads`: for offsets j = 2..k, a zero-initialised residual block (Medusa) whose output goes through
   the SHARED `lm_head`. They are trained to predict the token j steps ahead (NkTP) and propose tokens for
   self-speculative decoding. `nktp_logits` can slice the unembedding to the mask codes, so 15 heads cost
   15 x (hidden x K) rather than 15 x (hidden x vocab).
 - `cell_features` (optional, needs the stem): the position that predicts mask code i also gets the stem's
   feature of that code's cell added to its input (`slot_cells`, see `sequence.code_cells`), so a mask
-  position reads its own patch of the image instead of having to find it by attention.
+  position reads its own patch of the image instead of having to find it by attention; with a lesion map,
+  also that cell's patch of lesion probabilities (`cell_patch_proj`).
 
 Embeddings are untied (`tie_word_embeddings=False`): the same id means different things as an input slot
 (an upsampled coarser code) and as an output (a code of this scale), and untied weights keep the
@@ -70,6 +72,7 @@ class DecoderConfig:
     pixel_channels: list[int] = field(default_factory=list)  # stride-2 stages of the pixel stem; [] = none
     text_slots: int = 0  # RoPE positions given to the text whatever its length (sequence.position_shift); 0 = plain
     cell_features: bool = False  # add the stem feature of its own cell to each mask position (sequence.code_cells)
+    pixel_decoder_channels: list[int] = field(default_factory=list)  # U-Net up-stages of the stem; [] = linear read-out
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -85,6 +88,11 @@ class DecoderConfig:
             raise ValueError(f"n_scales must be >= 0, got {self.n_scales}")
         if self.cell_features and not self.pixel_channels:
             raise ValueError("cell_features adds pixel-stem features: it needs pixel_channels")
+        if self.pixel_decoder_channels and len(self.pixel_decoder_channels) >= len(self.pixel_channels):
+            raise ValueError(
+                f"pixel_decoder_channels {self.pixel_decoder_channels} need more pixel_channels stages to "
+                f"climb back through than {self.pixel_channels}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,7 +131,7 @@ class DecoderOutput:
     logits: torch.Tensor | None  # [B, Q, V] (or the last `logits_to_keep` positions); None if not computed
     hidden_states: torch.Tensor  # [B, Q, H], last layer after the final RMSNorm (what lm_head sees)
     past_key_values: Any  # transformers Cache when use_cache, else None
-    lesion_logits: torch.Tensor | None = None  # [B, g*g] lesion_head on the pixel features, when computed
+    lesion_logits: torch.Tensor | None = None  # [B, g*g] lesion_head, or [B, 1, h, w] the stem's map, when computed
     pixel_features: torch.Tensor | None = None  # [B, g*g, H] the stem's features, when computed
 
 
@@ -150,8 +158,17 @@ class MRISDecoder(nn.Module):
         with torch.no_grad():
             self.scale_embed.weight[0].zero_()
         self.nktp_heads = nn.ModuleList(ResidualBlock(config.hidden_size) for _ in range(config.nktp_k - 1))
-        self.pixel_stem = PixelStem(config.pixel_channels, config.hidden_size) if config.pixel_channels else None
-        self.lesion_head = nn.Linear(config.hidden_size, 1) if config.pixel_channels else None
+        self.pixel_stem = None
+        self.lesion_head = None  # a linear per-patch read-out, for a stem without its own lesion map
+        self.cell_patch_proj = None  # a cell's patch of lesion-map probabilities -> its cell feature
+        if config.pixel_channels:
+            self.pixel_stem = PixelStem(config.pixel_channels, config.hidden_size, config.pixel_decoder_channels)
+            if config.pixel_decoder_channels:
+                if config.cell_features:
+                    self.cell_patch_proj = nn.Linear(self.pixel_stem.map_upsample**2, config.hidden_size)
+                    nn.init.normal_(self.cell_patch_proj.weight, std=0.02)
+            else:
+                self.lesion_head = nn.Linear(config.hidden_size, 1)
 
     def base_llama(self) -> LlamaForCausalLM:
         """The LlamaForCausalLM, also when `self.llama` is wrapped in a peft model during fine-tuning."""
@@ -189,15 +206,13 @@ class MRISDecoder(nn.Module):
         embeds = llama.get_input_embeddings()(input_ids)
         if scale_ids is not None:
             embeds = embeds + self.scale_embed(scale_ids)
-        features = self._pixel_features(pixel_values, starts_sequence=not _cache_length(past_key_values))
-        lesion_logits = None
+        features, lesion_logits = self._stem(pixel_values, starts_sequence=not _cache_length(past_key_values))
         if features is not None:
             embeds = _add_at_image_tokens(embeds.to(features.dtype), features)
-            lesion_logits = self.lesion_head(features)[..., 0]
         if self.config.cell_features:
             if features is not None:
                 largest = grid_of_cell(int(slot_cells.max())) if slot_cells is not None and slot_cells.numel() else 1
-                cell_table = self.cell_table(features, largest)
+                cell_table = self.cell_table(features, largest, lesion_logits)
             if slot_cells is not None and bool((slot_cells >= 0).any()):
                 if cell_table is None:
                     raise ValueError("slot_cells need the stem's cell features: pass pixel_values or cell_table")
@@ -226,30 +241,45 @@ class MRISDecoder(nn.Module):
         past = out.past_key_values if use_cache else None
         return DecoderOutput(logits, hidden, past, lesion_logits, features)
 
-    def cell_table(self, features: torch.Tensor, largest: int) -> torch.Tensor:
+    def cell_table(self, features: torch.Tensor, largest: int, lesion_map: torch.Tensor | None = None) -> torch.Tensor:
         """(B, g*g, H) stem features -> (B, cells, H): the features area-pooled to every grid 1x1 .. GxG in
-        turn (`sequence.code_cells`), G = max(`largest`, g)."""
+        turn (`sequence.code_cells`), G = max(`largest`, g); with `cell_patch_proj`, plus each cell's patch
+        of the (B, 1, g*u, g*u) lesion map's probabilities, area-pooled to u x u (u = map_upsample)."""
         batch, n, hidden = features.shape
         grid = math.isqrt(n)
+        sizes = range(1, max(largest, grid) + 1)
         square = features.transpose(1, 2).reshape(batch, hidden, grid, grid)
-        pooled = [F.adaptive_avg_pool2d(square, s).flatten(2) for s in range(1, max(largest, grid) + 1)]
-        return torch.cat(pooled, dim=2).transpose(1, 2)
+        table = torch.cat([F.adaptive_avg_pool2d(square, s).flatten(2) for s in sizes], dim=2).transpose(1, 2)
+        if self.cell_patch_proj is None:
+            return table
+        if lesion_map is None:
+            raise ValueError("this decoder's cell features read the stem's lesion map: pass lesion_map")
+        u = self.pixel_stem.map_upsample
+        prob = torch.sigmoid(lesion_map.float()) * 2.0 - 1.0
+        patches = [F.unfold(F.adaptive_avg_pool2d(prob, s * u), u, stride=u) for s in sizes]  # (B, u*u, s*s)
+        patches = torch.cat(patches, dim=2).transpose(1, 2).to(self.cell_patch_proj.weight.dtype)
+        return table + self.cell_patch_proj(patches).to(table.dtype)
 
-    def _pixel_features(self, pixel_values: torch.Tensor | None, starts_sequence: bool) -> torch.Tensor | None:
-        """The stem's (B, g*g, hidden) features, or None (no stem, or a cached step that needs none)."""
+    def _stem(
+        self, pixel_values: torch.Tensor | None, starts_sequence: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The stem's (B, g*g, hidden) features and its lesion read-out logits (`lesion_logits`), or
+        (None, None): no stem, or a cached step that needs none."""
         if self.pixel_stem is None:  # a token-only decoder: the pixels are not needed
-            return None
+            return None, None
         if pixel_values is None:
             if starts_sequence:
                 raise ValueError("this decoder has a pixel stem: pass pixel_values with the image tokens")
-            return None
-        return self.pixel_stem(pixel_values.to(self.pixel_stem.proj.weight.dtype))
+            return None, None
+        features, lesion_map = self.pixel_stem(pixel_values.to(self.pixel_stem.proj.weight.dtype))
+        return features, (lesion_map if self.lesion_head is None else self.lesion_head(features)[..., 0])
 
     def lesion_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, g*g) lesion-fraction logits of the stem alone, no tokens: what the stem warm-up trains."""
-        if self.pixel_stem is None or self.lesion_head is None:
+        """The stem's text-free lesion read-out, no tokens (what the stem warm-up trains): (B, g*g) patch
+        lesion-fraction logits of `lesion_head`, or the (B, 1, h, w) lesion map of a U-Net stem."""
+        if self.pixel_stem is None:
             raise ValueError("this decoder has no pixel stem (decoder.pixel_channels is empty)")
-        return self.lesion_head(self._pixel_features(pixel_values, starts_sequence=True))[..., 0]
+        return self._stem(pixel_values, starts_sequence=True)[1]
 
     def nktp_logits(self, hidden_states: torch.Tensor, offset: int, vocab_slice: slice | None = None) -> torch.Tensor:
         """Logits for the token `offset` steps ahead (offset 1 is `lm_head` itself, 2..k are the NkTP heads)."""

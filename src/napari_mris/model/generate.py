@@ -156,7 +156,7 @@ def autoregressive_infer(
         batch = beam if beam > 1 else samples
         cache = out.past_key_values
         if decoder.config.cell_features:  # the [SOT] at cache index len(prefix) + 4 predicts mask code 0
-            table = decoder.cell_table(out.pixel_features, scales[-1])
+            table = decoder.cell_table(out.pixel_features, scales[-1], out.lesion_logits)
             decoder = CellFeatures(decoder, table, code_cells(scales), prefix.numel() + HEADER_LENGTH - 1)
         shift = position_shift(count_text_tokens(layout, prefix), decoder.config.text_slots)
         decoder = ShiftedPositions(decoder, shift) if shift else decoder
