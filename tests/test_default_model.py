@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from napari_mris.io import read_slice
 from napari_mris.pipeline import DEFAULT_MODEL_DIR, MRISPipeline
@@ -36,6 +37,7 @@ def test_default_model_snaps_its_finished_mask_to_its_lesion_map() -> None:
     """v4's stem draws a lesion map; the finished mask is the token mask snapped to it (lesion_snap.py),
     and `snap=False` gives the token mask as decoded. The settings record which one a mask is."""
     from napari_mris.lesion_snap import snap_to_lesion_map
+    from napari_mris.pipeline import lesion_probability
 
     pipeline = MRISPipeline.from_pretrained("default", device="cpu")
     image = read_slice(SAMPLES / "img" / "phantom_07.png", expect_2d=True)
@@ -44,7 +46,8 @@ def test_default_model_snaps_its_finished_mask_to_its_lesion_map() -> None:
     snapped = pipeline.segment(image.pixels, description, window=image.window)
     assert snapped.settings.snap and not tokens.settings.snap
     _, model_image = pipeline._prefix(image.pixels, image.window, pipeline._encode_prompt(description)[0])
-    lesion = pipeline._lesion_probability(model_image, image.pixels.shape)
+    with torch.inference_mode():
+        lesion = lesion_probability(pipeline.decoder.lesion_logits(model_image[None]), image.pixels.shape)
     assert lesion is not None and lesion.shape == image.pixels.shape
     expected = snap_to_lesion_map(tokens.probability, lesion)
     np.testing.assert_allclose(snapped.probability, expected, atol=1e-6)

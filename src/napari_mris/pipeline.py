@@ -336,7 +336,7 @@ class MRISPipeline:
             probs = None if rejected else self._probabilities(step, settings.order)
             lesion = None
             if step.finished and probs is not None and settings.snap:
-                lesion = self._lesion_probability(model_image, pixels.shape)
+                lesion = lesion_probability(step.lesion_logits, pixels.shape)
             decode_time += time.perf_counter() - tick
             update = self._update(step, probs, pixels.shape, several=settings.samples > 1, lesion=lesion)
             elapsed = time.perf_counter() - start
@@ -396,15 +396,6 @@ class MRISPipeline:
         probs[rejected] = 0.0
         return probs
 
-    def _lesion_probability(self, model_image: torch.Tensor, shape: tuple[int, int]) -> np.ndarray | None:
-        """The stem's lesion map as a probability at the image's `shape`, or None (no map in this decoder)."""
-        stem = getattr(self.decoder, "pixel_stem", None)
-        if stem is None or stem.lesion_map is None:
-            return None
-        with torch.inference_mode():
-            logits = self.decoder.lesion_logits(model_image[None].to(self.device))
-        return resize_probability(torch.sigmoid(logits.float())[0, 0].cpu().numpy(), shape)
-
     def _update(
         self, step, probs: np.ndarray | None, shape: tuple[int, int], *, several: bool, lesion: np.ndarray | None = None
     ) -> StreamUpdate:
@@ -462,6 +453,14 @@ class _Throttle:
             self.seen = done
             return True
         return False
+
+
+def lesion_probability(lesion_logits: torch.Tensor | None, shape: tuple[int, int]) -> np.ndarray | None:
+    """A U-Net stem's (1, 1, h, w) lesion-map logits as a probability at the image's `shape`; None for a
+    decoder without a map (no stem, or a linear per-patch read-out of shape (1, g*g))."""
+    if lesion_logits is None or lesion_logits.dim() != 4:
+        return None
+    return resize_probability(torch.sigmoid(lesion_logits.float())[0, 0].cpu().numpy(), shape)
 
 
 def _pad_raster(codes: torch.Tensor | None, tokenizer, background: int) -> torch.Tensor:

@@ -46,6 +46,7 @@ class DecodeStep:
     rejected: bool  # the model wrote [REJ]: the described target is not in the image
     finished: bool
     reject_probability: float = 0.0  # p([REJ]) / (p([SOV]) + p([REJ])) at the decision position
+    lesion_logits: torch.Tensor | None = None  # the prefill's stem read-out (DecoderOutput.lesion_logits), if any
 
 
 class LegalTokens(LogitsProcessor):
@@ -139,12 +140,13 @@ def autoregressive_infer(
     greedy = ExpectedPatch(code_patches, mask_slice) if code_patches is not None else None
 
     def step(codes, done: int, p_reject: float) -> DecodeStep:
-        return DecodeStep(order, codes, done, total, False, done == total, p_reject)
+        return DecodeStep(order, codes, done, total, False, done == total, p_reject, lesion_logits)
 
     with eval_mode(decoder):  # no dropout while decoding; the caller's mode comes back even after Stop
         # 1. The prefix, once, into the KV cache; the decision is read at its last position.
         pixel_values = None if pixels is None else pixels.to(device).reshape(1, 1, *pixels.shape[-2:])
         out = decoder(prefix.to(device)[None], use_cache=True, logits_to_keep=1, pixel_values=pixel_values)
+        lesion_logits = out.lesion_logits
         decision = LegalTokens(layout.vocab_size, [SOV, REJ])(None, out.logits[0, -1])
         p_reject = float(decision.float().softmax(-1)[REJ])
         if int(decision.argmax()) == REJ:
