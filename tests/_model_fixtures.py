@@ -52,6 +52,38 @@ def force_decision(pipeline, token: str) -> Iterator[None]:
         handle.remove()
 
 
+@contextlib.contextmanager
+def force_drawing(pipeline) -> Iterator[None]:
+    """Make the model answer [SOV] and write, in every order, the mask code whose patch is the fullest.
+
+    A tiny model often answers "present" and then writes only background codes, which the pipeline
+    reports as "not present"; a test that needs a drawn mask from the real decoding path pins both.
+    """
+    import torch
+
+    from napari_mris.model.vocab import SOV
+
+    favoured = [SOV]
+    for order, tokenizer in pipeline.tokenizers.masks.items():
+        with torch.inference_mode():
+            fullness = [
+                float(tokenizer.decode([torch.full((1, s * s), k) for s in tokenizer.scales]).mean())
+                for k in range(tokenizer.codebook_size)
+            ]
+        favoured.append(int(pipeline.layout.mask_ids(order, [int(np.argmax(fullness))])[0]))
+
+    def hook(module, inputs, output):
+        output = output.clone()
+        output[..., favoured] += 1e4  # illegal ids stay masked out where they are not allowed
+        return output
+
+    handle = pipeline.decoder.lm_head.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class ScriptedPipeline:
     """A stand-in for MRISPipeline that streams masks chosen by the test (widget logic, not the model).
 

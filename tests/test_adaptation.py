@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _model_fixtures import force_decision
+from _model_fixtures import force_drawing
 
 from napari_mris._widget import LABELS_NAME, MRISWidget
 from napari_mris.adaptation import AdaptationError, AdaptationJob, adapter_name
@@ -58,7 +58,7 @@ def test_save_adapt_switch_and_switch_back(make_napari_viewer, qtbot, model_copy
 
     for value, prompt in enumerate(("Unilateral pulmonary infection, lower left lung.", "upper right lung"), 1):
         widget.set_prompt(prompt)
-        with force_decision(widget.pipeline, "SOV"):  # the tiny model must draw something to be corrected
+        with force_drawing(widget.pipeline):  # the tiny model must draw something to be corrected
             widget.segment()
             qtbot.waitUntil(lambda: not widget.is_running, timeout=WAIT_MS)
         labels = viewer.layers[LABELS_NAME]
@@ -82,7 +82,7 @@ def test_save_adapt_switch_and_switch_back(make_napari_viewer, qtbot, model_copy
     widget.segment()  # loads base + adapter in a worker, then streams
     qtbot.waitUntil(lambda: not widget.is_running, timeout=WAIT_MS)
     assert widget.pipeline is not None and widget.pipeline.adapter == widget.adapter
-    assert widget.status_label.text().startswith(("Done", "Target not found")), widget.status_label.text()
+    assert widget.status_label.text().startswith(("Done", "Not present")), widget.status_label.text()
 
     none_index = widget.adapter_combo.findData(None)
     widget.adapter_combo.setCurrentIndex(none_index)

@@ -115,6 +115,113 @@ def test_info_prints_model_device_and_versions(tiny_model_dir, capsys) -> None: 
     assert model_hash(tiny_model_dir) in out and "cpu" in out and "transformers" in out
 
 
+def test_predict_on_a_plain_folder_of_png_jpeg_tiff(tmp_path, tiny_model_dir, capsys) -> None:  # noqa: F811
+    import tifffile
+
+    from napari_mris.model.modeldir import model_hash
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for i, suffix in enumerate((".png", ".jpg", ".tif")):
+        image = make_phantom(i, size=48).image
+        if suffix == ".tif":
+            tifffile.imwrite(folder / f"case_{i}{suffix}", image)
+        else:
+            Image.fromarray(image).save(folder / f"case_{i}{suffix}")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    args = ["predict", str(folder), "--prompt", "lower left lung", "--out", str(out), "--order", "raster"]
+    assert main([*args, "--model", str(tiny_model_dir), "--device", "cpu"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("loading the model") and "3 image(s) to segment" in printed[1]
+    rows = read_predictions(out)
+    assert [r["image"] for r in rows] == ["case_0.png", "case_1.jpg", "case_2.tif"]
+    assert sorted(p.name for p in out.glob("mask_*.png")) == ["mask_case_0.png", "mask_case_1.png", "mask_case_2.png"]
+    # every row says what produced it: the model (hash over all its files), adapter, order, domain score
+    assert list(rows[0]) == [
+        "image", "prompt", "rejected", "seconds", "model_id", "model_hash", "adapter", "order", "domain_score"
+    ]  # fmt: skip
+    assert {r["model_hash"] for r in rows} == {model_hash(tiny_model_dir)} and {r["order"] for r in rows} == {"raster"}
+    assert all(r["model_id"] and r["adapter"] == "" for r in rows)
+
+
+def _one_line_error(capsys, *expected: str) -> str:
+    """The captured stdout, after checking that stderr is one `napari-mris: error:` line holding `expected`."""
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.count("\n") == 1 and err.startswith("napari-mris: error:") and "Traceback" not in err, err
+    assert all(text in err for text in expected), err
+    return captured.out
+
+
+def test_out_is_checked_before_the_model_loads(tmp_path, tiny_model_dir, capsys) -> None:  # noqa: F811
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(image)
+    (tmp_path / "taken").write_text("a file")
+    model = ["--model", str(tiny_model_dir), "--device", "cpu"]
+    for out, message in ((tmp_path / "taken", "is a file, not a folder"), (tmp_path / "taken" / "below", "")):
+        assert main(["predict", str(image), "--prompt", "lung", "--out", str(out), *model]) == 2
+        assert "loading the model" not in _one_line_error(capsys, str(out), message)
+    if os.geteuid() != 0:  # root writes into read-only folders anyway
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert main(["predict", str(image), "--prompt", "lung", "--out", str(locked), *model]) == 2
+        assert "loading the model" not in _one_line_error(capsys, "not a writable folder")
+
+
+def test_bad_inputs_print_one_line_and_write_no_mask(tmp_path, tiny_model_dir, capsys) -> None:  # noqa: F811
+    import shutil
+
+    import SimpleITK as sitk
+
+    from napari_mris.model.modeldir import write_manifest
+
+    nan_slice = np.ones((32, 32), np.float32)
+    nan_slice[3, 4] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(nan_slice), str(tmp_path / "nan.nii.gz"))
+    good = tmp_path / "x.png"
+    Image.fromarray(make_phantom(0, size=32).image).save(good)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(good, mixed / "x.png")
+    (mixed / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    damaged = tmp_path / "damaged_model"
+    shutil.copytree(tiny_model_dir, damaged, ignore=shutil.ignore_patterns("cache", "checkpoints"))
+    write_manifest(damaged)
+    weights = bytearray((damaged / "model.safetensors").read_bytes())
+    weights[len(weights) // 2] ^= 0xFF
+    (damaged / "model.safetensors").write_bytes(bytes(weights))
+    cases = [
+        ([str(tmp_path / "nan.nii.gz")], str(tiny_model_dir), "nan.nii.gz: 1 of 1024 pixels are NaN or infinite"),
+        ([str(mixed)], str(tiny_model_dir), "holds both DICOM files and PNG/JPEG/TIFF images"),
+        ([str(good)], str(damaged), "model.safetensors is damaged or was changed"),
+    ]
+    for number, (inputs, model, message) in enumerate(cases):
+        out = tmp_path / f"out{number}"
+        code = main(["predict", *inputs, "--prompt", "lung", "--out", str(out), "--model", model, "--device", "cpu"])
+        assert code == 2
+        _one_line_error(capsys, message)
+        assert not out.exists() or not list(out.glob("mask_*"))
+
+
+def test_demo_without_a_display_says_so_in_one_line(monkeypatch, capsys) -> None:
+    from napari_mris import cli
+
+    monkeypatch.setattr(cli.sys, "platform", "linux")
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["demo"]) == 2  # not Qt's abort (exit 134 with a core dump)
+    _one_line_error(capsys, "no display", "xvfb-run")
+    monkeypatch.setenv("QT_QPA_PLATFORM", "xcb")
+    assert main(["demo"]) == 2
+    _one_line_error(capsys, "no display")
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")  # the user chose a platform that needs no display
+    cli.check_display()
+    monkeypatch.delenv("QT_QPA_PLATFORM")
+    monkeypatch.setenv("WAYLAND_DISPLAY", "wayland-0")
+    cli.check_display()
+
+
 def test_prompt_table_reader_accepts_lvit_conventions(tmp_path) -> None:
     path = tmp_path / "t.csv"
     path.write_text("Image,Description\nmask_A.png,first\nb.PNG,second\n,orphan\n", encoding="utf-8")
@@ -148,9 +255,37 @@ def _run_demo(argv: list[str], qtbot, monkeypatch):
     return widgets[0]
 
 
+def test_demo_zooms_to_the_canvas_left_beside_the_dock(tiny_model_dir, qtbot) -> None:  # noqa: F811
+    """napari zooms when the image is added; the dock then narrows the canvas and cropped the image."""
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from napari_mris._widget import MRISWidget
+    from napari_mris.cli import fit_after_docking
+
+    image = make_phantom(7).image
+    viewer = napari.Viewer(title="zoom test")
+    try:
+        viewer.window.resize(1200, 800)  # a desktop-sized window (the virtual X screen of the tests is small)
+        QApplication.processEvents()
+        viewer.add_image(image)
+        widget = MRISWidget(viewer, model=tiny_model_dir)
+        viewer.window.add_dock_widget(widget, name="MRIS", area="right")
+        widget.set_prompt(make_phantom(7).description)
+        fit_after_docking(viewer, widget)
+        zoom, canvas_width = viewer.camera.zoom, viewer.window._qt_viewer.canvas.size[1]
+        assert zoom * image.shape[1] <= canvas_width  # the whole width is visible
+        for _ in range(5):  # the layout had settled: more events do not change the canvas
+            QApplication.processEvents()
+        viewer.reset_view()
+        assert viewer.camera.zoom == pytest.approx(zoom)
+    finally:
+        viewer.close()
+
+
 def test_demo_opens_napari_and_segments_the_phantom(tiny_model_dir, qtbot, monkeypatch) -> None:  # noqa: F811
     widget = _run_demo(["--model", str(tiny_model_dir)], qtbot, monkeypatch)
-    assert widget.status_label.text().startswith(("Done", "Target not found")), widget.status_label.text()
+    assert widget.status_label.text().startswith(("Done", "Not present")), widget.status_label.text()
     widget.viewer.close()
 
 

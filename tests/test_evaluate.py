@@ -49,11 +49,18 @@ def test_eval_writes_every_metric(tmp_path):
         )
     assert rc == 0
     report = json.loads(out.read_text())
-    for key in ("dice", "miou", "false_rejection_rate", "shuffled_dice", "n_acc", "n_absent", "model_hash"):
+    for key in ("dice", "miou", "false_rejection_rate", "n_acc", "other_text_drop", "selection", "model_hash"):
         assert key in report
-    assert report["n_images"] == 2 and len(report["per_image"]) == 2
-    assert report["dice"] == pytest.approx(np.mean([r["dice"] for r in report["per_image"]]))
-    assert report["miou"] == pytest.approx(np.mean([r["iou"] for r in report["per_image"]]))
-    assert report["false_rejection_rate"] == pytest.approx(np.mean([r["rejected"] for r in report["per_image"]]))
-    assert report["n_absent"] == sum("absent_rejected" in r for r in report["per_image"]) > 0
-    assert 0.0 <= report["dice"] <= 1.0
+    assert report["n_images"] == 2
+    rows = report["per_prompt"]
+    full = [r for r in rows if r["set"] == "full"]
+    assert len(full) == 2 and {r["set"] for r in rows} <= {"full", "side", "zone", "absent", "other"}
+    assert report["dice"] == pytest.approx(np.mean([r["dice"] for r in full]))
+    assert report["miou"] == pytest.approx(np.mean([r["iou"] for r in full]))
+    assert report["false_rejection_rate"] == pytest.approx(np.mean([r["not_present"] for r in full]))
+    assert report["sets"]["absent"]["n"] == sum(r["set"] == "absent" for r in rows) > 0
+    assert report["n_acc"] == pytest.approx(np.mean([r["not_present"] for r in rows if r["set"] == "absent"]))
+    for name in ("full", "other"):
+        assert 0.0 <= report["sets"][name]["dice"] <= 1.0 and 0.0 <= report["sets"][name]["pooled_dice"] <= 1.0
+    with pytest.raises(SystemExit):  # a misspelt set is an argparse error, before the model loads
+        main(["eval", "--model", str(model), "--data", str(data / "Val_Folder"), "--sets", "full,sides"])

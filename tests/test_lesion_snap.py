@@ -27,12 +27,23 @@ def test_touched_lesions_are_drawn_by_the_map_and_untouched_ones_stay_out():
     assert np.array_equal(mask, (tokens >= 0.5) | ((lesions >= 0.5) & ~(np.arange(40)[:, None] >= 25)))
 
 
-def test_an_empty_token_mask_takes_every_lesion_of_the_map():
-    """[SOV] with no lesion code written: the present answer and the empty drawing disagree."""
+def test_an_empty_token_mask_stays_empty():
+    """[SOV] with no lesion code written, or an answer for an empty zone: the map never fills it."""
     shape = (20, 20)
     lesions = blob(shape, slice(1, 5), slice(1, 5), 0.9) + blob(shape, slice(10, 15), slice(10, 15), 0.6)
-    out = snap_to_lesion_map(np.zeros(shape, np.float32), lesions)
-    assert np.array_equal(out >= 0.5, lesions >= 0.5)
+    tokens = np.full(shape, 0.3, np.float32)  # below the threshold everywhere: nothing drawn
+    out = snap_to_lesion_map(tokens, lesions)
+    assert not (out >= 0.5).any()
+    assert out is tokens
+
+
+def test_a_one_side_drawing_keeps_the_other_side_out():
+    """Asked for one lung, the tokens touch its lesion: the other lung's lesion is never added."""
+    shape = (30, 40)
+    left, right = blob(shape, slice(5, 25), slice(3, 15), 0.9), blob(shape, slice(8, 22), slice(25, 37), 0.9)
+    tokens = blob(shape, slice(10, 16), slice(6, 12), 0.8)
+    mask = snap_to_lesion_map(tokens, left + right) >= 0.5
+    assert mask[5:25, 3:15].all() and not mask[:, 20:].any()
 
 
 def test_no_lesion_in_the_map_leaves_the_tokens_alone():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,10 @@ def phantoms(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def recipe():
-    return load_tokenizer_recipe(TINY)
+    """The tiny recipe with the learned-VQ mask tokenizer (its trainer is what most tests here exercise;
+    the GPU `paper` recipe uses it); the shipped patch kind is fitted in test_tokenizers_patch.py."""
+    tiny = load_tokenizer_recipe(TINY)
+    return replace(tiny, mask=replace(tiny.mask, kind="vq"))
 
 
 def test_train_writes_a_loadable_model_directory(phantoms, recipe, tmp_path):
@@ -136,7 +140,9 @@ def test_multiscale_loss_trains_the_coarse_previews(recipe):
 
 def test_refine_decoders_keeps_every_code_and_sharpens_the_masks(phantoms, tmp_path):
     out = tmp_path / "model"
-    args = ["tokenizers", "--config", str(TINY), "--data", str(phantoms), "--out", str(out), "--threads", "1"]
+    vq = tmp_path / "tiny_vq.yaml"  # the learned-VQ kind: its decoder is what --refine-decoders fine-tunes
+    vq.write_text(TINY.read_text().replace("kind: patch", "kind: vq"))
+    args = ["tokenizers", "--config", str(vq), "--data", str(phantoms), "--out", str(out), "--threads", "1"]
     assert main([*args, "--steps", "3"]) == 0  # barely trained: the decoder has room to improve
     before = load_tokenizers(out)
     masks = preload(load_split(phantoms, split="train"), 32, progress=False).masks[:6].float()

@@ -162,7 +162,7 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     assert het_a["keys"].shape[0] > 0 and all(torch.equal(het_a[k], het_b[k]) for k in het_a)
     log = [json.loads(line) for line in (halves / trainer.LOG_NAME).read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
-    assert any("val_dice" in r for r in log) and (halves / "model.safetensors").is_file()
+    assert any("val_selection" in r for r in log) and (halves / "model.safetensors").is_file()
     assert {"ntp", "tcl", "nktp", "het", "tokens_per_s"} <= set(log[0])
 
 
@@ -212,10 +212,31 @@ def test_stem_warmup_trains_only_the_stem_and_resume_skips_it(tiny_data, tmp_pat
     assert loss_with(warmed) < (0.95 if decoder_channels else 0.8) * loss_with(init)
 
 
+def test_second_stage_starts_from_a_model_and_keeps_its_stem(tiny_data, tmp_path, monkeypatch):
+    """--init-from + train.freeze_stem (the referring stage): the stem stays bit-identical, the rest moves."""
+    root, tokenizers_dir = tiny_data
+    recipe = tiny_recipe(steps=2, checkpoint_every=1, warmup_steps=1)
+    recipe = replace(recipe, decoder=replace(recipe.decoder, pixel_decoder_channels=[8]))
+    first = trainer.train(recipe, root, fresh_model_dir(tokenizers_dir, tmp_path, "first"), progress=False)
+    start = {k: v.clone() for k, v in part(load_checkpoint(first / "checkpoints" / "last")[0], "model").items()}
+    second_recipe = replace(recipe, train=replace(recipe.train, freeze_stem=True, stem_warmup_steps=5))
+    monkeypatch.setattr(trainer, "warm_up_stem", lambda run, progress: pytest.fail("a loaded stem is not warmed up"))
+    second = fresh_model_dir(tokenizers_dir, tmp_path, "second")
+    trainer.train(second_recipe, root, second, init_from=first, progress=False)
+    after = part(load_checkpoint(second / "checkpoints" / "last")[0], "model")
+    stem = [k for k in after if k.startswith("pixel_stem.")]
+    assert stem and all(torch.equal(after[k], start[k]) for k in stem)
+    assert any(not torch.equal(after[k], start[k]) for k in after if k.startswith("llama."))
+    with pytest.raises(trainer.MRISError, match="incomplete"):  # not a model directory: named, not a traceback
+        trainer.train(second_recipe, root, fresh_model_dir(tokenizers_dir, tmp_path, "x"), init_from=tmp_path)
+
+
 def test_stem_warmup_needs_a_stem(tiny_data, tmp_path):
     root, tokenizers_dir = tiny_data
     recipe = tiny_recipe(steps=1, stem_warmup_steps=2)
-    recipe = replace(recipe, decoder=replace(recipe.decoder, pixel_channels=[]))
+    recipe = replace(
+        recipe, decoder=replace(recipe.decoder, pixel_channels=[], cell_features=False, pixel_decoder_channels=[])
+    )
     with pytest.raises(trainer.ConfigError, match="pixel stem"):
         trainer.train(recipe, root, fresh_model_dir(tokenizers_dir, tmp_path), progress=False)
 
@@ -292,6 +313,7 @@ def test_export_writes_the_last_weights_and_nothing_else(tiny_model_dir, tmp_pat
             "mask_tokenizer.safetensors",
             "tokenizer.json",
             "model.safetensors",
+            "SHA256SUMS",  # the manifest every load verifies the files against
         ]
     )
     assert read_config(out)["model_id"] == "x-v1" and read_config(out)["trained_steps"] > 0
@@ -302,6 +324,6 @@ def test_export_writes_the_last_weights_and_nothing_else(tiny_model_dir, tmp_pat
     assert MRISPipeline.from_pretrained(out).default_order == "scale"
     args = ["export", "--run", str(tiny_model_dir), "--out", str(out), "--model-id", "x-v1"]
     assert main([*args, "--default-order", "raster"]) == 0
-    pipeline = MRISPipeline.from_pretrained(out)
-    assert pipeline.default_order == "raster" and pipeline.settings().order == "raster"
+    pipeline = MRISPipeline.from_pretrained(out)  # a re-export over an exported model writes a fresh manifest
+    assert pipeline.weights_verified and pipeline.default_order == "raster" and pipeline.settings().order == "raster"
     assert pipeline.settings(order="scale").order == "scale"

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from _model_fixtures import ScriptedPipeline, force_decision
+from _model_fixtures import ScriptedPipeline, force_decision, force_drawing
 from PIL import Image as PILImage
 from qtpy.QtCore import QThreadPool
 
@@ -169,7 +169,26 @@ def test_rejection_leaves_the_layer_alone(viewer, image_layer, qtbot) -> None:
     run(qtbot, widget)
     labels = viewer.layers[LABELS_NAME]
     assert not labels.data.any() and labels.metadata["mris_segment_labels"] == {}
-    assert "Target not found" in widget.status_label.text()
+    text = widget.status_label.text()
+    assert text.startswith("Not present: no lesion found for “lower left lung”") and "not present" in text
+
+
+def test_an_empty_answer_is_not_present_and_keeps_the_earlier_drawing(viewer, image_layer, qtbot) -> None:
+    """Present but nothing drawn (the tokens touched no lesion): the streamed rows are taken back, and an
+    earlier drawing of the same finding (same label value) is left exactly as it was."""
+    shape = image_layer.data.shape
+    earlier = box(shape, slice(2, 12), slice(2, 12))
+    widget = make_widget(viewer, ScriptedPipeline([earlier]))
+    run(qtbot, widget)
+    labels = viewer.layers[LABELS_NAME]
+    before = labels.data.copy()
+    streamed = box(shape, slice(20, 30), slice(20, 30))  # a partial drawing the finished answer withdraws
+    widget.set_pipeline(ScriptedPipeline([streamed, np.zeros(shape, bool)]))
+    run(qtbot, widget)
+    np.testing.assert_array_equal(labels.data, before)
+    assert labels.metadata["mris_segment_labels"] == {1: "lower left lung"}
+    text = widget.status_label.text()
+    assert text.startswith("Not present") and "drew no lesion" in text and "label 1 unchanged" in text
 
 
 def test_samples_show_an_uncertainty_layer(viewer, image_layer, qtbot) -> None:
@@ -259,8 +278,8 @@ def test_real_model_loads_lazily_and_streams_into_the_layer(viewer, image_layer,
     run(qtbot, widget)
     assert widget.pipeline is not None and widget.pipeline.model_hash[:8] in widget.model_label.text()
     text = widget.status_label.text()
-    assert text.startswith(("Done: label 1", "Target not found")), text
-    with force_decision(widget.pipeline, "SOV"):
+    assert text.startswith(("Done: label 1", "Not present")), text
+    with force_drawing(widget.pipeline):
         widget.set_prompt("upper right lung")
         run(qtbot, widget)
     labels = viewer.layers[LABELS_NAME]

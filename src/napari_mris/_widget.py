@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QComboBox,
@@ -34,6 +34,7 @@ from qtpy.QtWidgets import (
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
+    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -41,6 +42,7 @@ from qtpy.QtWidgets import (
 
 from napari_mris.errors import MRISError, UnsupportedImageError
 from napari_mris.io.slice import Slice
+from napari_mris.prompt_check import PromptVocabulary
 
 if TYPE_CHECKING:
     import napari
@@ -105,7 +107,6 @@ class MRISWidget(QWidget):
         self._loader = None
         self._run: _Run | None = None
         self._canceller = _Canceller()
-        self._predictions: dict[tuple[int, int], tuple[tuple[int, ...], np.ndarray]] = {}
         self._build()
         self._connect()
         self.refresh_layers()
@@ -129,6 +130,8 @@ class MRISWidget(QWidget):
         self.prompt_edit.setFixedHeight(72)
         self.history_combo = QComboBox()
         self.history_combo.setPlaceholderText("Previous prompts")
+        self.examples_combo = QComboBox()  # the model's training descriptions (prompt_vocabulary.json)
+        self.examples_combo.setPlaceholderText("Prompts this model was trained on")
         self.order_combo = QComboBox()
         for text, order in ORDERS:
             self.order_combo.addItem(text, order)
@@ -141,6 +144,8 @@ class MRISWidget(QWidget):
         self.progress_bar.setRange(0, 100)
         self.status_label = QLabel("Ready")
         self.status_label.setWordWrap(True)
+        # wrap long messages instead of widening the dock, which would narrow the canvas under the image
+        self.status_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.export_button = QPushButton("Export…")
         self.save_example_button = QPushButton("Save as training example")
@@ -164,6 +169,7 @@ class MRISWidget(QWidget):
         form.addRow("Image", self.image_combo)
         form.addRow("Prompt", self.prompt_edit)
         form.addRow("History", self.history_combo)
+        form.addRow("Examples", self.examples_combo)
         form.addRow("Order", self.order_combo)
         form.addRow("Samples", self.samples_spin)
         self.setMaximumWidth(480)  # a dock beside the canvas, not a second main window
@@ -176,6 +182,9 @@ class MRISWidget(QWidget):
         layout.addLayout(out_row)
         layout.addWidget(self.adapt_button)
         layout.addStretch(1)
+        for combo in self.findChildren(QComboBox):  # long prompts and layer names must not widen the dock either
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(16)
 
     def _connect(self) -> None:
         self.segment_button.clicked.connect(self.segment)
@@ -186,6 +195,7 @@ class MRISWidget(QWidget):
         self.model_button.clicked.connect(self._model_dialog)
         self.adapter_combo.activated.connect(self._adapter_chosen)
         self.history_combo.activated.connect(self._history_chosen)
+        self.examples_combo.activated.connect(self._example_chosen)
         self.prompt_edit.textChanged.connect(self._update_buttons)
         self.image_combo.currentIndexChanged.connect(self._update_buttons)
         self.viewer.layers.events.inserted.connect(self.refresh_layers)
@@ -266,6 +276,20 @@ class MRISWidget(QWidget):
         index = self.adapter_combo.findData(self.adapter)
         self.adapter_combo.setCurrentIndex(max(index, 0))
         self.adapter_combo.blockSignals(False)
+        self._show_vocabulary()
+
+    def _show_vocabulary(self) -> None:
+        """Offer the model's example prompts and list its words in the prompt box's tooltip."""
+        vocabulary = _vocabulary(self.model)
+        self.examples_combo.clear()
+        if vocabulary is None:
+            self.examples_combo.setEnabled(False)
+            self.prompt_edit.setToolTip("")
+            return
+        self.examples_combo.addItems(list(vocabulary.examples))
+        self.examples_combo.setCurrentIndex(-1)
+        self.examples_combo.setEnabled(bool(vocabulary.examples))
+        self.prompt_edit.setToolTip(f"The model was trained on descriptions using these words: {vocabulary.summary()}")
 
     def _use_model_default_order(self) -> None:
         """Select the model's preferred order, when a model is chosen (never over a choice made since)."""
@@ -309,6 +333,10 @@ class MRISWidget(QWidget):
     def _history_chosen(self, index: int) -> None:
         if index >= 0:
             self.set_prompt(self.history_combo.itemText(index))
+
+    def _example_chosen(self, index: int) -> None:
+        if index >= 0:
+            self.set_prompt(self.examples_combo.itemText(index))
 
     def _remember(self, prompt: str) -> None:
         items = [prompt] + [self.history_combo.itemText(i) for i in range(self.history_combo.count())]
@@ -456,12 +484,16 @@ class MRISWidget(QWidget):
         run = self._run
         if run is None:  # stopped or superseded: updates still queued are dropped
             return
+        first = run.last is None
         run.last = update
         self._draw(run, update.mask)
         self.progress_bar.setValue(round(100 * update.progress))
         timings = update.timings
+        if first and update.out_of_domain:  # warn once; the run goes on (Stop ends it)
+            show_warning(f"MRIS: {_out_of_domain_note(update)}")
         self._status(
-            f"{update.tokens_done}/{update.tokens_total} tokens · {timings.get('tokens_per_s', 0):.0f} tokens/s · "
+            _domain_prefix(update)
+            + f"{update.tokens_done}/{update.tokens_total} tokens · {timings.get('tokens_per_s', 0):.0f} tokens/s · "
             f"{timings.get('total_s', 0):.2f} s"
         )
         if update.finished:
@@ -469,19 +501,24 @@ class MRISWidget(QWidget):
 
     def _finish(self, run: _Run, update: StreamUpdate) -> None:
         self._run = None
-        self._commit(run)
         notes = " · ".join(update.warnings)
-        if update.rejected:
-            message = f"Target not found: the model says “{_short(run.prompt)}” is not in this image"
+        if _not_present(update):  # [REJ], or present but nothing drawn: the layer stays as it was
+            self._revert(run)
+            self._register(run)
+            how = "the model answered not present" if update.rejected else "the model drew no lesion"
+            message = f"Not present: no lesion found for “{_short(run.prompt, 80)}” ({how}; label {run.value} unchanged)"
             self._status(message + (f" ({notes})" if notes else ""))
             show_info(message)
             return
-        key = (id(run.labels), run.value)
-        self._predictions[key] = (run.plane, update.mask.copy())
+        self._commit(run)
+        # Kept on the layer itself, not keyed by id(layer): a widget docked from the Plugins menu sees the
+        # layers through napari's PublicOnlyProxy, a new wrapper object on every access.
+        predictions = run.labels.metadata.setdefault("mris_predictions", {})
+        predictions[run.value] = {"plane": run.plane, "mask": update.mask.copy()}
         if update.uncertainty is not None:
             self._show_uncertainty(run, update.uncertainty)
         seconds = update.timings.get("total_s", 0.0)
-        text = f"Done: label {run.value}, {int(update.mask.sum())} pixels, {seconds:.2f} s"
+        text = _domain_prefix(update) + f"Done: label {run.value}, {int(update.mask.sum())} pixels, {seconds:.2f} s"
         self._status(text + (f" ({notes})" if notes else ""))
 
     def _on_error(self, exc: Exception) -> None:
@@ -539,7 +576,7 @@ class MRISWidget(QWidget):
         """Record the prompt of this label value (metadata for writers, features for the layer's tooltip)."""
         labels = run.labels
         names: dict[int, str] = labels.metadata.setdefault("mris_segment_labels", {})
-        if run.last is None or (run.last.rejected and run.value not in names):
+        if run.last is None or (_not_present(run.last) and run.value not in names):
             return  # stopped before any update, or the model found nothing: no new label value
         names[run.value] = run.prompt
         if self._pipeline is not None:
@@ -638,8 +675,8 @@ class MRISWidget(QWidget):
         if image is None:
             self._fail("The image of this MRIS layer was closed; cannot save the example without it")
             return None
-        prediction = self._predictions.get((id(labels), value))
-        plane = prediction[0] if prediction is not None else self._plane_of(image)
+        prediction = labels.metadata.get("mris_predictions", {}).get(value)
+        plane = prediction["plane"] if prediction is not None else self._plane_of(image)
         source = labels.metadata["mris_slice"]
         run = labels.metadata.get("mris_runs", {}).get(value, {})
         try:
@@ -647,7 +684,7 @@ class MRISWidget(QWidget):
                 np.asarray(image.data[plane]),
                 names[value],
                 np.asarray(labels.data[plane]) == value,
-                prediction=prediction[1] if prediction is not None else None,
+                prediction=prediction["mask"] if prediction is not None else None,
                 window=_window(image, plane),
                 spacing=tuple(source.spacing[-2:]),
                 model_id=run.get("model_id"),
@@ -745,6 +782,24 @@ def _default_order(model: str | Path) -> str | None:
         return None  # a missing or broken config is reported when the model loads
 
 
+def _vocabulary(model: str | Path) -> PromptVocabulary | None:
+    """The model's prompt vocabulary, read without loading torch (None: none recorded, or unreadable, which
+    loading the model reports)."""
+    try:
+        return PromptVocabulary.load(DEFAULT_MODEL_DIR if str(model) == "default" else Path(model))
+    except MRISError:
+        return None
+
+
+def _out_of_domain_note(update: StreamUpdate) -> str:
+    return next((note for note in update.warnings if note.startswith("out of domain")), "out of domain")
+
+
+def _domain_prefix(update: StreamUpdate) -> str:
+    """'⚠ OUT OF DOMAIN · ' for a slice the model's domain guard flags, else nothing."""
+    return "⚠ OUT OF DOMAIN (mask likely meaningless) · " if update.out_of_domain else ""
+
+
 def _adapters(model: str | Path) -> list[str]:
     folder = (DEFAULT_MODEL_DIR if str(model) == "default" else Path(model)) / "adapters"
     if not folder.is_dir():
@@ -757,6 +812,11 @@ def _message(exc: Exception, context: str) -> str:
         return str(exc)
     log.error("%s", context, exc_info=exc)
     return f"{context}: {type(exc).__name__}: {exc}"
+
+
+def _not_present(update: StreamUpdate) -> bool:
+    """A finished answer of "not present": the model said [REJ], or said present and drew nothing."""
+    return bool(update.finished and (update.rejected or not update.mask.any()))
 
 
 def _short(text: str, limit: int = 60) -> str:

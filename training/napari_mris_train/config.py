@@ -57,6 +57,7 @@ class TrainRecipe:
     seed: int = 0
     stem_warmup_steps: int = 0  # stem-only steps on the lesion target before the decoder trains (0 = none)
     stem_warmup_lr: float = 1.0e-3
+    freeze_stem: bool = False  # keep the pixel stem (and its lesion map) as loaded: decoder-only training
     losses: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self) -> None:

@@ -1,11 +1,19 @@
-"""`napari-mris-train eval`: Dice, mIoU, text dependence and [REJ] accuracy on an LViT split.
+"""`napari-mris-train eval`: the referring benchmark on an LViT split (Val_Folder for every reported figure).
 
-Every image is decoded through `MRISPipeline.segment`, the same path as the widget and the CLI, and
-scored at its mask's own resolution (per-image Dice and IoU, then the mean). Three questions, three runs:
+Every prompt is decoded through `MRISPipeline.segment`, the same path as the widget and the CLI, and
+scored at its mask's own resolution. The sets (`referring.py`) ask whether the mask follows the text:
 
-- the right description: Dice / mIoU and the false-rejection rate (a present target answered `[REJ]`);
-- another image's (different) description: Dice again; the drop says how much the text matters;
-- a constructed absent-target prompt (zones with no lesion): N-Acc, the fraction answered `[REJ]`.
+- `full`: Dice / mIoU on the image's own description, and the false-rejection rate (a present finding
+  answered "not present");
+- `side` / `zone`: Dice against the named part only, beside two references: *text ignored* (the
+  full-description mask scored against that part) and *oracle* (that mask cut to the named region);
+- `absent`: N-Acc, the fraction answered "not present" (`[REJ]`, or an empty mask);
+- `other`: another image's description scored against this image's mask: the drop from `full` says how
+  much the text matters.
+
+Every set reports the per-image mean AND the pixel-pooled Dice / IoU (one intersection over the set).
+The `selection` score (mean of full, side and zone Dice and N-Acc) is what training keeps checkpoints
+by: full descriptions alone reward a model that ignores the text.
 """
 
 from __future__ import annotations
@@ -23,19 +31,10 @@ from napari_mris.errors import MRISError
 from napari_mris.io.atomic import write_text_atomic
 from napari_mris.pipeline import MRISPipeline
 from napari_mris_train.data import load_split
-from napari_mris_train.metrics import RunningMean, dice_iou
-from napari_mris_train.prompts import absent_target
+from napari_mris_train.metrics import dice_iou, overlap_counts, pooled_dice_iou
+from napari_mris_train.referring import RESTRICTED, SETS, other_description, referring_prompts
 
-SHUFFLE_TRIES = 32
-
-
-def other_description(descriptions: list[str], index: int, rng: np.random.Generator) -> str | None:
-    """A description of another image that differs from this one's text (templates repeat a lot)."""
-    for _ in range(SHUFFLE_TRIES):
-        j = int(rng.integers(len(descriptions)))
-        if j != index and descriptions[j].strip().lower() != descriptions[index].strip().lower():
-            return descriptions[j]
-    return None
+SELECTION_SETS = ("full", "side", "zone", "absent")
 
 
 def evaluate_split(
@@ -45,88 +44,172 @@ def evaluate_split(
     order: str,
     beam: int = 1,
     limit: int | None = None,
-    shuffled: bool = True,
-    absent: bool = True,
+    sets: tuple[str, ...] = SETS,
     seed: int = 0,
     progress: bool = True,
     snap: bool = True,
 ) -> dict[str, Any]:
-    """Decode the first `limit` examples of `split` and return the metrics (and a row per image)."""
+    """Decode the referring prompts of the first `limit` examples of `split`; metrics and a row per prompt.
+
+    The full description is decoded for every image (the restricted sets' references need its mask) but
+    reported only when `full` is among `sets`.
+    """
     count = len(split) if limit is None else min(limit, len(split))
     if count < 1:
         raise MRISError(f"{split.folder}: nothing to evaluate (the split has {len(split)} pairs, limit {limit})")
-    rng = np.random.default_rng(seed)
     descriptions = split.descriptions
-    dice, iou, shuffled_dice, n_acc, rejected = RunningMean(), RunningMean(), RunningMean(), RunningMean(), 0
-    rows = []
+    rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     for index in tqdm(range(count), desc=f"eval {order}", disable=not progress, leave=False):
         example = split[index]
-        result = pipeline.segment(example.image, example.description, order=order, beam=beam, snap=snap)
-        d, i = dice_iou(result.mask, example.mask)
-        dice.add(d)
-        iou.add(i)
-        rejected += int(result.rejected)
-        row = {"name": example.name, "dice": d, "iou": i, "rejected": bool(result.rejected)}
-        if shuffled and (text := other_description(descriptions, index, rng)) is not None:
-            other = pipeline.segment(example.image, text, order=order, beam=beam, snap=snap)
-            row["shuffled_dice"] = dice_iou(other.mask, example.mask)[0]
-            shuffled_dice.add(row["shuffled_dice"])
-        if absent and (text := absent_target(example.mask, rng)) is not None:
-            row["absent_rejected"] = bool(
-                pipeline.segment(example.image, text, order=order, beam=beam, snap=snap).rejected
+        rng = np.random.default_rng([seed, index])  # per image: a --limit run is a prefix of the full run
+        other = other_description(descriptions, index, rng) if "other" in sets else None
+        full = pipeline.segment(example.image, example.description, order=order, beam=beam, snap=snap)
+        for prompt in referring_prompts(example.mask, example.description, other, rng, ("full", *sets)):
+            if prompt.set == "full" and "full" not in sets:
+                continue
+            result = full if prompt.set == "full" else pipeline.segment(
+                example.image, prompt.text, order=order, beam=beam, snap=snap
             )
-            n_acc.add(row["absent_rejected"])
-        rows.append(row)
-    seconds = time.perf_counter() - start
-    report = {
+            rows.append(score_prompt(example.name, prompt, result, full.mask))
+    return {
         "order": order,
         "snap": snap,
         "beam": beam,
         "n_images": count,
-        "dice": dice.mean,
-        "miou": iou.mean,
-        "false_rejection_rate": rejected / count,
-        "shuffled_dice": shuffled_dice.mean if len(shuffled_dice) else None,
-        "n_shuffled": len(shuffled_dice),
-        "n_acc": n_acc.mean if len(n_acc) else None,
-        "n_absent": len(n_acc),
-        "seconds": seconds,
-        "per_image": rows,
+        "seconds": time.perf_counter() - start,
+        **summarise(rows),
+        "per_prompt": rows,
     }
-    if report["shuffled_dice"] is not None:
-        report["dice_drop_shuffled"] = report["dice"] - report["shuffled_dice"]
+
+
+def score_prompt(name: str, prompt, result, full_mask: np.ndarray) -> dict[str, Any]:
+    """One row: the answer's overlap with the truth (and, for side/zone, both references' overlaps)."""
+    dice, iou = dice_iou(result.mask, prompt.truth)
+    row = {
+        "name": name,
+        "set": prompt.set,
+        "prompt": prompt.text,
+        "dice": dice,
+        "iou": iou,
+        "counts": overlap_counts(result.mask, prompt.truth),
+        "rejected": bool(result.rejected),
+        "not_present": bool(result.rejected or not result.mask.any()),
+    }
+    if prompt.region is not None:
+        row["text_ignored_counts"] = overlap_counts(full_mask, prompt.truth)
+        row["oracle_counts"] = overlap_counts(full_mask & prompt.region, prompt.truth)
+    return row
+
+
+def _scores(counts: list[tuple[int, int, int]]) -> dict[str, float]:
+    """Per-image mean and pooled Dice / IoU of a list of (intersection, |P|, |T|)."""
+    per_image = [_dice_iou_of(c) for c in counts]
+    pooled_dice, pooled_iou = pooled_dice_iou(counts)
+    return {
+        "dice": float(np.mean([d for d, _ in per_image])),
+        "miou": float(np.mean([i for _, i in per_image])),
+        "pooled_dice": pooled_dice,
+        "pooled_miou": pooled_iou,
+    }
+
+
+def _dice_iou_of(counts: tuple[int, int, int]) -> tuple[float, float]:
+    return pooled_dice_iou([counts])  # one image pooled alone is its own Dice / IoU
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-set figures, the full-description headline (`dice`, `miou`) and the selection score."""
+    sets: dict[str, dict[str, Any]] = {}
+    for name in SETS:
+        chosen = [r for r in rows if r["set"] == name]
+        if not chosen:
+            continue
+        summary = {"n": len(chosen), "not_present": float(np.mean([r["not_present"] for r in chosen]))}
+        summary["rejected"] = float(np.mean([r["rejected"] for r in chosen]))
+        if name != "absent":  # an empty truth has no Dice worth averaging: N-Acc says it
+            summary |= _scores([tuple(r["counts"]) for r in chosen])
+        if name in RESTRICTED:
+            summary["text_ignored"] = _scores([tuple(r["text_ignored_counts"]) for r in chosen])
+            summary["oracle"] = _scores([tuple(r["oracle_counts"]) for r in chosen])
+            summary["of_oracle"] = summary["dice"] / max(summary["oracle"]["dice"], 1e-9)
+        sets[name] = summary
+    report: dict[str, Any] = {"sets": sets}
+    if "full" in sets:
+        report |= {"dice": sets["full"]["dice"], "miou": sets["full"]["miou"]}
+        report["false_rejection_rate"] = sets["full"]["not_present"]
+        if "other" in sets:
+            names = {r["name"] for r in rows if r["set"] == "other"}
+            paired = [r["dice"] for r in rows if r["set"] == "full" and r["name"] in names]
+            report["other_text_drop"] = float(np.mean(paired)) - sets["other"]["dice"]
+    if "absent" in sets:
+        report["n_acc"] = sets["absent"]["not_present"]
+    parts = [sets[s]["dice"] for s in ("full", "side", "zone") if s in sets]
+    parts += [report["n_acc"]] if "n_acc" in report else []
+    report["selection"] = float(np.mean(parts)) if parts else None
     return report
 
 
 def format_table(report: dict[str, Any]) -> str:
+    """The report as a plain table: one line per set and reference, then the summary figures."""
+
     def pct(value: float | None) -> str:
-        return "n/a" if value is None else f"{100 * value:6.2f} %"
+        return "    n/a" if value is None else f"{100 * value:6.2f}%"
 
     lines = [
-        f"images            {report['n_images']}  (order {report['order']}, beam {report['beam']})",
-        f"Dice              {pct(report['dice'])}",
-        f"mIoU              {pct(report['miou'])}",
-        f"false rejections  {pct(report['false_rejection_rate'])}",
-        f"Dice, other text  {pct(report['shuffled_dice'])}  ({report['n_shuffled']} images)",
-        f"N-Acc (absent)    {pct(report['n_acc'])}  ({report['n_absent']} prompts)",
-        f"time              {report['seconds']:.1f} s",
+        f"images {report['n_images']}  order {report['order']}  beam {report['beam']}  snap {report['snap']}  "
+        f"({report['seconds']:.0f} s)",
+        f"{'set':<22}{'n':>6}  {'Dice':>7}  {'mIoU':>7}  {'pooled Dice':>11}  {'pooled mIoU':>11}  {'not present':>11}",
     ]
+    for name, summary in report["sets"].items():
+        rows = [(name, summary)]
+        if name in RESTRICTED:
+            rows += [(f"  text ignored", summary["text_ignored"]), ("  oracle", summary["oracle"])]
+        for label, s in rows:
+            n = f"{summary['n']:>6}" if label == name else " " * 6
+            present = f"{pct(summary['not_present']):>11}" if label == name else ""
+            lines.append(
+                f"{label:<22}{n}  {pct(s.get('dice')):>7}  {pct(s.get('miou')):>7}  "
+                f"{pct(s.get('pooled_dice')):>11}  {pct(s.get('pooled_miou')):>11}  {present}"
+            )
+    for key, label in (
+        ("false_rejection_rate", "false rejections (full)"),
+        ("n_acc", "N-Acc (absent)"),
+        ("other_text_drop", "Dice drop, other text"),
+        ("selection", "selection score"),
+    ):
+        if report.get(key) is not None:
+            lines.append(f"{label:<28}{pct(report[key])}")
+    for name in RESTRICTED:
+        if name in report["sets"]:
+            lines.append(f"{name + ' Dice / oracle':<28}{pct(report['sets'][name]['of_oracle'])}")
     return "\n".join(lines)
+
+
+def parse_sets(text: str) -> tuple[str, ...]:
+    sets = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = sorted(set(sets) - set(SETS))
+    if unknown or not sets:
+        raise argparse.ArgumentTypeError(f"--sets takes a comma list of {', '.join(SETS)}; got {text!r}")
+    return sets
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory (or 'default')")
     parser.add_argument("--data", required=True, type=Path, help="LViT split folder (or a root: its Val_Folder)")
-    parser.add_argument("--json", type=Path, help="write the metrics (and one row per image) here")
-    parser.add_argument("--order", choices=("raster", "scale"), help="decoding order (default: scale if present)")
+    parser.add_argument("--json", type=Path, help="write the metrics (and one row per prompt) here")
+    parser.add_argument("--order", choices=("raster", "scale"), help="decoding order (default: the model's)")
     parser.add_argument("--beam", type=int, default=1, help="beam width (1 = greedy)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N pairs")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N images")
+    parser.add_argument(
+        "--sets",
+        type=parse_sets,
+        default=SETS,
+        help=f"comma list of referring sets (default all: {','.join(SETS)}); 'full' alone is plain Dice",
+    )
     parser.add_argument("--adapter", help="a LoRA adapter of the model directory (adapters/<name>)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the shuffled and absent-target prompts")
-    parser.add_argument("--no-shuffle", action="store_true", help="skip the other-description run")
-    parser.add_argument("--no-absent", action="store_true", help="skip the absent-target run")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the zone, absent and other-text prompts")
     parser.add_argument(
         "--no-snap", action="store_true", help="the token mask as decoded, not snapped to the lesion map"
     )
@@ -157,8 +240,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         order=order,
         beam=args.beam,
         limit=args.limit,
-        shuffled=not args.no_shuffle,
-        absent=not args.no_absent,
+        sets=args.sets,
         seed=args.seed,
         snap=not args.no_snap,
     )

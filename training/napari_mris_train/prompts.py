@@ -97,16 +97,31 @@ def lesion_zones(mask: np.ndarray) -> list[tuple[str, np.ndarray]]:
     Zones come left side first, upper to lower. Each row of a side goes to the nearest named level, so
     a lesion reaching a little into a neighbouring third stays with the level it is named by.
     """
+    return [(zone, part) for zone, part, _ in zone_regions(mask)]
+
+
+def zone_regions(mask: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """`lesion_zones` with each zone's territory: [(zone, part, region)], `part = mask & region`.
+
+    The region of a zone is its side's half of the image (split at the midline) restricted to the rows
+    that go to its level; a side's regions tile that half. The referring benchmark cuts a predicted mask
+    to a region for its oracle reference.
+    """
     zones = []
+    height, width = np.shape(mask)
     for side, part in side_masks(mask).items():
         levels = _side_levels(part)
-        bands = level_bands(part.shape[0])
+        bands = level_bands(height)
         named = [LEVELS.index(level) for level in levels]
-        row_level = np.array([_nearest_band(r, bands, named) for r in range(part.shape[0])])
+        row_level = np.array([_nearest_band(r, bands, named) for r in range(height)])
+        columns = np.zeros(width, bool)
+        columns[: width // 2] = side == "left"
+        columns[width // 2 :] = side == "right"
         for k in named:
+            region = (row_level == k)[:, None] & columns[None, :]
             zone_part = part & (row_level == k)[:, None]
             if zone_part.any():
-                zones.append((f"{LEVELS[k]} {side}", zone_part))
+                zones.append((f"{LEVELS[k]} {side}", zone_part, region | zone_part))
     return zones
 
 
@@ -253,6 +268,7 @@ __all__ = [
     "split_zone",
     "swap_left_right",
     "zone_agreement",
+    "zone_regions",
     "zone_restricted",
 ]
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from napari_mris.errors import MRISError
 from napari_mris.model.decoder import DecoderConfig, MRISDecoder, save_decoder
-from napari_mris.model.modeldir import read_config
+from napari_mris.model.modeldir import load_state_checked, load_weights, read_config
 from napari_mris.model.sequence import HEADER_LENGTH, collate
 from napari_mris.model.vocab import VocabLayout
 from napari_mris.pipeline import MRISPipeline
@@ -44,7 +44,7 @@ from napari_mris_train.checkpoint import (
 from napari_mris_train.config import ConfigError, Recipe, load_recipe
 from napari_mris_train.data import concat_splits, load_split
 from napari_mris_train.encode_cache import cached_encoding
-from napari_mris_train.evaluate import evaluate_split
+from napari_mris_train.evaluate import SELECTION_SETS, evaluate_split
 from napari_mris_train.het_memory import HETMemory
 from napari_mris_train.losses import compute_losses, lesion_loss
 from napari_mris_train.mixing import SequenceMixer, to_device
@@ -166,10 +166,13 @@ def setup(
     resume: bool,
     progress: bool,
     extra_train: tuple[Path, ...] = (),
+    init_from: Path | None = None,
 ) -> Run:
     """Tokenizers, cached data, a fresh decoder and optimizer; the checkpoint's state on top with --resume.
 
     `extra_train` roots add their Train_Folder pairs to the training data (validation stays `data_root`'s).
+    `init_from` starts the decoder from another model directory's weights (same tokenizers and decoder
+    shape) instead of from scratch; with `train.freeze_stem` its pixel stem then stays exactly as loaded.
     """
     from accelerate import Accelerator
 
@@ -183,15 +186,41 @@ def setup(
     tokenizers = load_tokenizers(run_dir)
     layout = vocab_layout(tokenizers)
     decoder = build_decoder(recipe, tokenizers, layout)
+    if init_from is not None:
+        initialise_from(decoder, Path(init_from), layout)
+    if cfg.freeze_stem:
+        freeze_pixel_stem(decoder)
     train_split = concat_splits([load_split(root, split="train") for root in (data_root, *extra_train)])
     val_split = load_split(data_root, split="val")
     data = cached_encoding(run_dir, train_split, tokenizers, int(tokenizers.image.image_size), progress=progress)
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    trainable = [p for p in decoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     memory = HETMemory(cfg.losses.het_memory, cfg.losses.het_max_keys) if cfg.losses.het else None
     step, best = restore(last, recipe, decoder, optimizer, memory) if resume else (0, -1.0)
     model, optimizer = accelerator.prepare(decoder, optimizer)
     mixer = SequenceMixer(data, tokenizers, layout, cfg, recipe.decoder.text_slots)
     return Run(recipe, run_dir, accelerator, tokenizers, layout, model, optimizer, mixer, memory, val_split, step, best)
+
+
+def initialise_from(decoder: MRISDecoder, source: Path, layout: VocabLayout) -> None:
+    """Load `source`'s decoder weights; its vocabulary must be the run's (the same tokenizers)."""
+    if read_config(source).get("vocab") != layout.to_dict():
+        raise ConfigError(f"--init-from {source}: its vocabulary differs from this run's (other tokenizers)")
+    load_state_checked(decoder, load_weights(source, "model.safetensors"), source / "model.safetensors")
+
+
+def freeze_pixel_stem(decoder: MRISDecoder) -> None:
+    """Stop gradients into the pixel stem: its features and lesion map stay as loaded (train.freeze_stem).
+
+    Why: after the stem warm-up the text-free lesion map is the best-trained part of the model, and the
+    referring work is the decoder's (which lesions the text names). A frozen stem also makes a decoder step
+    cheaper (no backward through the CNN) and keeps statistics computed on its features valid.
+    """
+    if decoder.pixel_stem is None:
+        raise ConfigError("train.freeze_stem needs a pixel stem (decoder.pixel_channels)")
+    decoder.pixel_stem.requires_grad_(False)
+    if decoder.lesion_head is not None:
+        decoder.lesion_head.requires_grad_(False)
 
 
 def train_step(run: Run) -> dict[str, Any]:
@@ -301,7 +330,7 @@ def save_state(run: Run) -> None:
     cfg = run.recipe.train
     info = {
         "step": run.step,
-        "best_dice": run.best,
+        "best_score": run.best,
         "data_position": run.step * cfg.batch_size * run.accelerator.num_processes,  # data = f(seed, step)
         "recipe": recipe_snapshot(run.recipe),
     }
@@ -319,12 +348,14 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
     extra_train: tuple[Path, ...] = (),
+    init_from: Path | None = None,
 ) -> Path:
     """Train (or resume) the decoder of the model directory `out`; returns the run's model directory."""
-    run = setup(recipe, data_root, out, tag, resume, progress, tuple(extra_train))
+    run = setup(recipe, data_root, out, tag, resume, progress, tuple(extra_train), init_from)
     cfg = recipe.train
     end = cfg.steps if stop_after is None else min(cfg.steps, run.step + stop_after)
-    if cfg.stem_warmup_steps and not run.last.exists():  # a checkpoint means the warm-up is behind us
+    warm_up = cfg.stem_warmup_steps and not cfg.freeze_stem and init_from is None
+    if warm_up and not run.last.exists():  # a checkpoint means the warm-up is behind us
         warm_up_stem(run, progress)
     bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train {recipe.name}", disable=not progress)
     while run.step < end:
@@ -358,12 +389,17 @@ def restore(last: Path, recipe: Recipe, decoder, optimizer, memory: HETMemory | 
     if memory is not None and "het.keys" in tensors:
         memory.load_state_dict(part(tensors, "het"))
     restore_rng(tensors, info["rng"])
-    return int(info["step"]), float(info["best_dice"])
+    return int(info["step"]), float(info["best_score"])
 
 
 @torch.no_grad()
 def validate(run: Run) -> float:
-    """Greedy Dice on the first `val_images` of Val_Folder, mean over the trained orders; keeps the best."""
+    """The referring benchmark's selection score on the first `val_images` of Val_Folder, mean over the
+    trained orders; keeps the best weights.
+
+    The score mixes full-description, one-side and one-zone Dice with N-Acc on absent prompts
+    (evaluate.SELECTION_SETS): on QaTa-COV19 full descriptions alone reward a decoder that ignores the text.
+    """
     acc = run.accelerator
     acc.wait_for_everyone()
     if not acc.is_main_process:
@@ -374,26 +410,32 @@ def validate(run: Run) -> float:
     pipeline = MRISPipeline(
         run.run_dir, config, run.tokenizers, decoder, run.layout, acc.device, None, f"step-{run.step}"
     )
-    scores = {}
+    scores, details = {}, {}
     for order in run.recipe.train.orders:
         report = evaluate_split(
             pipeline,
             run.val_split,
             order=order,
             limit=run.recipe.train.val_images,
-            shuffled=False,
-            absent=False,
+            sets=SELECTION_SETS,
             progress=False,
         )
-        scores[order] = report["dice"]
-    dice = sum(scores.values()) / len(scores)
-    improved = dice > run.best
+        scores[order] = report["selection"]
+        details[order] = {name: s.get("dice", s["not_present"]) for name, s in report["sets"].items()}
+    score = sum(scores.values()) / len(scores)
+    improved = score > run.best
     if improved:
         save_decoder(decoder, run.layout, run.run_dir)
-    append_log(run.log_path, {"step": run.step, "val_dice": dice, "val_dice_by_order": scores, "saved_best": improved})
-    tqdm.write(f"step {run.step}: validation Dice {100 * dice:.2f} %" + (" (best, saved)" if improved else ""))
+    append_log(
+        run.log_path,
+        {"step": run.step, "val_selection": score, "val_by_order": scores, "val_sets": details, "saved_best": improved},
+    )
+    tqdm.write(
+        f"step {run.step}: validation selection score {100 * score:.2f} % {details}"
+        + (" (best, saved)" if improved else "")
+    )
     decoder.train()
-    return max(run.best, dice)
+    return max(run.best, score)
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------
@@ -412,6 +454,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="another LViT root whose Train_Folder joins the training data (repeatable), e.g. phantoms",
     )
     parser.add_argument("--resume", action="store_true", help="continue from <run>/checkpoints/last exactly")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="MODEL_DIR",
+        help="start the decoder from this model directory's weights (same tokenizers), e.g. a second stage",
+    )
     parser.add_argument("--steps", type=int, help="total training steps (overrides train.steps)")
     parser.add_argument("--stop-after", type=int, help="run at most N steps now, checkpoint, and exit")
     parser.add_argument("--no-tcl", action="store_true", help="switch off the contrastive token loss")
@@ -445,6 +493,7 @@ def run(args: argparse.Namespace) -> int:
             stop_after=args.stop_after,
             progress=not args.quiet,
             extra_train=tuple(args.extra_train),
+            init_from=args.init_from,
         )
     except MRISError as exc:  # diverged, checkpoint, recipe, dataset or model-directory problems
         print(f"error: {exc}")

@@ -1,0 +1,121 @@
+"""The referring sets: prompts built from a split's own masks, each with the truth it should produce.
+
+On QaTa-COV19 every description covers the whole mask, so Dice on the images' own descriptions rewards a
+model that ignores the text. These sets ask narrower questions of the same images (issue 15):
+
+- `full`: the image's own description; truth = the whole mask;
+- `side`: bilateral cases only, a description of one side's zones; truth = that side's lesions (one
+  prompt per side);
+- `zone`: one zone (upper / middle / lower of a side) of a side that has several, only where the split is
+  unambiguous: every lesion of that side lies inside one zone; truth = that zone's lesions;
+- `absent`: a description naming only zones with no lesion (`prompts.absent_target`); truth = empty;
+- `other`: another image's description; truth = this image's whole mask (how much does the text matter?).
+
+`side` and `zone` prompts carry the named zone's `region` (its side of the image, its rows), so a
+benchmark can score two references beside the model: *text ignored* (the full-description mask against
+the restricted truth) and *oracle* (that mask cut to the region). Zone geometry is `prompts.py`'s.
+Everything is a function of (mask, description, rng): the same seed gives the same sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from napari_mris.phantom import SIDES, count_areas
+from napari_mris_train.prompts import absent_target, describe, zone_regions
+
+SETS = ("full", "side", "zone", "absent", "other")
+RESTRICTED = ("side", "zone")  # the sets scored against a part of the mask, with both references
+OTHER_TRIES = 32
+
+
+@dataclass(frozen=True)
+class ReferringPrompt:
+    set: str  # one of SETS
+    text: str
+    truth: np.ndarray  # bool (H, W): what the answer should be
+    region: np.ndarray | None = None  # bool (H, W): the named part of the image (side and zone sets)
+
+
+def side_prompts(mask: np.ndarray) -> list[ReferringPrompt]:
+    """One prompt per side of a bilateral mask, naming that side's zones; [] for a unilateral mask."""
+    zones = zone_regions(np.asarray(mask, bool))
+    prompts = []
+    for side in SIDES:
+        on_side = [(name, part, region) for name, part, region in zones if name.endswith(side)]
+        if not on_side:
+            return []
+        truth = np.logical_or.reduce([part for _, part, _ in on_side])
+        region = np.logical_or.reduce([region for _, _, region in on_side])
+        prompts.append(ReferringPrompt("side", describe([n for n, _, _ in on_side], count_areas(truth)), truth, region))
+    return prompts
+
+
+def unambiguous_zones(mask: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Zones of sides with two or more zones whose every lesion lies inside one zone: [(zone, part, region)].
+
+    A lesion that the level rows cut in two would make "the middle left lesion" a matter of where the cut
+    falls, not of reading the text; such sides are left out.
+    """
+    mask = np.asarray(mask, bool)
+    zones = zone_regions(mask)
+    chosen = []
+    for side in SIDES:
+        on_side = [z for z in zones if z[0].endswith(side)]
+        if len(on_side) < 2:
+            continue
+        side_mask = np.logical_or.reduce([part for _, part, _ in on_side])
+        labels, count = ndi.label(side_mask, structure=np.ones((3, 3), bool))
+        zone_of = np.zeros(side_mask.shape, int)
+        for k, (_, part, _) in enumerate(on_side, start=1):
+            zone_of[part] = k
+        if all(len(np.unique(zone_of[labels == lesion])) == 1 for lesion in range(1, count + 1)):
+            chosen.extend(on_side)
+    return chosen
+
+
+def zone_prompt(mask: np.ndarray, rng: np.random.Generator) -> ReferringPrompt | None:
+    """A prompt naming one unambiguous zone (drawn with `rng`), or None when the mask has none."""
+    candidates = unambiguous_zones(mask)
+    if not candidates:
+        return None
+    name, part, region = candidates[int(rng.integers(len(candidates)))]
+    return ReferringPrompt("zone", describe([name], count_areas(part)), part, region)
+
+
+def other_description(descriptions: list[str], index: int, rng: np.random.Generator) -> str | None:
+    """A description of another image that differs from this one's text (templates repeat a lot)."""
+    for _ in range(OTHER_TRIES):
+        j = int(rng.integers(len(descriptions)))
+        if j != index and descriptions[j].strip().lower() != descriptions[index].strip().lower():
+            return descriptions[j]
+    return None
+
+
+def referring_prompts(
+    mask: np.ndarray,
+    description: str,
+    other: str | None,
+    rng: np.random.Generator,
+    sets: tuple[str, ...] = SETS,
+) -> list[ReferringPrompt]:
+    """The prompts of one image for the requested `sets`, in SETS order (`full` first when asked for)."""
+    unknown = sorted(set(sets) - set(SETS))
+    if unknown:
+        raise ValueError(f"unknown referring sets {unknown}; known: {list(SETS)}")
+    mask = np.asarray(mask, bool)
+    prompts: list[ReferringPrompt] = []
+    if "full" in sets:
+        prompts.append(ReferringPrompt("full", description, mask))
+    if "side" in sets:
+        prompts.extend(side_prompts(mask))
+    if "zone" in sets and (made := zone_prompt(mask, rng)) is not None:
+        prompts.append(made)
+    if "absent" in sets and (text := absent_target(mask, rng)) is not None:
+        prompts.append(ReferringPrompt("absent", text, np.zeros_like(mask)))
+    if "other" in sets and other is not None:
+        prompts.append(ReferringPrompt("other", other, mask))
+    return prompts
