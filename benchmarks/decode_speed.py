@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from napari_mris.model.decoder import DecoderConfig, MRISDecoder
+from napari_mris.model.decoder import DecoderConfig, MRISDecoder, cache_keyword
 from napari_mris.model.generate import autoregressive_infer, mask_code_tokens
 from napari_mris.model.sequence import mask_header, prefix_ids
 from napari_mris.model.vocab import SOV, VocabLayout
@@ -130,7 +130,7 @@ def pass_cost(decoder: MRISDecoder, prefix: torch.Tensor, repeats: int = 20) -> 
         for _ in range(repeats):
             begin = time.perf_counter()
             if bare:
-                decoder.llama(input_ids=ids, past_key_values=cache, use_cache=True)
+                decoder.llama(input_ids=ids, use_cache=True, **{cache_keyword(type(decoder.llama.model)): cache})
             else:
                 decoder(ids, past_key_values=cache, use_cache=True)
             times.append(time.perf_counter() - begin)

@@ -303,3 +303,17 @@ def test_cached_decoding_with_fixed_text_positions_agrees_with_the_training_layo
         predicted = legal(None, shifted[seq.mask_positions]).argmax(-1)
         assert torch.equal(predicted, seq.labels[seq.mask_positions]), order
         assert not torch.allclose(shifted[seq.mask_positions], plain[seq.mask_positions])  # the shift matters
+
+
+def test_decoding_uses_the_current_cache_api_without_deprecation_warnings(decoder):
+    """Every decoding path passes the KV cache under the name the installed transformers expects, so no
+    `past_key_values is deprecated` FutureWarning is printed by every `napari-mris predict` run."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        final(decoder, "raster")
+        seeded = torch.Generator().manual_seed(0)
+        final(decoder, "raster", speculative=False, samples=2, temperature=1.0, generator=seeded)
+        final(decoder, "raster", beam=2)
+        final(decoder, "scale")

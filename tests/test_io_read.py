@@ -359,3 +359,50 @@ def test_stack_where_2d_expected(ct_3slice, tmp_path):
         read_slice(ct_3slice, expect_2d=True)
     shutil.copy(ct_3slice / "01.dcm", tmp_path / "IM0001")  # no extension: recognised by the DICM marker
     assert read_slice(tmp_path / "IM0001", expect_2d=True).shape == (512, 512)
+
+
+# ----------------------------------------------------------------------------- NaN / infinite pixels
+
+
+def _with_non_finite(value: float, shape=(8, 8), dtype=np.float32) -> np.ndarray:
+    array = np.ones(shape, dtype=dtype)
+    array.flat[5] = value
+    return array
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name", ["scan.nii", "scan.nii.gz", "scan.nrrd", "scan.mha"])
+def test_volumes_with_non_finite_pixels_are_refused(tmp_path, name, value):
+    # SimpleITK's own NIfTI reader turns these voxels into 0; the refusal must come anyway
+    sitk.WriteImage(sitk.GetImageFromArray(_with_non_finite(value)), str(tmp_path / name))
+    with pytest.raises(ImageReadError, match=rf"{name}: 1 of 64 pixels are NaN or infinite"):
+        read_slice(tmp_path / name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nifti_stack_with_nan_in_a_later_plane_is_refused_and_finite_one_reads(tmp_path, dtype):
+    stack = np.ones((3, 6, 5), dtype=dtype)
+    sitk.WriteImage(sitk.GetImageFromArray(stack), str(tmp_path / "ok.nii.gz"))
+    assert read_slice(tmp_path / "ok.nii.gz").shape == (3, 6, 5)
+    stack[2, 5, 4] = np.nan  # the very last voxel: the raw check must read the whole data block
+    sitk.WriteImage(sitk.GetImageFromArray(stack), str(tmp_path / "bad.nii.gz"))
+    with pytest.raises(ImageReadError, match=r"bad\.nii\.gz: 1 of 90 pixels"):
+        read_slice(tmp_path / "bad.nii.gz")
+
+
+def test_float_tiff_with_nan_is_refused(tmp_path):
+    tifffile.imwrite(tmp_path / "map.tif", _with_non_finite(np.nan))
+    with pytest.raises(ImageReadError, match=r"map\.tif: 1 of 64 pixels are NaN or infinite"):
+        read_slice(tmp_path / "map.tif")
+
+
+def test_float_dicom_with_nan_is_refused_naming_the_file(tmp_path):
+    ds = _base_dataset(CT_STORAGE, "CT")
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.BitsAllocated = 8, 8, 1, 32
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.FloatPixelData = _with_non_finite(np.nan).tobytes()
+    folder = tmp_path / "series"
+    folder.mkdir()
+    ds.save_as(folder / "IM0007", enforce_file_format=True)
+    with pytest.raises(ImageReadError, match=r"IM0007: 1 of 64 pixels are NaN or infinite"):
+        read_slice(folder)  # through the folder reader too: the message names the file, not only the folder

@@ -17,19 +17,27 @@ import csv
 import io
 import os
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from napari_mris import __version__
 from napari_mris.errors import DatasetError, MRISError, PromptError
 from napari_mris.io.text_table import find_text_file, read_text_table
 
+if TYPE_CHECKING:  # torch is imported only by the commands that need it
+    from napari_mris.pipeline import SegmentationResult
+
 EXIT_USAGE = 2
 EXIT_BUG = 1
 MASK_PREFIX = "mask_"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+PREDICTION_COLUMNS = [
+    "image", "prompt", "rejected", "seconds", "model_id", "model_hash", "adapter", "order", "domain_score"
+]  # fmt: skip
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,10 +135,17 @@ def run_predict(args: argparse.Namespace) -> int:
 
     jobs = collect_jobs(args.inputs, args.prompt, args.prompts)
     _check_unique_stems(jobs)
+    check_out_dir(args.out)
+    print(f"loading the model ({args.model}) ...", flush=True)
+    start = time.perf_counter()
     pipeline = MRISPipeline.from_pretrained(args.model, device=args.device, adapter=args.adapter)
+    verified = "weights verified" if pipeline.weights_verified else "weights not verified: no SHA256SUMS"
+    print(
+        f"model {pipeline.model_id} (hash {pipeline.model_hash}, {verified}) on {pipeline.device} in "
+        f"{time.perf_counter() - start:.1f} s; {len(jobs)} image(s) to segment", flush=True,
+    )  # fmt: skip
     settings = pipeline.settings(order=args.order, samples=args.samples, beam=args.beam, snap=not args.no_snap)
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows: list[tuple[str, str, bool, float]] = []
+    rows: list[dict[str, str]] = []
     for number, job in enumerate(jobs, start=1):
         start = time.perf_counter()
         image = read_slice(job.image, expect_2d=True)
@@ -142,7 +157,7 @@ def run_predict(args: argparse.Namespace) -> int:
             )  # fmt: skip
         write_png(args.out / f"{MASK_PREFIX}{_stem(job.image)}.png", result.mask, binary=True)
         seconds = time.perf_counter() - start
-        rows.append((job.image.name, job.prompt, result.rejected, seconds))
+        rows.append(_prediction_row(job, result, seconds))
         write_text_atomic(args.out / "predictions.csv", _predictions_csv(rows))
         verdict = "target not found" if result.rejected else f"{int(result.mask.sum())} pixels"
         notes = "".join(f" ({note})" for note in result.warnings)
@@ -151,7 +166,8 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def collect_jobs(inputs: list[Path], prompt: str | None, prompts_file: Path | None) -> list[Job]:
-    """Expand LViT split folders to their images and give every image its prompt."""
+    """Expand LViT split folders and folders of PNG/JPEG/TIFF images to their images (a folder with neither
+    is one DICOM series) and give every image its prompt."""
     table = read_prompt_table(prompts_file) if prompts_file is not None else None
     jobs: list[Job] = []
     for item in inputs:
@@ -159,7 +175,8 @@ def collect_jobs(inputs: list[Path], prompt: str | None, prompts_file: Path | No
             raise DatasetError(f"{item}: no such file or folder")
         image_dir = _child(item, "img") if item.is_dir() else None
         if image_dir is None:
-            jobs.append(Job(item, _prompt_for(item, prompt, table, None)))
+            images = _folder_images(item) if item.is_dir() else []
+            jobs.extend(Job(path, _prompt_for(path, prompt, table, None)) for path in images or [item])
             continue
         split_table = table if (prompt is not None or table is not None) else read_prompt_table(find_text_file(item))
         images = sorted(
@@ -169,6 +186,22 @@ def collect_jobs(inputs: list[Path], prompt: str | None, prompts_file: Path | No
             raise DatasetError(f"{image_dir}: no images (.png/.jpg/.tif) in this LViT img/ folder")
         jobs.extend(Job(path, _prompt_for(path, prompt, split_table, item)) for path in images)
     return jobs
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    """The PNG/JPEG/TIFF files of a plain folder (its subfolders are not searched); [] for a DICOM series
+    folder. A folder holding both kinds is refused: which of them was meant would be a guess."""
+    from napari_mris.io.dicom import folder_has_dicom
+    from napari_mris.io.raster import RASTER_SUFFIXES
+
+    images = sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in RASTER_SUFFIXES and p.is_file() and p.name[0] != "."
+    )
+    if images and folder_has_dicom(folder):
+        raise DatasetError(
+            f"{folder} holds both DICOM files and PNG/JPEG/TIFF images; give the files you mean, or separate them"
+        )
+    return images
 
 
 def _prompt_for(image: Path, prompt: str | None, table: dict[str, str] | None, split: Path | None) -> str:
@@ -225,13 +258,41 @@ def _child(folder: Path, name: str) -> Path | None:
     return next((p for p in folder.iterdir() if p.is_dir() and p.name.lower() == name), None)
 
 
-def _predictions_csv(rows: list[tuple[str, str, bool, float]]) -> str:
+def _prediction_row(job: Job, result: SegmentationResult, seconds: float) -> dict[str, str]:
+    """One predictions.csv row: the answer plus what produced it, so a table stays traceable on its own."""
+    return {
+        "image": job.image.name,
+        "prompt": job.prompt,
+        "rejected": str(bool(result.rejected)).lower(),
+        "seconds": f"{seconds:.3f}",
+        "model_id": result.model_id,
+        "model_hash": result.model_hash,
+        "adapter": result.adapter or "",
+        "order": result.settings.order,
+        "domain_score": "" if result.domain_score is None else f"{result.domain_score:.4g}",  # "": no guard
+    }
+
+
+def _predictions_csv(rows: list[dict[str, str]]) -> str:
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["image", "prompt", "rejected", "seconds"])
-    for image, prompt, rejected, seconds in rows:
-        writer.writerow([image, prompt, str(bool(rejected)).lower(), f"{seconds:.3f}"])
+    writer = csv.DictWriter(buffer, fieldnames=PREDICTION_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
     return buffer.getvalue()
+
+
+def check_out_dir(out: Path) -> None:
+    """Fail before the model loads when `--out` cannot take the results: a file, or a folder (existing or
+    created here) that refuses a test file. The probe writes, because permission bits do not tell (root
+    ignores them; read-only mounts and full quotas do not show in them)."""
+    if out.exists() and not out.is_dir():
+        raise MRISError(f"--out {out} is a file, not a folder; give a folder for the masks and predictions.csv")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise MRISError(f"--out {out} is not a writable folder ({exc.strerror or exc})") from exc
 
 
 # ---------------------------------------------------------------------- demo and info
@@ -239,6 +300,7 @@ def _predictions_csv(rows: list[tuple[str, str, bool, float]]) -> str:
 
 def run_demo(args: argparse.Namespace) -> int:
     """napari with a phantom chest X-ray, the widget docked, its description typed in and Segment pressed."""
+    check_display()
     import napari
     import numpy as np
 
@@ -256,8 +318,40 @@ def run_demo(args: argparse.Namespace) -> int:
     viewer.window.add_dock_widget(widget, name="MRIS", area="right")
     widget.set_prompt(phantom.description)
     widget.segment()
+    fit_after_docking(viewer, widget)
     napari.run()
     return 0
+
+
+DESKTOP_PLATFORMS = ("xcb", "wayland", "wayland-egl")  # Qt platform plugins that need a display server
+
+
+def check_display() -> None:
+    """Refuse to open napari without a display: Qt would abort the process (a core dump, exit 134) before
+    Python could say why. Other Qt platforms (offscreen, vnc, eglfs) and macOS/Windows are left to Qt."""
+    if sys.platform in ("win32", "darwin") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        return
+    chosen = {name.split(":")[0] for name in os.environ.get("QT_QPA_PLATFORM", "").split(";") if name}
+    if chosen - set(DESKTOP_PLATFORMS):
+        return
+    raise MRISError(
+        "the demo opens a napari window, but there is no display (DISPLAY and WAYLAND_DISPLAY are unset); run it "
+        "in a desktop session, over ssh -X, or under xvfb-run (napari-mris predict needs no display)"
+    )
+
+
+def fit_after_docking(viewer, dock_widget) -> None:
+    """Zoom to the image again once the dock has narrowed the canvas: napari zoomed when the image layer was
+    added, to the wider canvas, which left the image cropped. Qt lays the dock out on its event loop, in
+    more than one pass (a layout posts another layout request), so run it until the dock is at its size."""
+    from qtpy.QtWidgets import QApplication
+
+    for _ in range(10):
+        width = dock_widget.width()
+        QApplication.processEvents()
+        if dock_widget.width() == width >= min(dock_widget.minimumSizeHint().width(), dock_widget.maximumWidth()):
+            break
+    viewer.reset_view()
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -268,6 +362,8 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"{name:13s} {version}")
     info = MRISPipeline.from_pretrained(args.model, device=args.device, adapter=args.adapter).info()
     print(f"{'model':13s} {info['model_id']} (hash {info['model_hash']})")
+    verified = "verified against SHA256SUMS" if info["weights_verified"] else "not verified (no SHA256SUMS manifest)"
+    print(f"{'weights':13s} {verified}")
     print(f"{'model dir':13s} {info['model_dir']}")
     print(f"{'adapter':13s} {info['adapter'] or 'none'}")
     print(f"{'device':13s} {info['device']}")

@@ -23,7 +23,7 @@ from napari_mris.export import software_versions
 from napari_mris.lesion_snap import snap_to_lesion_map
 from napari_mris.model.decoder import load_decoder
 from napari_mris.model.generate import autoregressive_infer
-from napari_mris.model.modeldir import model_hash, read_config
+from napari_mris.model.modeldir import read_config, verify_model_dir
 from napari_mris.model.sequence import prefix_ids
 from napari_mris.tokenizers import load_tokenizers
 from napari_mris.tokenizers.preprocess import resize_probability, to_model_image
@@ -83,6 +83,7 @@ class SegmentationResult:
     model_hash: str
     adapter: str | None
     warnings: tuple[str, ...] = ()
+    domain_score: float | None = None
 
     def provenance(self) -> dict[str, Any]:
         """JSON-ready description of this result (for sidecars and CSV reports)."""
@@ -150,7 +151,10 @@ def as_plane(image: np.ndarray) -> np.ndarray:
 class MRISPipeline:
     """A loaded model directory: tokenizers, decoder and vocabulary layout on one device."""
 
-    def __init__(self, model_dir: Path, config: dict, tokenizers, decoder, layout, device, adapter, weights_hash):
+    def __init__(
+        self, model_dir: Path, config: dict, tokenizers, decoder, layout, device, adapter, weights_hash, *,
+        weights_verified: bool = False,
+    ):  # fmt: skip
         self.model_dir = model_dir
         self.config = config
         self.tokenizers = tokenizers
@@ -158,16 +162,19 @@ class MRISPipeline:
         self.layout = layout
         self.device = device
         self.adapter = adapter
-        self.model_hash = weights_hash
+        self.model_hash = weights_hash  # covers every file of the model directory (modeldir.model_files)
+        self.weights_verified = weights_verified  # True when the files matched the directory's SHA256SUMS
         self._background_codes: dict[str, int] = {}
 
     @classmethod
     def from_pretrained(
         cls, model: str | Path = "default", device: str = "auto", adapter: str | None = None
     ) -> MRISPipeline:
-        """Load a model directory ('default' = the packaged model); every file problem is a ModelDirectoryError."""
+        """Load a model directory ('default' = the packaged model); every file problem is a ModelDirectoryError,
+        including a file that does not match the directory's SHA256SUMS manifest."""
         model_dir = resolve_model_dir(model)
         torch_device = resolve_device(device)
+        check = verify_model_dir(model_dir)
         config = read_config(model_dir)
         tokenizers = load_tokenizers(model_dir)
         decoder, layout = load_decoder(model_dir, adapter=adapter, device=torch_device)
@@ -175,7 +182,10 @@ class MRISPipeline:
         missing = [order for order in layout.orders if order not in tokenizers.masks]
         if missing:
             raise ModelDirectoryError(f"{model_dir}: the decoder knows orders {missing} but no mask tokenizer for them")
-        return cls(model_dir, config, tokenizers, decoder, layout, torch_device, adapter, model_hash(model_dir))
+        return cls(
+            model_dir, config, tokenizers, decoder, layout, torch_device, adapter, check.model_hash,
+            weights_verified=check.verified,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ description
 
@@ -205,6 +215,7 @@ class MRISPipeline:
         return {
             "model_id": self.model_id,
             "model_hash": self.model_hash,
+            "weights_verified": self.weights_verified,
             "model_dir": str(self.model_dir),
             "adapter": self.adapter,
             "device": str(self.device),

@@ -2,7 +2,8 @@
 
 The trainer keeps `model.safetensors` for the best in-run validation and `checkpoints/last/` for the last
 step; the shipped default model is the last step (the end of the cosine schedule). This writes only what
-the runtime needs (config, decoder, tokenizers), never the cache, checkpoints or logs.
+the runtime needs (config, decoder, tokenizers), never the cache, checkpoints or logs, and ends with the
+`SHA256SUMS` manifest the runtime verifies the files against on every load.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from napari_mris.errors import MRISError
 from napari_mris.model.decoder import load_decoder, save_decoder
-from napari_mris.model.modeldir import update_config
+from napari_mris.model.modeldir import MANIFEST_NAME, update_config, write_manifest
 from napari_mris_train.checkpoint import load_checkpoint, part
 
 RUNTIME_FILES = ("config.json", "image_tokenizer.safetensors", "mask_tokenizer.safetensors", "tokenizer.json")
@@ -25,6 +26,7 @@ def export_last(run_dir: Path, out: Path, model_id: str, default_order: str | No
     `default_order` (the order that validated best) becomes the order the pipeline and widget use unasked.
     """
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # an earlier export's manifest would refuse the files copied below
     for name in RUNTIME_FILES:
         shutil.copy2(run_dir / name, out / name)
     decoder, layout = load_decoder(run_dir)
@@ -36,6 +38,7 @@ def export_last(run_dir: Path, out: Path, model_id: str, default_order: str | No
     update_config(out, model_id=model_id, trained_steps=int(info["step"]))
     if default_order is not None:
         update_config(out, default_order=default_order)
+    write_manifest(out)
     return int(info["step"])
 
 

@@ -25,7 +25,7 @@ from pydicom.uid import SegmentationStorage
 
 from napari_mris.errors import ImageReadError, UnsupportedImageError
 from napari_mris.io.raster import check_file_not_empty, to_gray
-from napari_mris.io.slice import Slice
+from napari_mris.io.slice import Slice, check_finite
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -220,6 +220,8 @@ def dataset_planes(ds: Dataset, path: Path) -> list[Plane]:
             if monochrome1:
                 pixels, window = _invert(pixels, window, ds, meta.transform)
         frame_number = index + 1 if n_frames > 1 else None
+        # float pixel data can hold NaN/inf, and a huge rescale slope overflows float32
+        check_finite(pixels, path, f" (frame {frame_number})" if frame_number else "")
         label = f"{path.name} frame {frame_number}" if frame_number else path.name
         planes.append(Plane(pixels, window, meta, ds, frame_number, label))
     for keyword in PIXEL_KEYWORDS:  # decoded above; the header is all an export needs

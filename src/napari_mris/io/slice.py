@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
+from napari_mris.errors import ImageReadError
+
 
 @dataclass
 class Slice:
@@ -92,6 +94,17 @@ class Slice:
             dicom=self.dicom[z : z + 1],
             name=f"{self.name} [{z}]" if self.name else f"[{z}]",
             frame_numbers=self.frame_numbers[z : z + 1],
+        )
+
+
+def check_finite(pixels: np.ndarray, path: Path, where: str = "") -> None:
+    """Refuse NaN / infinite pixels: no window or threshold is defined on them, and silently zeroing them
+    (as some readers do) would hand the model an image that is not the file's."""
+    bad = int(pixels.size - np.count_nonzero(np.isfinite(pixels)))
+    if bad:
+        raise ImageReadError(
+            f"{path}{where}: {bad} of {pixels.size} pixels are NaN or infinite; napari-mris cannot window or "
+            "segment such an image (replace them with a real value, e.g. the background, and save it again)"
         )
 
 

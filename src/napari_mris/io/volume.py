@@ -8,6 +8,8 @@ A volume with a single slice is read as a 2D slice (many tools save one plane as
 
 from __future__ import annotations
 
+import gzip
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ import SimpleITK as sitk
 
 from napari_mris.errors import ImageReadError, UnsupportedImageError
 from napari_mris.io.raster import check_file_not_empty, to_gray
-from napari_mris.io.slice import Slice
+from napari_mris.io.slice import Slice, check_finite
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -53,8 +55,12 @@ def read_volume(path: Path) -> Slice:
     spacing, origin, direction = array_order_geometry(image)
     if array.ndim == 3 and array.shape[0] == 1:
         array, spacing, origin, direction = array[0], spacing[1:], origin[1:], direction[1:, 1:]
+    pixels = array.astype(np.float32)
+    check_finite(pixels, path)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_voxels_finite(path)
     return Slice(
-        pixels=array.astype(np.float32),
+        pixels=pixels,
         spacing=spacing,
         origin=origin,
         direction=direction,
@@ -62,6 +68,56 @@ def read_volume(path: Path) -> Slice:
         source_path=path,
         name=volume_stem(path),
     )
+
+
+# NIfTI datatype code -> numpy type of one stored float component (complex types are pairs of floats)
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8", 32: "f4", 1792: "f8"}
+
+
+def _check_nifti_voxels_finite(path: Path) -> None:
+    """Refuse a NIfTI file whose stored voxels hold NaN/inf.
+
+    ITK's NIfTI reader (SimpleITK 2.x, ITK 5) replaces every non-finite voxel with 0 without a word (fixed
+    only in ITK 6, InsightSoftwareConsortium/ITK#6683), so the pixels SimpleITK returns cannot show them:
+    the stored voxels are read here from the file itself. Integer datatypes cannot hold NaN and are skipped.
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            header = handle.read(540)
+            layout = _nifti_layout(header)
+            if layout is None:
+                return
+            endian, datatype, count, offset = layout
+            handle.seek(offset)
+            item = np.dtype(endian + _NIFTI_FLOAT_TYPES[datatype])
+            data = np.frombuffer(handle.read(count * item.itemsize), dtype=item)
+    except (OSError, EOFError, struct.error) as exc:
+        raise ImageReadError(f"{path}: not a readable NIfTI file ({exc})") from exc
+    check_finite(data, path)
+
+
+def _nifti_layout(header: bytes) -> tuple[str, int, int, int] | None:
+    """(byte order, datatype, stored float components, data offset) of a float NIfTI-1/2 header, else None."""
+    for endian in ("<", ">"):
+        (size,) = struct.unpack(endian + "i", header[:4])
+        if size == 348:  # NIfTI-1: dim int16[8] at 40, datatype at 70, vox_offset float32 at 108
+            dims = struct.unpack(endian + "8h", header[40:56])
+            (datatype,) = struct.unpack(endian + "h", header[70:72])
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if size == 540:  # NIfTI-2: datatype int16 at 12, dim int64[8] at 16, vox_offset int64 at 168
+            (datatype,) = struct.unpack(endian + "h", header[12:14])
+            dims = struct.unpack(endian + "8q", header[16:80])
+            (offset,) = struct.unpack(endian + "q", header[168:176])
+            break
+    else:
+        return None  # not a NIfTI header SimpleITK read; nothing more to check
+    if datatype not in _NIFTI_FLOAT_TYPES:
+        return None
+    count = int(np.prod([max(1, int(d)) for d in dims[1 : 1 + max(0, min(int(dims[0]), 7))]]))
+    components = 2 if datatype in (32, 1792) else 1
+    return endian, datatype, count * components, max(offset, 352 if size == 348 else 544)
 
 
 def array_order_geometry(image: sitk.Image) -> tuple[tuple[float, ...], tuple[float, ...], np.ndarray]:

@@ -26,6 +26,8 @@ safetensors file free of shared tensors and the LoRA merge simple.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 import os
@@ -227,18 +229,19 @@ class MRISDecoder(nn.Module):
                     "attention_mask must be additive float (0 = attend, large negative = blocked), not bool"
                 )
             attention_mask = attention_mask.to(embeds.dtype)
+        cache_name = cache_keyword(type(llama.model))
         out = llama.model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             position_ids=position_ids,
+            **{cache_name: past_key_values},
         )
         hidden = out.last_hidden_state
         logits = None
         if compute_logits:
             logits = llama.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-        past = out.past_key_values if use_cache else None
+        past = getattr(out, cache_name) if use_cache else None
         return DecoderOutput(logits, hidden, past, lesion_logits, features)
 
     def cell_table(self, features: torch.Tensor, largest: int, lesion_map: torch.Tensor | None = None) -> torch.Tensor:
@@ -306,6 +309,14 @@ def _gather_cells(table: torch.Tensor, slot_cells: torch.Tensor) -> torch.Tensor
         table = table.expand(slot_cells.shape[0], -1, -1)  # samples or beams share one slice's features
     index = slot_cells.clamp(min=0)[..., None].expand(-1, -1, table.shape[-1])
     return torch.gather(table, 1, index) * (slot_cells >= 0)[..., None].to(table.dtype)
+
+
+@functools.cache
+def cache_keyword(model_class: type) -> str:
+    """The name under which `model_class.forward` takes (and its output returns) the transformers `Cache`:
+    `cache` in transformers 5 releases that renamed it (`past_key_values` still works there but warns a
+    FutureWarning on every call), `past_key_values` in the releases before."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _cache_length(past_key_values: Any) -> int:

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from napari_mris.errors import ModelDirectoryError
-from napari_mris.model.modeldir import load_state_checked, load_weights, read_config, save_weights, update_config
+from napari_mris.model.modeldir import (
+    load_state_checked,
+    load_weights,
+    read_config,
+    save_weights,
+    update_config,
+    verified_file,
+)
 from napari_mris.tokenizers.emu3 import Emu3ImageTokenizer
 from napari_mris.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 from napari_mris.tokenizers.mask import MaskTokenizer, MaskTokenizerConfig
@@ -143,9 +150,7 @@ def load_tokenizers(model_dir: str | Path) -> Tokenizers:
     if sizes != {image_size}:
         raise ModelDirectoryError(f"{model_dir / 'config.json'}: tokenizer image sizes {sorted(sizes)} != {image_size}")
     text_section = _section(config, "text", model_dir)
-    text_path = model_dir / text_section.get("file", TOKENIZER_FILE)
-    if not text_path.exists():
-        raise ModelDirectoryError(f"Model directory {model_dir} is incomplete: {text_path.name} is missing")
+    text_path = verified_file(model_dir, text_section.get("file", TOKENIZER_FILE))
     text = TextTokenizer.from_file(text_path, max_length=int(text_section["max_length"]))
     if "vocab_size" in text_section and text.vocab_size != int(text_section["vocab_size"]):
         raise ModelDirectoryError(
