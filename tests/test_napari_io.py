@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 import highdicom as hd
@@ -74,10 +76,16 @@ def test_napari_save_uses_source_slice_and_prompts(tmp_path, ct_3slice):
     image = read_slice(ct_3slice)
     labels = np.zeros(image.shape, np.uint8)
     labels[1, 200:260, 200:300] = 1
-    layer = Labels(labels, metadata={"mris_slice": image, "mris_segment_labels": {1: "the liver"}})
+    runs = {1: {"prompt": "the liver", "model_id": "m", "model_hash": "ab12"}}
+    metadata = {"mris_slice": image, "mris_segment_labels": {1: "the liver"}, "mris_runs": runs, "mris_image": "ct"}
+    layer = Labels(labels, metadata=metadata)
     PluginManager.instance().discover(include_npe1=False)
     written = napari.save_layers(str(tmp_path / "out.dcm"), [layer], plugin="napari-mris")  # through the manifest
-    assert written == [str(tmp_path / "out.dcm")]
+    assert written == [str(tmp_path / "out.dcm"), str(tmp_path / "out.dcm.mris.json")]
+    record = json.loads((tmp_path / "out.dcm.mris.json").read_text())
+    assert record["format"] == "DICOM SEG" and record["image"]["name"] == "ct"
+    assert record["segments"][0]["model_hash"] == "ab12" and record["segments"][0]["origin"] == "model"
+    assert record["label_file_sha256"] == hashlib.sha256((tmp_path / "out.dcm").read_bytes()).hexdigest()
     seg = hd.seg.segread(written[0])
     assert seg.get_segment_description(1).SegmentLabel == "the liver"
     assert seg.number_of_frames == 1  # empty planes are omitted; the one left refers to the painted slice
@@ -90,7 +98,8 @@ def test_npe2_writer_without_source_keeps_layer_scale(tmp_path):
     labels = np.zeros((6, 7), np.uint8)
     labels[2:4, 3:5] = 1
     meta = {"metadata": {}, "scale": (0.4, 0.9), "translate": (10.0, -3.0), "name": "Labels"}
-    [path] = write_labels(str(tmp_path / "labels.nrrd"), labels, meta)
+    [path] = write_labels(str(tmp_path / "labels.nrrd"), labels, meta)  # not an MRIS layer: no sidecar
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.nrrd"]
     read = read_slice(path)
     np.testing.assert_array_equal(read.pixels, labels)
     np.testing.assert_allclose(read.spacing, (0.4, 0.9))

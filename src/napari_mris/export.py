@@ -1,13 +1,20 @@
 """Export of a segmentation: the label image (PNG, NIfTI/NRRD/MHA, DICOM SEG) plus a JSON sidecar.
 
 The sidecar is what makes an exported mask auditable later: which prompt produced which label value, with
-which model (id and weights hash), decoding settings and timings, by which software version, and when.
-It sits beside the label file with the same stem (`mask.nii.gz` -> `mask.json`). Both files are written
-atomically; the sidecar is written after the label file, so a sidecar never describes a missing file.
+which model (id and weights hash), decoding settings and timings, by which software version, and when,
+plus the SHA-256 of the label file it describes.
+
+Why one sidecar per file, named after the whole file name (`mask.nii.gz` -> `mask.nii.gz.mris.json`):
+exporting the same labels as PNG, NIfTI, NRRD and DICOM SEG gives four records that cannot overwrite each
+other; each record travels with its file when the file is copied; and each is written on its own with an
+atomic rename, so no shared manifest has to be read, merged and rewritten (nothing to lose in a crash or
+between two exports at once). Both files are written atomically; the sidecar after the label file, so a
+sidecar never describes a missing file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import platform
@@ -30,6 +37,7 @@ FORMATS = {
     ".mha": "MetaImage",
     ".dcm": "DICOM SEG",
 }
+SIDECAR_SUFFIX = ".mris.json"
 
 
 def export_format(path: str | Path) -> str:
@@ -43,13 +51,9 @@ def export_format(path: str | Path) -> str:
 
 
 def sidecar_path(path: str | Path) -> Path:
-    """`mask.nii.gz` -> `mask.json`: the label file's name without its format extension."""
+    """`mask.nii.gz` -> `mask.nii.gz.mris.json`: the whole file name, so no two exported files share one."""
     path = Path(path)
-    name = path.name
-    for suffix in sorted(FORMATS, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return path.with_name(name[: -len(suffix)] + ".json")
-    return path.with_name(path.stem + ".json")
+    return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
 def software_versions() -> dict[str, str]:
@@ -110,14 +114,37 @@ def export_labels(
         raise ExportError(f"Nothing to export to {path.name}: the labels are empty")
     if labels.shape != tuple(like.pixels.shape):
         raise ExportError(f"The labels {labels.shape} do not match their image {tuple(like.pixels.shape)}")
-    sidecar = sidecar_path(path)
-    content = build_sidecar(labels, segments, label_file=path.name, image_name=image_name, spacing=like.spacing)
     try:
         _write_label_file(path, kind, labels, like, segments)
-        write_text_atomic(sidecar, json.dumps(content, indent=2, default=_json_default) + "\n")
+        sidecar = write_sidecar(path, labels, segments, image_name=image_name, spacing=like.spacing)
     except OSError as exc:
         raise ExportError(f"Cannot write {path}: {exc.strerror or exc}") from exc
     return path, sidecar
+
+
+def write_sidecar(
+    path: str | Path,
+    labels: np.ndarray,
+    segments: Mapping[int, Mapping[str, Any]],
+    *,
+    image_name: str,
+    spacing: tuple[float, ...],
+) -> Path:
+    """Write the record of the label file `path` (already written) beside it, atomically; return its path."""
+    path = Path(path)
+    content = build_sidecar(labels, segments, label_file=path.name, image_name=image_name, spacing=spacing)
+    content["label_file_sha256"] = _sha256(path)
+    sidecar = sidecar_path(path)
+    write_text_atomic(sidecar, json.dumps(content, indent=2, default=_json_default) + "\n")
+    return sidecar
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _write_label_file(path: Path, kind: str, labels: np.ndarray, like, segments) -> None:
