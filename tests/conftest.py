@@ -18,6 +18,14 @@ if shutil.which("Xvfb") is None and not os.environ.get("DISPLAY"):
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def user_adapters_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Adapters go to a per-user folder (napari_mris.adapters): tests never write the real one."""
+    folder = tmp_path_factory.mktemp("user_adapters")
+    os.environ["NAPARI_MRIS_ADAPTERS"] = str(folder)  # also inherited by adaptation child processes
+    return folder
 SHARED_DATA = Path(os.environ.get("MRIS_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 

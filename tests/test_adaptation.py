@@ -12,6 +12,7 @@ from _model_fixtures import force_drawing
 
 from napari_mris._widget import LABELS_NAME, MRISWidget
 from napari_mris.adaptation import AdaptationError, AdaptationJob, adapter_name
+from napari_mris.adapters import adapters_folder, list_adapters
 from napari_mris.corrections import CorrectionsStore
 from napari_mris.model.modeldir import model_hash
 from napari_mris.pipeline import MRISPipeline
@@ -25,8 +26,10 @@ needs_display = pytest.mark.skipif(
 
 
 @pytest.fixture
-def model_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
-    """A private copy: adapting writes adapters/ beside the base model."""
+def model_copy(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> Path:
+    """A private copy of the tiny model, with a private per-user adapters folder (the copy has the tiny
+    model's hash, so a shared folder would show other tests' adapters)."""
+    monkeypatch.setenv("NAPARI_MRIS_ADAPTERS", str(tmp_path / "user_adapters"))
     return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
 
 
@@ -74,7 +77,9 @@ def test_save_adapt_switch_and_switch_back(make_napari_viewer, qtbot, model_copy
     assert widget.is_running and not widget.segment_button.isEnabled()
     qtbot.waitUntil(lambda: not widget.is_running, timeout=WAIT_MS)
     assert widget.adapter is not None and widget.adapter.startswith("corrections-"), widget.status_label.text()
-    assert (model_copy / "adapters" / widget.adapter / "adapter_model.safetensors").is_file()
+    assert (adapters_folder(model_copy) / widget.adapter / "adapter_model.safetensors").is_file()
+    assert not (model_copy / "adapters").exists()  # the model directory is never written
+    assert widget.adapter_combo.findData(widget.adapter) >= 0  # the widget lists this model's adapters
     assert widget.adapter in widget.model_label.text()
     assert model_hash(model_copy) == base_hash  # the base weights were not touched
 
@@ -105,4 +110,4 @@ def test_stopping_an_adaptation_leaves_the_model_unchanged(make_napari_viewer, q
     widget.stop()
     qtbot.waitUntil(lambda: not widget.is_running, timeout=WAIT_MS)
     assert "stopped" in widget.status_label.text() and widget.adapter is None
-    assert not (model_copy / "adapters").exists() or not any((model_copy / "adapters").iterdir())
+    assert not list_adapters(model_copy) and not (model_copy / "adapters").exists()

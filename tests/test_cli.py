@@ -48,6 +48,7 @@ def test_predict_on_an_lvit_split(tmp_path, tiny_model_dir, capsys) -> None:  # 
     assert {r["rejected"] for r in rows} <= {"true", "false"} and all(float(r["seconds"]) > 0 for r in rows)
     for i in range(3):
         mask = np.asarray(Image.open(out / f"mask_case_{i}.png"))
+        assert rows[i]["answer"] == ("present" if mask.any() else "not present")  # an empty mask is "not present"
         assert mask.shape == (40 + 8 * i,) * 2 and set(np.unique(mask)) <= {0, 255}
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
@@ -139,7 +140,8 @@ def test_predict_on_a_plain_folder_of_png_jpeg_tiff(tmp_path, tiny_model_dir, ca
     assert sorted(p.name for p in out.glob("mask_*.png")) == ["mask_case_0.png", "mask_case_1.png", "mask_case_2.png"]
     # every row says what produced it: the model (hash over all its files), adapter, order, domain score
     assert list(rows[0]) == [
-        "image", "prompt", "rejected", "seconds", "model_id", "model_hash", "adapter", "order", "domain_score"
+        "image", "prompt", "answer", "rejected", "seconds", "model_id", "model_hash", "adapter", "order",
+        "domain_score",
     ]  # fmt: skip
     assert {r["model_hash"] for r in rows} == {model_hash(tiny_model_dir)} and {r["order"] for r in rows} == {"raster"}
     assert all(r["model_id"] and r["adapter"] == "" for r in rows)

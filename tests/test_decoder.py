@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,13 +11,13 @@ from _tiny_decoder import TINY_LAYOUT, one_torch_thread, tiny_decoder_config  # 
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 
+from napari_mris.adapters import adapter_dir, adapters_folder, adapters_root, list_adapters, save_adapter
 from napari_mris.errors import ModelDirectoryError
 from napari_mris.model import modeldir
 from napari_mris.model.decoder import (
     MRISDecoder,
     load_decoder,
     lora_target_modules,
-    save_adapter,
     save_decoder,
 )
 from napari_mris.model.sequence import build_training_sequence, collate
@@ -173,15 +174,19 @@ def make_adapter(model_dir, name: str) -> torch.Tensor:
         return decoder(torch.arange(10)[None] + 80).logits
 
 
-def test_lora_adapter_loads_merged_and_is_refused_on_another_base(tmp_path):
+def test_lora_adapter_loads_merged_and_is_refused_on_another_base(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_MRIS_ADAPTERS", str(tmp_path / "user"))
+    model_dir = tmp_path / "model"
     base = tiny_decoder()
-    save_decoder(base, LAYOUT, tmp_path)
-    adapted_logits = make_adapter(tmp_path, "corrections")
-    folder = tmp_path / "adapters" / "corrections"
+    save_decoder(base, LAYOUT, model_dir)
+    adapted_logits = make_adapter(model_dir, "corrections")
+    folder = adapters_folder(model_dir) / "corrections"
+    assert folder.parent == tmp_path / "user" / modeldir.model_hash(model_dir)[:16]  # per user, keyed by hash
     assert {"adapter_model.safetensors", "adapter_config.json", "base_model.json"} <= {p.name for p in folder.iterdir()}
-    assert not list(folder.glob("*.bin"))
+    assert not list(folder.glob("*.bin")) and not (model_dir / "adapters").exists()
+    assert list_adapters(model_dir) == ["corrections"]
 
-    merged, _ = load_decoder(tmp_path, adapter="corrections")
+    merged, _ = load_decoder(model_dir, adapter="corrections")
     assert not any("lora" in name for name, _ in merged.named_parameters())  # merged into plain Linear layers
     with torch.no_grad():
         ids = torch.arange(10)[None] + 80
@@ -189,8 +194,21 @@ def test_lora_adapter_loads_merged_and_is_refused_on_another_base(tmp_path):
         assert not torch.allclose(base(ids).logits, adapted_logits, atol=1e-3)
 
     with pytest.raises(ModelDirectoryError, match="adapter 'nope' not found.*available: \\['corrections'\\]"):
-        load_decoder(tmp_path, adapter="nope")
+        load_decoder(model_dir, adapter="nope")
+    with pytest.raises(ModelDirectoryError, match="invalid adapter name"):
+        adapter_dir(model_dir, "../escape")
 
-    save_decoder(tiny_decoder(seed=5), LAYOUT, tmp_path)  # new base weights: the adapter no longer fits
+    save_decoder(tiny_decoder(seed=5), LAYOUT, model_dir)  # new base weights: a new hash, no adapters yet
+    assert list_adapters(model_dir) == []
+    shutil.copytree(folder, adapters_folder(model_dir) / "corrections")  # copied by hand under the new hash
     with pytest.raises(ModelDirectoryError, match="was trained on base model .* retrain the adapter"):
-        load_decoder(tmp_path, adapter="corrections")
+        load_decoder(model_dir, adapter="corrections")
+
+
+def test_adapters_root_is_the_user_data_folder_unless_overridden(monkeypatch, tmp_path):
+    from platformdirs import user_data_path
+
+    monkeypatch.delenv("NAPARI_MRIS_ADAPTERS")
+    assert adapters_root() == user_data_path("napari-mris", appauthor=False) / "adapters"
+    monkeypatch.setenv("NAPARI_MRIS_ADAPTERS", str(tmp_path))
+    assert adapters_root() == tmp_path

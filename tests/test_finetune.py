@@ -8,8 +8,9 @@ import warnings
 import pytest
 import torch
 
+from napari_mris.adapters import adapters_folder, list_adapters, save_adapter
 from napari_mris.errors import ModelDirectoryError
-from napari_mris.model.decoder import load_decoder, save_adapter
+from napari_mris.model.decoder import load_decoder
 from napari_mris.model.modeldir import file_sha256, model_hash
 from napari_mris_train.cli import main
 from napari_mris_train.finetune import FinetuneCancelled, finetune, train_adapter
@@ -18,6 +19,7 @@ from napari_mris_train.tiny import build_tiny_model
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    """A tiny model of this module's own (trained differently: its own hash, so its own adapters folder)."""
     data = tmp_path_factory.mktemp("data")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="the prompt is")
@@ -50,7 +52,8 @@ def test_finetune_reports_progress_and_a_stop_leaves_nothing(tiny):
     folder = finetune(
         model, data / "Train_Folder", "cb", steps=2, batch_size=2, progress_callback=lambda *a: calls.append(a)
     )
-    assert folder == model / "adapters" / "cb" and folder.is_dir()
+    assert folder == adapters_folder(model) / "cb" and folder.is_dir() and list_adapters(model)[0] == "cb"
+    assert not (model / "adapters").exists()  # the model directory is never written
     assert [c[:2] for c in calls] == [(1, 2), (2, 2)] and all(c[2] > 0 for c in calls)
     seen = []
     with pytest.raises(FinetuneCancelled, match="no adapter"):
@@ -64,8 +67,8 @@ def test_finetune_reports_progress_and_a_stop_leaves_nothing(tiny):
             should_stop=lambda: len(seen) >= 1,
         )
     assert len(seen) == 1
-    assert not [p.name for p in (model / "adapters").iterdir() if "stopped" in p.name]
-    with pytest.raises(ModelDirectoryError, match="beside their base model"):
+    assert not [p.name for p in adapters_folder(model).iterdir() if "stopped" in p.name]
+    with pytest.raises(ModelDirectoryError, match="invalid adapter name"):  # before any training step
         finetune(model, data / "Train_Folder", str(data / "elsewhere" / "x"), steps=1)
 
 

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from _model_fixtures import ScriptedPipeline, force_decision, force_drawing
+from _model_fixtures import ScriptedPipeline, force_drawing
 from PIL import Image as PILImage
 from qtpy.QtCore import QThreadPool
 

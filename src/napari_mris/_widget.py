@@ -121,7 +121,7 @@ class MRISWidget(QWidget):
         self.model_button = QPushButton("Model…")
         self.model_button.setToolTip("Choose a model directory (config.json + safetensors files)")
         self.adapter_combo = QComboBox()
-        self.adapter_combo.setToolTip("LoRA adapter of the model (adapters/<name>)")
+        self.adapter_combo.setToolTip("LoRA adapters of this model, from your corrections (your adapters folder)")
         self.image_combo = QComboBox()
         self.prompt_edit = QPlainTextEdit()
         self.prompt_edit.setPlaceholderText(
@@ -502,11 +502,12 @@ class MRISWidget(QWidget):
     def _finish(self, run: _Run, update: StreamUpdate) -> None:
         self._run = None
         notes = " · ".join(update.warnings)
-        if _not_present(update):  # [REJ], or present but nothing drawn: the layer stays as it was
+        if update.not_present:  # [REJ], or present but nothing drawn: the layer stays as it was
             self._revert(run)
             self._register(run)
             how = "the model answered not present" if update.rejected else "the model drew no lesion"
-            message = f"Not present: no lesion found for “{_short(run.prompt, 80)}” ({how}; label {run.value} unchanged)"
+            finding = _short(run.prompt, 80)
+            message = f"Not present: no lesion found for “{finding}” ({how}; label {run.value} unchanged)"
             self._status(message + (f" ({notes})" if notes else ""))
             show_info(message)
             return
@@ -576,7 +577,7 @@ class MRISWidget(QWidget):
         """Record the prompt of this label value (metadata for writers, features for the layer's tooltip)."""
         labels = run.labels
         names: dict[int, str] = labels.metadata.setdefault("mris_segment_labels", {})
-        if run.last is None or (_not_present(run.last) and run.value not in names):
+        if run.last is None or (run.last.not_present and run.value not in names):
             return  # stopped before any update, or the model found nothing: no new label value
         names[run.value] = run.prompt
         if self._pipeline is not None:
@@ -801,10 +802,13 @@ def _domain_prefix(update: StreamUpdate) -> str:
 
 
 def _adapters(model: str | Path) -> list[str]:
-    folder = (DEFAULT_MODEL_DIR if str(model) == "default" else Path(model)) / "adapters"
-    if not folder.is_dir():
+    """The adapters of this model in the user's adapters folder ([] when the model cannot be read yet)."""
+    from napari_mris.adapters import list_adapters
+
+    try:
+        return list_adapters(DEFAULT_MODEL_DIR if str(model) == "default" else Path(model))
+    except (MRISError, OSError):  # a missing or damaged model directory: the load reports it in plain words
         return []
-    return sorted(p.name for p in folder.iterdir() if (p / "adapter_config.json").is_file())
 
 
 def _message(exc: Exception, context: str) -> str:
@@ -812,11 +816,6 @@ def _message(exc: Exception, context: str) -> str:
         return str(exc)
     log.error("%s", context, exc_info=exc)
     return f"{context}: {type(exc).__name__}: {exc}"
-
-
-def _not_present(update: StreamUpdate) -> bool:
-    """A finished answer of "not present": the model said [REJ], or said present and drew nothing."""
-    return bool(update.finished and (update.rejected or not update.mask.any()))
 
 
 def _short(text: str, limit: int = 60) -> str:

@@ -33,10 +33,11 @@ if TYPE_CHECKING:  # torch is imported only by the commands that need it
 
 EXIT_USAGE = 2
 EXIT_BUG = 1
+EXIT_NOTHING_SEGMENTED = 3  # every input was refused as out of domain (see --allow-out-of-domain)
 MASK_PREFIX = "mask_"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 PREDICTION_COLUMNS = [
-    "image", "prompt", "rejected", "seconds", "model_id", "model_hash", "adapter", "order", "domain_score"
+    "image", "prompt", "answer", "rejected", "seconds", "model_id", "model_hash", "adapter", "order", "domain_score"
 ]  # fmt: skip
 
 
@@ -106,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--no-snap", action="store_true", help="the token mask as decoded, not snapped to the lesion map"
     )
+    predict.add_argument(
+        "--allow-out-of-domain",
+        action="store_true",
+        help="segment images the model's domain guard flags as unlike its training images (refused by default)",
+    )
     predict.set_defaults(run=run_predict)
 
     demo = commands.add_parser("demo", help="open napari with a phantom chest X-ray and segment its description")
@@ -145,10 +151,18 @@ def run_predict(args: argparse.Namespace) -> int:
         f"{time.perf_counter() - start:.1f} s; {len(jobs)} image(s) to segment", flush=True,
     )  # fmt: skip
     settings = pipeline.settings(order=args.order, samples=args.samples, beam=args.beam, snap=not args.no_snap)
+    for prompt in dict.fromkeys(job.prompt for job in jobs):  # a prompt the model cannot use fails before any work
+        pipeline.check_prompt(prompt)
     rows: list[dict[str, str]] = []
+    refused = 0
     for number, job in enumerate(jobs, start=1):
         start = time.perf_counter()
         image = read_slice(job.image, expect_2d=True)
+        domain = pipeline.domain(image.pixels, image.window)
+        if domain is not None and domain.out_of_domain and not args.allow_out_of_domain:
+            refused += 1
+            print(f"[{number}/{len(jobs)}] {job.image.name}: refused, {domain.message()}", flush=True)
+            continue
         with warnings.catch_warnings():  # the tokenizer's truncation warning is printed below as a note
             warnings.simplefilter("ignore", UserWarning)
             result = pipeline.segment(
@@ -159,9 +173,18 @@ def run_predict(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - start
         rows.append(_prediction_row(job, result, seconds))
         write_text_atomic(args.out / "predictions.csv", _predictions_csv(rows))
-        verdict = "target not found" if result.rejected else f"{int(result.mask.sum())} pixels"
+        verdict = f"{int(result.mask.sum())} pixels"
+        if result.not_present:
+            verdict = "not present (" + ("the model answered [REJ]" if result.rejected else "no lesion drawn") + ")"
         notes = "".join(f" ({note})" for note in result.warnings)
         print(f"[{number}/{len(jobs)}] {job.image.name}: {verdict}, {seconds:.2f} s{notes}", flush=True)
+    if refused and refused == len(jobs):
+        print(
+            f"napari-mris: nothing was segmented: {'the image was' if refused == 1 else f'all {refused} images were'} "
+            "refused as out of domain (--allow-out-of-domain segments them anyway)",
+            file=sys.stderr,
+        )
+        return EXIT_NOTHING_SEGMENTED
     return 0
 
 
@@ -263,6 +286,7 @@ def _prediction_row(job: Job, result: SegmentationResult, seconds: float) -> dic
     return {
         "image": job.image.name,
         "prompt": job.prompt,
+        "answer": "not present" if result.not_present else "present",  # [REJ], or nothing drawn
         "rejected": str(bool(result.rejected)).lower(),
         "seconds": f"{seconds:.3f}",
         "model_id": result.model_id,
@@ -370,6 +394,11 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"{'orders':13s} {', '.join(info['orders'])}")
     print(f"{'image size':13s} {info['image_size']} px")
     print(f"{'parameters':13s} {info['parameters']:,} (decoder)")
+    threshold = info.get("domain_threshold")
+    guard = "none (no domain.safetensors)" if threshold is None else f"threshold {threshold:.2f} (domain.safetensors)"
+    print(f"{'domain guard':13s} {guard}")
+    words = info.get("prompt_vocabulary")
+    print(f"{'prompt words':13s} {', '.join(words) if words else 'not checked (no prompt_vocabulary.json)'}")
     return 0
 
 

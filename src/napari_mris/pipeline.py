@@ -9,6 +9,7 @@ the stream and returns the final mask with the provenance an export needs (model
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from napari_mris.domain import DomainCheck, DomainGuard
 from napari_mris.errors import ModelDirectoryError, MRISError, UnsupportedImageError
 from napari_mris.export import software_versions
 from napari_mris.lesion_snap import snap_to_lesion_map
@@ -25,6 +27,7 @@ from napari_mris.model.decoder import load_decoder
 from napari_mris.model.generate import autoregressive_infer
 from napari_mris.model.modeldir import read_config, verify_model_dir
 from napari_mris.model.sequence import prefix_ids
+from napari_mris.prompt_check import PromptCheck, PromptVocabulary
 from napari_mris.tokenizers import load_tokenizers
 from napari_mris.tokenizers.preprocess import resize_probability, to_model_image
 from napari_mris.tokenizers.text import normalize_prompt
@@ -65,6 +68,13 @@ class StreamUpdate:
     finished: bool
     timings: dict[str, float] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()  # e.g. "prompt truncated", for the widget's status line
+    domain_score: float | None = None  # distance to the training images (domain.py); None: the model has no guard
+    out_of_domain: bool = False  # domain_score above the model's calibrated threshold
+
+    @property
+    def not_present(self) -> bool:
+        """A finished answer "not present": [REJ], or [SOV] with nothing drawn (the snap never fills it)."""
+        return bool(self.finished and (self.rejected or not self.mask.any()))
 
 
 @dataclass
@@ -84,18 +94,27 @@ class SegmentationResult:
     adapter: str | None
     warnings: tuple[str, ...] = ()
     domain_score: float | None = None
+    out_of_domain: bool = False
+
+    @property
+    def not_present(self) -> bool:
+        """The answer "not present": [REJ], or [SOV] with nothing drawn (StreamUpdate.not_present)."""
+        return bool(self.rejected or not self.mask.any())
 
     def provenance(self) -> dict[str, Any]:
         """JSON-ready description of this result (for sidecars and CSV reports)."""
         return {
             "prompt": self.prompt,
             "rejected": self.rejected,
+            "not_present": self.not_present,
             "finished": self.finished,
             "model_id": self.model_id,
             "model_hash": self.model_hash,
             "adapter": self.adapter,
             "settings": self.settings.to_dict(),
             "timings": dict(self.timings),
+            "domain_score": self.domain_score,
+            "out_of_domain": self.out_of_domain,
         }
 
 
@@ -165,6 +184,10 @@ class MRISPipeline:
         self.model_hash = weights_hash  # covers every file of the model directory (modeldir.model_files)
         self.weights_verified = weights_verified  # True when the files matched the directory's SHA256SUMS
         self._background_codes: dict[str, int] = {}
+        # Optional files of the model directory: no file, no check (domain.py, prompt_check.py).
+        self.domain_guard = DomainGuard.load(model_dir, getattr(decoder, "pixel_stem", None))
+        self.vocabulary = PromptVocabulary.load(model_dir)
+        self._domain_cache: tuple[bytes, DomainCheck] | None = None  # the last image's check: once per image
 
     @classmethod
     def from_pretrained(
@@ -223,6 +246,8 @@ class MRISPipeline:
             "image_size": self.image_size,
             "parameters": sum(p.numel() for p in self.decoder.parameters()),
             "versions": software_versions(),
+            "domain_threshold": self.domain_guard.threshold if self.domain_guard is not None else None,
+            "prompt_vocabulary": sorted(self.vocabulary.words) if self.vocabulary is not None else None,
         }
 
     # ------------------------------------------------------------------ decoding
@@ -302,6 +327,8 @@ class MRISPipeline:
             model_hash=self.model_hash,
             adapter=self.adapter,
             warnings=last.warnings,
+            domain_score=last.domain_score,
+            out_of_domain=last.out_of_domain,
         )
 
     def _stream(
@@ -315,6 +342,9 @@ class MRISPipeline:
         start = time.perf_counter()
         text_ids, notes = self._encode_prompt(prompt)
         prefix, model_image = self._prefix(pixels, window, text_ids)
+        domain = self._domain_of(model_image)
+        if domain is not None and domain.out_of_domain:
+            notes = (domain.message(), *notes)
         timings = {"preprocess_s": time.perf_counter() - start}
         mask_tokenizer = self.tokenizers.masks[settings.order]
         scales = tuple(mask_tokenizer.scales)
@@ -356,11 +386,36 @@ class MRISPipeline:
             timings["tokens_per_s"] = step.tokens_done / max(elapsed - timings["preprocess_s"], 1e-9)
             update.timings = dict(timings)
             update.warnings = notes
+            if domain is not None:
+                update.domain_score, update.out_of_domain = domain.score, domain.out_of_domain
             yield update
             if update.finished:
                 return
 
     # ------------------------------------------------------------------ helpers
+
+    def check_prompt(self, prompt: str) -> PromptCheck | None:
+        """The prompt's words against the model's training vocabulary (None: the model records none); raises
+        PromptError, listing the known words, when the prompt has none of them."""
+        return self.vocabulary.check(prompt) if self.vocabulary is not None else None
+
+    def domain(self, image: np.ndarray, window: tuple[float, float] | None = None) -> DomainCheck | None:
+        """How far the 2D `image` is from the model's training images (None: the model has no guard); cheap to
+        ask before `stream()`, which reuses the result for the same image."""
+        if self.domain_guard is None:
+            return None
+        model_image = to_model_image(as_plane(image), window, self.image_size)
+        batch = torch.as_tensor(np.ascontiguousarray(model_image), dtype=torch.float32)[None]
+        return self._domain_of(batch.to(self.device))
+
+    def _domain_of(self, model_image: torch.Tensor) -> DomainCheck | None:
+        """The check of a (1, S, S) model image, cached for the last image (a widget asks many prompts of one)."""
+        if self.domain_guard is None or self.decoder.pixel_stem is None:
+            return None
+        key = hashlib.blake2b(model_image.detach().cpu().numpy().tobytes(), digest_size=16).digest()
+        if self._domain_cache is None or self._domain_cache[0] != key:
+            self._domain_cache = (key, self.domain_guard.check(self.decoder.pixel_stem, model_image[None]))
+        return self._domain_cache[1]
 
     def _encode_prompt(self, prompt: str) -> tuple[list[int], tuple[str, ...]]:
         """Token ids of the prompt, plus a note for the status line when it was cut to the model's limit.
@@ -370,12 +425,14 @@ class MRISPipeline:
         """
         text = self.tokenizers.text
         ids = list(text.encode(prompt))
+        check = self.check_prompt(prompt)  # after encode: an empty prompt keeps its own message
+        notes = (check.note(),) if check is not None and check.note() else ()
         if len(ids) < text.max_length:
-            return ids, ()
+            return ids, notes
         full = len(text.hf.encode(normalize_prompt(prompt), add_special_tokens=False))
         if full <= text.max_length:
-            return ids, ()
-        return ids, (f"prompt truncated: only its first {text.max_length} of {full} tokens were used",)
+            return ids, notes
+        return ids, (*notes, f"prompt truncated: only its first {text.max_length} of {full} tokens were used")
 
     def _prefix(
         self, pixels: np.ndarray, window: tuple[float, float] | None, text_ids: list[int]

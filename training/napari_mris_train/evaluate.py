@@ -94,7 +94,7 @@ def score_prompt(name: str, prompt, result, full_mask: np.ndarray) -> dict[str, 
         "iou": iou,
         "counts": overlap_counts(result.mask, prompt.truth),
         "rejected": bool(result.rejected),
-        "not_present": bool(result.rejected or not result.mask.any()),
+        "not_present": result.not_present,
     }
     if prompt.region is not None:
         row["text_ignored_counts"] = overlap_counts(full_mask, prompt.truth)
@@ -164,7 +164,7 @@ def format_table(report: dict[str, Any]) -> str:
     for name, summary in report["sets"].items():
         rows = [(name, summary)]
         if name in RESTRICTED:
-            rows += [(f"  text ignored", summary["text_ignored"]), ("  oracle", summary["oracle"])]
+            rows += [("  text ignored", summary["text_ignored"]), ("  oracle", summary["oracle"])]
         for label, s in rows:
             n = f"{summary['n']:>6}" if label == name else " " * 6
             present = f"{pct(summary['not_present']):>11}" if label == name else ""

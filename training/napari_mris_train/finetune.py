@@ -2,9 +2,9 @@
 
 peft wraps the decoder's inner Llama (`lora_target_modules()`: attention and MLP projections); every
 other weight stays frozen and the vocabulary is fixed, so no new token rows are needed. The adapter is
-saved as `<model>/adapters/<name>/` (adapter_model.safetensors, adapter_config.json, base_model.json
-with the base weights' hash) by writing a temporary folder and renaming it: `model.safetensors` is never
-touched, and a stopped or failed run leaves no adapter folder behind.
+saved in the user's adapters folder under the base model's hash (`napari_mris.adapters`: adapter_model.safetensors,
+adapter_config.json, base_model.json) by writing a temporary folder and renaming it: the model directory is
+never written, and a stopped or failed run leaves no adapter folder behind.
 
 Replay: a fraction of every batch can come from the original training data, so that a few dozen
 corrections teach the model without making it forget the rest.
@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from napari_mris.errors import DatasetError, ModelDirectoryError, MRISError
-from napari_mris.model.decoder import ADAPTERS_DIR, load_decoder, lora_target_modules, save_adapter
+from napari_mris.adapters import adapter_dir, save_adapter
+from napari_mris.errors import DatasetError, MRISError
+from napari_mris.model.decoder import load_decoder, lora_target_modules
 from napari_mris.model.sequence import collate
 from napari_mris.phantom import write_lvit_dataset
 from napari_mris.pipeline import resolve_device, resolve_model_dir
@@ -45,19 +46,6 @@ def open_dataset(path: str | Path):
     if not path.is_dir():
         raise DatasetError(f"{path}: dataset folder not found")
     return load_split(path) if any(p.name.lower() == "img" for p in path.iterdir()) else load_split(path, split="train")
-
-
-def adapter_name(model_dir: Path, out: str) -> str:
-    """`--out` is a plain name, or a path inside `<model>/adapters/` (adapters live beside their base)."""
-    candidate = Path(out)
-    if len(candidate.parts) == 1:
-        return out
-    if candidate.parent.resolve() != (model_dir / ADAPTERS_DIR).resolve():
-        raise ModelDirectoryError(
-            f"adapters are stored beside their base model: give a name, or a path in {model_dir / ADAPTERS_DIR} "
-            f"(got {out})"
-        )
-    return candidate.name
 
 
 def attach_lora(decoder, rank: int, alpha: int, targets: list[str] | None, dropout: float = 0.05):
@@ -170,14 +158,14 @@ def finetune(
     steps: int = 200,
     **options,
 ) -> Path:
-    """Fine-tune with LoRA and save `<model_dir>/adapters/<name>/`; returns that folder.
+    """Fine-tune with LoRA and save it as adapter `name` of the model (napari_mris.adapters); returns its folder.
 
     Runs in the caller's thread (the widget uses a background worker): `progress_callback(step, total,
     loss)` is called after each step and `should_stop()` before it; a stop raises FinetuneCancelled and,
     like any failure, leaves no adapter folder behind. Options: see `train_adapter`.
     """
     model_dir = resolve_model_dir(model_dir)
-    name = adapter_name(model_dir, name)
+    adapter_dir(model_dir, name)  # a bad name fails before the training, not after it
     decoder, _ = train_adapter(model_dir, dataset, steps, **options)
     return save_adapter(decoder.llama.cpu(), model_dir, name)
 
@@ -185,7 +173,9 @@ def finetune(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory (or 'default')")
     parser.add_argument("--data", required=True, type=Path, help="LViT root, split folder, or corrections folder")
-    parser.add_argument("--out", required=True, help="adapter name (saved as <model>/adapters/<name>)")
+    parser.add_argument(
+        "--out", required=True, help="adapter name (saved in the user's adapters folder, under the model's hash)"
+    )
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     parser.add_argument("--alpha", type=int, default=16, help="LoRA alpha (scale = alpha / r)")
     parser.add_argument("--targets", help=f"comma-separated modules (default {','.join(lora_target_modules())})")

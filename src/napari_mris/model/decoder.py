@@ -28,11 +28,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -42,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from napari_mris.adapters import merged_adapter
 from napari_mris.errors import ModelDirectoryError
 from napari_mris.model import modeldir
 from napari_mris.model.pixel_stem import PixelStem
@@ -49,10 +46,6 @@ from napari_mris.model.sequence import IMAGE_START, grid_of_cell
 from napari_mris.model.vocab import BOS, EOS, PAD, VocabLayout
 
 WEIGHTS_NAME = "model.safetensors"
-ADAPTERS_DIR = "adapters"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_BASE = "base_model.json"
 
 
 @dataclass
@@ -374,62 +367,5 @@ def load_decoder(
     state = modeldir.load_weights(model_dir, WEIGHTS_NAME)
     modeldir.load_state_checked(decoder, state, model_dir / WEIGHTS_NAME)
     if adapter is not None:
-        decoder.llama = _merged_adapter(decoder.llama, model_dir, adapter)
+        decoder.llama = merged_adapter(decoder.llama, model_dir, adapter)
     return decoder.to(device).eval(), layout
-
-
-def adapter_dir(model_dir: str | Path, name: str) -> Path:
-    if not name or "/" in name or "\\" in name or name in {".", ".."}:
-        raise ModelDirectoryError(f"invalid adapter name {name!r}")
-    return Path(model_dir) / ADAPTERS_DIR / name
-
-
-def _merged_adapter(llama: LlamaForCausalLM, model_dir: Path, name: str) -> LlamaForCausalLM:
-    """Load `adapters/<name>` (safetensors only), refuse it if it was trained on other base weights, merge it."""
-    from peft import PeftModel
-
-    folder = adapter_dir(model_dir, name)
-    if not folder.is_dir():
-        available = sorted(p.name for p in (model_dir / ADAPTERS_DIR).glob("*") if p.is_dir())
-        raise ModelDirectoryError(f"adapter {name!r} not found in {model_dir / ADAPTERS_DIR} (available: {available})")
-    for required in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_BASE):
-        modeldir.require_file(folder, required)
-    base_file = folder / ADAPTER_BASE
-    try:
-        recorded = json.loads(base_file.read_text(encoding="utf-8"))["base_model_hash"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise ModelDirectoryError(f"{base_file} does not hold a base_model_hash: {exc}") from exc
-    actual = modeldir.model_hash(model_dir)
-    if recorded != actual:
-        raise ModelDirectoryError(
-            f"adapter {folder} was trained on base model {recorded}, but {model_dir} holds model {actual}; "
-            "retrain the adapter on this model"
-        )
-    try:
-        peft_model = PeftModel.from_pretrained(llama, str(folder), is_trainable=False)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise ModelDirectoryError(f"{folder / ADAPTER_WEIGHTS} does not fit this decoder: {exc}") from exc
-    return peft_model.merge_and_unload()
-
-
-def save_adapter(peft_llama: Any, model_dir: str | Path, name: str) -> Path:
-    """Save a peft-wrapped `decoder.llama` as `adapters/<name>/` (safetensors + base hash), replacing it atomically."""
-    model_dir = Path(model_dir)
-    target = adapter_dir(model_dir, name)
-    base_hash = modeldir.model_hash(model_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-    try:
-        peft_llama.save_pretrained(str(staging), safe_serialization=True)
-        (staging / ADAPTER_BASE).write_text(json.dumps({"base_model_hash": base_hash}) + "\n", encoding="utf-8")
-        if target.exists():
-            old = target.with_name(f".{name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
