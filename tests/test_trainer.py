@@ -327,3 +327,25 @@ def test_export_writes_the_last_weights_and_nothing_else(tiny_model_dir, tmp_pat
     pipeline = MRISPipeline.from_pretrained(out)  # a re-export over an exported model writes a fresh manifest
     assert pipeline.weights_verified and pipeline.default_order == "raster" and pipeline.settings().order == "raster"
     assert pipeline.settings(order="scale").order == "scale"
+
+
+def test_export_of_the_best_weights_in_half_precision(tiny_model_dir, tmp_path) -> None:  # noqa: F811
+    """--weights best ships model.safetensors (kept by the selection score) and --float16 halves it."""
+    from napari_mris.model.decoder import load_decoder
+    from napari_mris.model.modeldir import read_config
+    from napari_mris_train.cli import main
+
+    out = tmp_path / "half"
+    args = ["export", "--run", str(tiny_model_dir), "--out", str(out), "--model-id", "x-v2", "--weights", "best"]
+    assert main([*args, "--float16"]) == 0
+    saved = load_file(str(out / "model.safetensors"))
+    assert {v.dtype for v in saved.values() if v.is_floating_point()} == {torch.float16}
+    best = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert all(torch.equal(saved[k], best[k].half()) for k in best)  # the best weights, not the last step
+    log = [json.loads(line) for line in (tiny_model_dir / trainer.LOG_NAME).read_text().splitlines()]
+    config = read_config(out)
+    assert config["weights_dtype"] == "float16"
+    assert config["trained_steps"] == [r["step"] for r in log if r.get("saved_best")][-1]
+    half, _ = load_decoder(out)
+    assert {p.dtype for p in half.parameters()} == {torch.float32}  # computed in float32 as before
+    assert (out / "model.safetensors").stat().st_size < 0.6 * (tiny_model_dir / "model.safetensors").stat().st_size
