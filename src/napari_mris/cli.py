@@ -1,13 +1,14 @@
 """`napari-mris`: predict masks for files or LViT folders, open the demo, print model information.
 
     napari-mris predict INPUT... (--prompt TEXT | --prompts FILE.csv|.xlsx) --out DIR [--model DIR]
-                        [--order scale|raster] [--samples N] [--device auto|cpu|cuda]
+                        [--order scale|raster] [--samples N] [--allow-out-of-domain] [--device auto|cpu|cuda]
     napari-mris demo [--model DIR]
     napari-mris info [--model DIR] [--device auto|cpu|cuda]
 
 Every problem a user can cause (missing file, bad table, empty prompt, missing model) ends the command with
 one line on stderr and exit code 2, never a traceback. `predict` rewrites `predictions.csv` after every
-image, atomically, so an interrupted run leaves a table that matches the masks already written.
+image, atomically, so an interrupted run leaves a table that matches the masks already written. An image
+the model's domain guard flags is refused (one line, no mask); exit code 3 when no input was segmented.
 """
 
 from __future__ import annotations
@@ -161,7 +162,8 @@ def run_predict(args: argparse.Namespace) -> int:
         domain = pipeline.domain(image.pixels, image.window)
         if domain is not None and domain.out_of_domain and not args.allow_out_of_domain:
             refused += 1
-            print(f"[{number}/{len(jobs)}] {job.image.name}: refused, {domain.message()}", flush=True)
+            note = "--allow-out-of-domain segments it anyway"
+            print(f"[{number}/{len(jobs)}] {job.image.name}: refused, {domain.message()} ({note})", flush=True)
             continue
         with warnings.catch_warnings():  # the tokenizer's truncation warning is printed below as a note
             warnings.simplefilter("ignore", UserWarning)
@@ -179,11 +181,8 @@ def run_predict(args: argparse.Namespace) -> int:
         notes = "".join(f" ({note})" for note in result.warnings)
         print(f"[{number}/{len(jobs)}] {job.image.name}: {verdict}, {seconds:.2f} s{notes}", flush=True)
     if refused and refused == len(jobs):
-        print(
-            f"napari-mris: nothing was segmented: {'the image was' if refused == 1 else f'all {refused} images were'} "
-            "refused as out of domain (--allow-out-of-domain segments them anyway)",
-            file=sys.stderr,
-        )
+        which = "the image was" if refused == 1 else f"all {refused} images were"
+        print(f"napari-mris: nothing was segmented: {which} refused as out of domain", file=sys.stderr)
         return EXIT_NOTHING_SEGMENTED
     return 0
 

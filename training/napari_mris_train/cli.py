@@ -17,6 +17,8 @@ SUBCOMMANDS = {
     "eval": ("napari_mris_train.evaluate", "Dice / mIoU / text-shuffle / N-Acc on a validation split"),
     "export": ("napari_mris_train.export_model", "write a run's last weights as a clean model directory"),
     "phantoms": ("napari_mris_train.phantoms", "write synthetic chest X-ray phantoms as an LViT dataset"),
+    "domain": ("napari_mris_train.domain", "calibrate the domain guard (domain.safetensors) on a dataset"),
+    "vocabulary": ("napari_mris_train.vocabulary", "record the training descriptions' words (prompt_vocabulary.json)"),
 }
 
 
