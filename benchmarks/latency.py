@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from napari_mris.model.generate import mask_code_tokens
-from napari_mris.model.sequence import mask_header
+from napari_mris.model.sequence import mask_header, prefix_ids
 from napari_mris.phantom import make_phantom
 from napari_mris.pipeline import MRISPipeline
 
@@ -44,7 +44,8 @@ def time_generate(pipeline: MRISPipeline, image: np.ndarray, prompt: str) -> flo
     scales = pipeline.tokenizers.masks["raster"].scales
     start = time.perf_counter()
     text_ids, _ = pipeline._encode_prompt(prompt)
-    prefix, _ = pipeline._prefix(image, None, text_ids)  # generate() runs the bare Llama: no pixel stem
+    _, codes = pipeline._model_input(image, None)  # generate() runs the bare Llama: no pixel stem
+    prefix = prefix_ids(pipeline.layout, codes, text_ids, int(pipeline.tokenizers.image.grid)).to(pipeline.device)
     header = torch.tensor(mask_header(pipeline.layout, "raster", scales[-1]), device=prefix.device)
     ids = torch.cat([prefix, header])[None]
     with torch.inference_mode():

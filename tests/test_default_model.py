@@ -45,7 +45,7 @@ def test_default_model_snaps_its_finished_mask_to_its_lesion_map() -> None:
     tokens = pipeline.segment(image.pixels, description, window=image.window, snap=False)
     snapped = pipeline.segment(image.pixels, description, window=image.window)
     assert snapped.settings.snap and not tokens.settings.snap
-    _, model_image = pipeline._prefix(image.pixels, image.window, pipeline._encode_prompt(description)[0])
+    model_image, _ = pipeline._model_input(image.pixels, image.window)
     with torch.inference_mode():
         lesion = lesion_probability(pipeline.decoder.lesion_logits(model_image[None]), image.pixels.shape)
     assert lesion is not None and lesion.shape == image.pixels.shape

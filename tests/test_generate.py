@@ -11,7 +11,9 @@ from _tiny_decoder import TINY_LAYOUT, one_torch_thread, tiny_decoder_config  # 
 from napari_mris.model.decoder import DecoderConfig, MRISDecoder
 from napari_mris.model.generate import (
     autoregressive_infer,
+    image_block_length,
     mask_code_tokens,
+    prefill_image,
     raster_beam_search,
     raster_tokens,
 )
@@ -141,7 +143,7 @@ def test_speculative_decoding_equals_greedy():
         fast = final(model, "raster", speculative=True)[-1].codes
         fast_calls = calls.pop()
         assert torch.equal(fast, greedy), f"seed {seed}"
-        assert plain_calls == 2 + 15  # prefix, header, then one pass per token after the first
+        assert plain_calls == 3 + 15  # image block, text, header, then one pass per token after the first
         assert fast_calls <= plain_calls
 
 
@@ -172,7 +174,7 @@ def test_speculative_accepts_exactly_the_right_drafts(correct):
         n_draft = min(4, 16 - done)
         passes += 1
         done += min(min(correct, n_draft) + 1, 16 - done)
-    assert calls.pop() == 2 + passes
+    assert calls.pop() == 3 + passes
     assert passes == {0: 15, 2: 5, 4: 3}[correct]
 
 
@@ -182,7 +184,7 @@ def _count_forward_calls(model: MRISDecoder) -> list[int]:
     original = model.forward
 
     def counting(*args, **kwargs):
-        if kwargs.get("logits_to_keep") == 1:  # the prefix pass starts a run
+        if kwargs.get("past_key_values") is None:  # the image block's pass starts a run
             counts.append(0)
         counts[-1] += 1
         return original(*args, **kwargs)
@@ -317,3 +319,33 @@ def test_decoding_uses_the_current_cache_api_without_deprecation_warnings(decode
         final(decoder, "raster", speculative=False, samples=2, temperature=1.0, generator=seeded)
         final(decoder, "raster", beam=2)
         final(decoder, "scale")
+
+
+@pytest.mark.parametrize("order", ["raster", "scale"])
+def test_a_shared_image_prefill_gives_each_text_its_own_answer(decoder, order):
+    """Two texts decoded on one prefill of their image block, in turn, equal two separate runs; the texts get
+    different decisions, so a cache that kept the first text (not copied) would show."""
+    scales = RASTER if order == "raster" else SCALES
+    other = prefix_ids(LAYOUT, IMAGE, [8, 2, 2, 6, 1], 2)
+    image = prefill_image(decoder, PREFIX[: image_block_length(PREFIX)])
+    length = image.cache.get_seq_length()
+    shared = [
+        _outcome(autoregressive_infer(decoder, LAYOUT, p, order, scales, image=image)) for p in (PREFIX, other, PREFIX)
+    ]
+    assert image.cache.get_seq_length() == length  # decoding worked on copies
+    separate = [_outcome(autoregressive_infer(decoder, LAYOUT, p, order, scales)) for p in (PREFIX, other)]
+    assert shared[:2] == separate and shared[2] == shared[0]
+    assert shared[0][1] != shared[1][1]  # p([REJ]) differs: the texts are told apart
+    with pytest.raises(ValueError, match="image block"):
+        next(
+            autoregressive_infer(
+                decoder, LAYOUT, prefix_ids(LAYOUT, IMAGE.flip(0), TEXT, 2), order, scales, image=image
+            )
+        )
+
+
+def _outcome(steps) -> tuple[bool, float, list[list[int]]]:
+    """A run's answer, its p([REJ]) and its final codes, comparable with ==."""
+    last = list(steps)[-1]
+    codes = last.codes if isinstance(last.codes, list) else [last.codes]
+    return last.rejected, last.reject_probability, [c.tolist() for c in codes]

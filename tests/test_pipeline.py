@@ -158,3 +158,50 @@ def test_info_names_model_device_and_versions(tiny_pipeline) -> None:  # noqa: F
     assert info["model_hash"] == tiny_pipeline.model_hash and info["device"] == "cpu"
     assert set(info["orders"]) == {"raster", "scale"}
     assert {"napari-mris", "torch", "transformers"} <= set(info["versions"])
+
+
+FINDINGS = ["lower left lung", "upper right lung infection", "bilateral pulmonary infection, two infected areas"]
+
+
+@pytest.mark.parametrize("order", ["raster", "scale"])
+@pytest.mark.parametrize("options", [{}, {"samples": 2, "seed": 5}], ids=["greedy", "sampled"])
+def test_several_findings_equal_separate_calls(present, image, order, options, monkeypatch) -> None:
+    """One call for three findings reads the image once and gives each finding exactly its own mask (the tiny
+    model hardly reads the text; tests/test_generate.py checks that each finding follows its own text)."""
+    alone = [present.segment(image, prompt, order=order, **options) for prompt in FINDINGS]
+    prefills = []
+    original = pipeline_module.prefill_image
+    monkeypatch.setattr(pipeline_module, "prefill_image", lambda *a, **k: prefills.append(1) or original(*a, **k))
+    together = present.segment_findings(image, FINDINGS, order=order, **options)
+    assert len(prefills) == 1  # the image part once, for all three findings
+    assert [r.prompt for r in together] == FINDINGS
+    for one, joint in zip(alone, together, strict=True):
+        np.testing.assert_array_equal(joint.mask, one.mask)
+        np.testing.assert_array_equal(joint.probability, one.probability)
+        assert joint.finished and joint.settings == one.settings
+
+
+def test_stream_of_findings_goes_one_after_the_other_and_stops_the_rest(present, image) -> None:
+    indices = [index for index, _ in present.stream_findings(image, FINDINGS, order="scale")]
+    assert indices == sorted(indices) and set(indices) == {0, 1, 2}
+    seen: list[tuple[int, bool]] = []
+    stop_after_first = lambda: any(finished for _, finished in seen)  # noqa: E731
+    for index, update in present.stream_findings(image, FINDINGS, order="scale", should_stop=stop_after_first):
+        seen.append((index, update.finished))
+    assert {index for index, _ in seen} == {0} and seen[-1] == (0, True)  # Stop: the later findings never start
+
+
+def test_bad_lists_of_findings_are_refused_before_any_work(present, image, monkeypatch) -> None:
+    from napari_mris.findings import MAX_FINDINGS
+
+    monkeypatch.setattr(pipeline_module, "prefill_image", lambda *a, **k: pytest.fail("decoded a bad list"))
+    cases = [
+        (["lower left lung", "Lower  left lung"], "Finding 2 repeats finding 1"),
+        (["lower left lung", " ", "upper right lung"], "Finding 2 of 3 is empty"),
+        ([f"finding {i}" for i in range(MAX_FINDINGS + 1)], f"more than the {MAX_FINDINGS}"),
+        ([], "No finding"),
+        (["lower left lung", "..."], "empty"),  # the tokenizer's check, still before any decoding
+    ]
+    for prompts, message in cases:
+        with pytest.raises(PromptError, match=message):
+            list(present.stream_findings(image, prompts))

@@ -1,17 +1,19 @@
-"""`MRISPipeline`: a model directory turned into streamed masks for one slice and one prompt.
+"""`MRISPipeline`: a model directory turned into streamed masks for one slice and one or more prompts.
 
-`stream()` is the one decoding path for the widget, the CLI and the benchmarks: it preprocesses the slice,
-encodes the prompt, runs `autoregressive_infer` and turns the codes decoded so far into a mask at the
-slice's own resolution, at a throttled rate (once per scale in coarse-to-fine order, once per completed
-token row in raster order) because decoding a mask costs far more than one token. `segment()` consumes
-the stream and returns the final mask with the provenance an export needs (model id and hash, settings).
+`stream_findings()` is the one decoding path for the widget, the CLI and the benchmarks: it preprocesses
+the slice, encodes the prompts, runs the image part once (image tokens, pixel stem, the image block's KV
+cache: `generate.prefill_image`) and then, finding after finding, `autoregressive_infer` on that shared
+image part, turning the codes decoded so far into a mask at the slice's own resolution at a throttled rate
+(once per scale in coarse-to-fine order, once per completed token row in raster order) because decoding a
+mask costs far more than one token. `stream()` is its one-finding case; `segment()` / `segment_findings()`
+consume the stream and return the final masks with the provenance an export needs (model id, settings).
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +24,12 @@ import torch
 from napari_mris.domain import DomainCheck, DomainGuard
 from napari_mris.errors import ModelDirectoryError, MRISError, UnsupportedImageError
 from napari_mris.export import software_versions
+from napari_mris.findings import check_findings
 from napari_mris.lesion_snap import snap_to_lesion_map
 from napari_mris.model.decoder import load_decoder
-from napari_mris.model.generate import autoregressive_infer
+from napari_mris.model.generate import ImagePrefill, autoregressive_infer, prefill_image
 from napari_mris.model.modeldir import read_config, verify_model_dir
-from napari_mris.model.sequence import prefix_ids
+from napari_mris.model.sequence import image_block_ids, prefix_ids
 from napari_mris.prompt_check import PromptCheck, PromptVocabulary
 from napari_mris.tokenizers import load_tokenizers
 from napari_mris.tokenizers.preprocess import resize_probability, to_model_image
@@ -303,17 +306,53 @@ class MRISPipeline:
         finished update (the caller keeps the last partial mask or discards it).
         """
         settings = self.settings(order, samples, temperature, beam, top_k, seed, snap)
-        return self._stream(as_plane(image), prompt, settings, window, should_stop or (lambda: False))
+        updates = self._stream(as_plane(image), [prompt], settings, window, should_stop or (lambda: False))
+        return (update for _, update in updates)
+
+    def stream_findings(
+        self,
+        image: np.ndarray,
+        prompts: Sequence[str],
+        order: str | None = None,
+        samples: int = 1,
+        temperature: float = 0.0,
+        beam: int = 1,
+        window: tuple[float, float] | None = None,
+        *,
+        top_k: int | None = None,
+        seed: int | None = None,
+        snap: bool = True,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[tuple[int, StreamUpdate]]:
+        """Several findings of one image, one after the other: yields (index of the finding, update).
+
+        The image part is computed once for all of them; each finding's mask equals what `stream()` gives for
+        its prompt alone. The list is checked first (`findings.check_findings`: no empty, repeated or
+        surplus finding) and every prompt is encoded before any decoding, so a bad third finding fails
+        before the first is drawn. `should_stop` ends the stream, the findings not yet started included.
+        """
+        settings = self.settings(order, samples, temperature, beam, top_k, seed, snap)
+        prompts = check_findings(prompts)
+        return self._stream(as_plane(image), prompts, settings, window, should_stop or (lambda: False))
 
     def segment(self, image: np.ndarray, prompt: str, **options: Any) -> SegmentationResult:
         """Run a stream to its end and return the final mask with its provenance."""
+        results = self.segment_findings(image, [prompt], **options)
+        if not results:
+            raise MRISError("The decoder produced no output")  # only possible with should_stop=lambda: True
+        return results[0]
+
+    def segment_findings(self, image: np.ndarray, prompts: Sequence[str], **options: Any) -> list[SegmentationResult]:
+        """`stream_findings` run to its end: one result per finding, in the order given (fewer when stopped)."""
         names = ("order", "samples", "temperature", "beam", "top_k", "seed", "snap")
         settings = self.settings(**{k: options[k] for k in names if k in options})
-        last = None
-        for last in self.stream(image, prompt, **options):  # noqa: B007 - only the last update is wanted
-            pass
-        if last is None:
-            raise MRISError("The decoder produced no output")  # only possible with should_stop=lambda: True
+        prompts = check_findings(prompts)
+        last: dict[int, StreamUpdate] = {}
+        for index, update in self.stream_findings(image, prompts, **options):
+            last[index] = update
+        return [self._result(prompts[index], settings, update) for index, update in sorted(last.items())]
+
+    def _result(self, prompt: str, settings: DecodingSettings, last: StreamUpdate) -> SegmentationResult:
         return SegmentationResult(
             mask=last.mask,
             probability=last.probability,
@@ -334,15 +373,39 @@ class MRISPipeline:
     def _stream(
         self,
         pixels: np.ndarray,
-        prompt: str,
+        prompts: Sequence[str],
         settings: DecodingSettings,
         window: tuple[float, float] | None,
         should_stop: Callable[[], bool],
-    ) -> Iterator[StreamUpdate]:
+    ) -> Iterator[tuple[int, StreamUpdate]]:
         start = time.perf_counter()
-        text_ids, notes = self._encode_prompt(prompt)
-        prefix, model_image = self._prefix(pixels, window, text_ids)
-        domain = self._domain_of(model_image)
+        encoded = [self._encode_prompt(prompt) for prompt in prompts]  # every prompt checked before any work
+        image = self._image_part(pixels, window)
+        for index, (text_ids, notes) in enumerate(encoded):
+            if should_stop():
+                return
+            if index:
+                start = time.perf_counter()  # a later finding's time is its own: the image part is reused
+            for update in self._decode(pixels, image, text_ids, notes, settings, should_stop, start):
+                yield index, update
+                if update.finished:
+                    break
+            else:
+                return  # stopped inside this finding: the rest are not started
+
+    def _decode(
+        self,
+        pixels: np.ndarray,
+        image: _ImagePart,
+        text_ids: list[int],
+        notes: tuple[str, ...],
+        settings: DecodingSettings,
+        should_stop: Callable[[], bool],
+        start: float,
+    ) -> Iterator[StreamUpdate]:
+        """One finding's stream on the shared image part; `start` is when this finding's work began."""
+        prefix = prefix_ids(self.layout, image.codes, text_ids, int(self.tokenizers.image.grid)).to(self.device)
+        domain = image.domain
         if domain is not None and domain.out_of_domain:
             notes = (domain.message(), *notes)
         timings = {"preprocess_s": time.perf_counter() - start}
@@ -362,7 +425,7 @@ class MRISPipeline:
             generator=self._generator(settings.seed),
             update_every=scales[-1] if settings.order == "raster" else None,
             code_patches=getattr(mask_tokenizer, "codebook", None),  # patch codebooks: expected-patch greedy
-            pixels=model_image,
+            image=image.prefill,
         )
         decode_time = 0.0
         while not should_stop():
@@ -434,16 +497,22 @@ class MRISPipeline:
             return ids, notes
         return ids, (*notes, f"prompt truncated: only its first {text.max_length} of {full} tokens were used")
 
-    def _prefix(
-        self, pixels: np.ndarray, window: tuple[float, float] | None, text_ids: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompt's token prefix and the (1, S, S) model image (for a decoder's pixel stem)."""
+    def _image_part(self, pixels: np.ndarray, window: tuple[float, float] | None) -> _ImagePart:
+        """Everything about the slice that no prompt changes, computed once for all its findings: the
+        (1, S, S) model image, its image codes, the domain check and the image block's prefill."""
+        model_image, codes = self._model_input(pixels, window)
+        block = image_block_ids(self.layout, codes, int(self.tokenizers.image.grid))
+        with torch.inference_mode():
+            prefill = prefill_image(self.decoder, block, model_image)
+        return _ImagePart(model_image, codes, self._domain_of(model_image), prefill)
+
+    def _model_input(self, pixels: np.ndarray, window: tuple[float, float] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (1, S, S) model image on the pipeline's device (the pixel stem's input) and its image codes."""
         image = to_model_image(pixels, window, self.image_size)
         with torch.inference_mode():
             batch = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)[None, None]
             codes = self.tokenizers.image.encode(batch)[0]
-            prefix = prefix_ids(self.layout, codes, text_ids, int(self.tokenizers.image.grid))
-        return prefix.to(self.device), batch[0].to(self.device)
+        return batch[0].to(self.device), codes
 
     def _generator(self, seed: int | None) -> torch.Generator | None:
         if seed is None:
@@ -505,6 +574,16 @@ class MRISPipeline:
                 codes = tokenizer.encode(torch.zeros(1, 1, size, size))[-1]
             self._background_codes[order] = int(torch.mode(codes.flatten()).values)
         return self._background_codes[order]
+
+
+@dataclass
+class _ImagePart:
+    """The prompt-independent part of a stream, shared by every finding of one image."""
+
+    model_image: torch.Tensor  # (1, S, S) on the pipeline's device, the pixel stem's input
+    codes: torch.Tensor  # the image tokenizer's codes (g*g)
+    domain: DomainCheck | None
+    prefill: ImagePrefill
 
 
 class _Throttle:

@@ -10,13 +10,20 @@
 
 Only legal tokens are ever emitted: `LegalTokens` (a transformers `LogitsProcessor`, so the same object also
 plugs into `generate()`) sets every other logit to -inf before any choice.
+
+The prefix is run in two parts: the image block `[BOS] ... image [EOV]` (`prefill_image`, which also runs the
+pixel stem) and then the text on a copy of its cache. The image block does not depend on the prompt, so
+several findings of one image share one `ImagePrefill`; a single finding takes the same two steps, so its
+mask is the same whether it was asked alone or among others.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +39,7 @@ from napari_mris.model.sequence import (
     position_shift,
     scale_slots,
 )
-from napari_mris.model.vocab import REJ, SOV, VocabLayout
+from napari_mris.model.vocab import EOV, REJ, SOV, VocabLayout
 
 
 @dataclass
@@ -47,6 +54,48 @@ class DecodeStep:
     finished: bool
     reject_probability: float = 0.0  # p([REJ]) / (p([SOV]) + p([REJ])) at the decision position
     lesion_logits: torch.Tensor | None = None  # the prefill's stem read-out (DecoderOutput.lesion_logits), if any
+
+
+@dataclass
+class ImagePrefill:
+    """The image block of a prefix run once through the decoder: its KV cache and the pixel stem's outputs.
+
+    Each finding's text continues a deep copy of `cache` (transformers' recipe for reusing a prompt cache),
+    because decoding appends to a cache in place.
+    """
+
+    ids: torch.Tensor  # [T0] the block's ids, `[BOS] [SOV] [Gg] [Gg] [SOT] image [EOV]`, on the decoder's device
+    cache: Any  # transformers DynamicCache holding T0 positions
+    lesion_logits: torch.Tensor | None  # the stem's read-out (DecoderOutput.lesion_logits), if any
+    pixel_features: torch.Tensor | None  # the stem's (1, g*g, H) features, for cell features
+
+    def continue_with(self, prefix: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """The text part of `prefix` and a private copy of the cache to feed it to; a prefix of another image
+        is a ValueError, never a mask drawn from the wrong image's cache."""
+        n = self.ids.numel()
+        if prefix.numel() <= n or not torch.equal(prefix[:n].to(self.ids.device), self.ids):
+            raise ValueError("the prefix does not start with this ImagePrefill's image block (another image?)")
+        return prefix[n:], copy.deepcopy(self.cache)
+
+
+def image_block_length(prefix: torch.Tensor) -> int:
+    """Tokens up to and including the first `[EOV]`: the image block of a `prefix_ids` prefix."""
+    ends = (prefix == EOV).nonzero()
+    if not len(ends):
+        raise ValueError("prefix has no [EOV]: build it with prefix_ids()")
+    return int(ends[0, 0]) + 1
+
+
+@torch.no_grad()
+def prefill_image(decoder: MRISDecoder, image_block: torch.Tensor, pixels: torch.Tensor | None = None) -> ImagePrefill:
+    """Run the image block (`prefix[:image_block_length(prefix)]`) and the pixel stem once, for any number of
+    findings. `pixels` (1, S, S) is required by a decoder with a pixel stem."""
+    device = next(decoder.parameters()).device
+    ids = image_block.to(device)
+    pixel_values = None if pixels is None else pixels.to(device).reshape(1, 1, *pixels.shape[-2:])
+    with eval_mode(decoder):
+        out = decoder(ids[None], use_cache=True, compute_logits=False, pixel_values=pixel_values)
+    return ImagePrefill(ids, out.past_key_values, out.lesion_logits, out.pixel_features)
 
 
 class LegalTokens(LogitsProcessor):
@@ -123,6 +172,7 @@ def autoregressive_infer(
     speculative: bool = True,
     code_patches: torch.Tensor | None = None,
     pixels: torch.Tensor | None = None,
+    image: ImagePrefill | None = None,
 ) -> Iterator[DecodeStep]:
     """Decode one mask (or `samples` masks in one batch) for `prefix` = `prefix_ids(...)`, streaming updates.
 
@@ -130,6 +180,7 @@ def autoregressive_infer(
     varies the mask. Beam search returns the best beam (B = 1) and exists for raster order only.
     `code_patches` (K, p*p), the patch of each mask code, switches greedy choice to `ExpectedPatch`.
     `pixels` (1, S, S), the preprocessed slice, feeds a decoder's pixel stem (required when it has one).
+    `image`, a `prefill_image` of this prefix's image block, skips the image part (then `pixels` is unused).
     """
     scales = check_scales(order, scales)
     _check_arguments(decoder, layout, prefix, order, scales, samples, temperature, top_k, beam, update_every, generator)
@@ -143,10 +194,13 @@ def autoregressive_infer(
         return DecodeStep(order, codes, done, total, False, done == total, p_reject, lesion_logits)
 
     with eval_mode(decoder):  # no dropout while decoding; the caller's mode comes back even after Stop
-        # 1. The prefix, once, into the KV cache; the decision is read at its last position.
-        pixel_values = None if pixels is None else pixels.to(device).reshape(1, 1, *pixels.shape[-2:])
-        out = decoder(prefix.to(device)[None], use_cache=True, logits_to_keep=1, pixel_values=pixel_values)
-        lesion_logits = out.lesion_logits
+        # 1. The prefix into the KV cache: the image block (shared by the findings of one image), then the
+        # text on a copy of its cache; the decision is read at the last text position.
+        if image is None:
+            image = prefill_image(decoder, prefix[: image_block_length(prefix)], pixels)
+        text, cache = image.continue_with(prefix.to(device))
+        out = decoder(text[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        lesion_logits = image.lesion_logits
         decision = LegalTokens(layout.vocab_size, [SOV, REJ])(None, out.logits[0, -1])
         p_reject = float(decision.float().softmax(-1)[REJ])
         if int(decision.argmax()) == REJ:
@@ -158,7 +212,7 @@ def autoregressive_infer(
         batch = beam if beam > 1 else samples
         cache = out.past_key_values
         if decoder.config.cell_features:  # the [SOT] at cache index len(prefix) + 4 predicts mask code 0
-            table = decoder.cell_table(out.pixel_features, scales[-1], out.lesion_logits)
+            table = decoder.cell_table(image.pixel_features, scales[-1], image.lesion_logits)
             decoder = CellFeatures(decoder, table, code_cells(scales), prefix.numel() + HEADER_LENGTH - 1)
         shift = position_shift(count_text_tokens(layout, prefix), decoder.config.text_slots)
         decoder = ShiftedPositions(decoder, shift) if shift else decoder

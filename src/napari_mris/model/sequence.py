@@ -51,19 +51,24 @@ def prefix_ids(
     layout: VocabLayout, image_codes: torch.Tensor, text_ids: Sequence[int] | torch.Tensor, image_grid: int
 ) -> torch.Tensor:
     """`[BOS] [SOV] [Gg] [Gg] [SOT] image [EOV] text` as vocabulary ids; the model decides what follows."""
+    text = torch.as_tensor(text_ids, dtype=torch.long).reshape(-1)
+    if text.numel() == 0:
+        raise PromptError("The prompt produced no text tokens; type a description of the finding")
+    return torch.cat([image_block_ids(layout, image_codes, image_grid), layout.text_ids(text)])
+
+
+def image_block_ids(layout: VocabLayout, image_codes: torch.Tensor, image_grid: int) -> torch.Tensor:
+    """`[BOS] [SOV] [Gg] [Gg] [SOT] image [EOV]`: the start of every prefix, the same for every prompt."""
     image_codes = torch.as_tensor(image_codes).reshape(-1)
     if image_codes.numel() != image_grid * image_grid:
         raise ValueError(
             f"image codes do not match the image grid: {image_codes.numel()} codes for a "
             f"{image_grid}x{image_grid} grid ({image_grid * image_grid} expected)"
         )
-    text = torch.as_tensor(text_ids, dtype=torch.long).reshape(-1)
-    if text.numel() == 0:
-        raise PromptError("The prompt produced no text tokens; type a description of the finding")
     g = layout.grid_token(image_grid)
     head = torch.tensor([BOS, SOV, g, g, SOT], dtype=torch.long)
     tail = torch.tensor([EOV], dtype=torch.long)
-    return torch.cat([head, layout.image_ids(image_codes), tail, layout.text_ids(text)])
+    return torch.cat([head, layout.image_ids(image_codes), tail])
 
 
 def position_shift(n_text: int, text_slots: int) -> int:
