@@ -87,8 +87,9 @@ def force_drawing(pipeline) -> Iterator[None]:
 class ScriptedPipeline:
     """A stand-in for MRISPipeline that streams masks chosen by the test (widget logic, not the model).
 
-    `masks` is a list of (H, W) bool arrays, or a function of the image shape returning one; with `gate`,
-    the stream waits after its first update until the gate opens or the widget asks it to stop.
+    `masks` is a list of (H, W) bool arrays, a function of the image shape returning one, or a dict of
+    either by prompt (several findings); with `gate`, a stream of more than one update waits after its first
+    until the gate opens or the widget asks it to stop.
     """
 
     model_id = "scripted"
@@ -108,9 +109,22 @@ class ScriptedPipeline:
     def settings(self, order="scale", samples=1, temperature=0.0, beam=1, top_k=None, seed=None, snap=True):
         return DecodingSettings(order, samples, temperature, beam, top_k, seed, snap)
 
+    def stream_findings(self, image, prompts, order="scale", samples=1, window=None, should_stop=None, **_):
+        """The script once per finding, in turn, as (index, update); Stop ends the rest too (like the pipeline)."""
+        from napari_mris.findings import check_findings
+
+        for index, prompt in enumerate(check_findings(prompts)):
+            finished = False
+            for update in self.stream(image, prompt, order, samples, window, should_stop):
+                finished = update.finished
+                yield index, update
+            if not finished or (should_stop is not None and should_stop()):
+                return
+
     def stream(self, image, prompt, order="scale", samples=1, window=None, should_stop=None, **_):
         self.calls.append({"shape": image.shape, "prompt": prompt, "order": order, "samples": samples})
-        masks = self.masks(image.shape) if callable(self.masks) else self.masks
+        masks = self.masks[prompt] if isinstance(self.masks, dict) else self.masks
+        masks = masks(image.shape) if callable(masks) else masks
         for i, mask in enumerate(masks):
             finished = i == len(masks) - 1
             yield StreamUpdate(
@@ -124,7 +138,7 @@ class ScriptedPipeline:
                 finished=finished,
                 timings={"total_s": 0.01, "tokens_per_s": 100.0},
             )
-            if i == 0 and self.gate is not None:
+            if i == 0 and self.gate is not None and not finished:
                 while not self.gate.wait(0.01):
                     if should_stop is not None and should_stop():
                         return

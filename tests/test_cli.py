@@ -85,6 +85,10 @@ def test_predict_files_with_one_prompt_and_with_a_prompt_table(tmp_path, tiny_mo
         (["predict", "{image}", "--prompt", "lung", "--out", "o", "--model", "{tmp}/nowhere"], "not found"),
         (["predict", "{image}", "--prompts", "{tmp}/none.csv", "--out", "o"], "description table not found"),
         (["predict", "{image}", "--prompt", "lung", "--out", "o", "--samples", "0", "--model", "{model}"], "samples"),
+        (["predict", "{image}", "--prompt", "lung", "--prompt", "Lung ", "--out", "o"], "Finding 2 repeats finding 1"),
+        (["predict", "{image}", "--prompt", "lung", "--prompt", "", "--out", "o"], "Finding 2 of 2 is empty"),
+        (["predict", "{image}", *[a for i in range(9) for a in ("--prompt", f"zone {i}")], "--out", "o"], "than the 8"),
+        (["predict", "{image}", "--prompts", "{tmp}/twice.csv", "--out", "o"], "x.png in the --prompts table: Fin"),
         (["info", "--model", "{tmp}/nowhere"], "not found"),
         (["frobnicate"], "invalid choice"),
     ],
@@ -92,6 +96,7 @@ def test_predict_files_with_one_prompt_and_with_a_prompt_table(tmp_path, tiny_mo
 def test_errors_are_one_line_with_exit_code_2(tmp_path, tiny_model_dir, capsys, monkeypatch, args, message) -> None:  # noqa: F811
     image = tmp_path / "x.png"
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(image)
+    (tmp_path / "twice.csv").write_text("Image,Description\nx.png,upper lung\nx.png,upper lung\n", encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     filled = [a.format(image=image, tmp=tmp_path, model=tiny_model_dir) for a in args]
     assert main(filled) == 2
@@ -141,8 +146,9 @@ def test_predict_on_a_plain_folder_of_png_jpeg_tiff(tmp_path, tiny_model_dir, ca
     # every row says what produced it: the model (hash over all its files), adapter, order, domain score
     assert list(rows[0]) == [
         "image", "prompt", "answer", "rejected", "seconds", "model_id", "model_hash", "adapter", "order",
-        "domain_score",
+        "domain_score", "label", "lesions", "stated_lesions",
     ]  # fmt: skip
+    assert {r["label"] for r in rows} == {"255"}  # one finding per image: its value in mask_<stem>.png
     assert {r["model_hash"] for r in rows} == {model_hash(tiny_model_dir)} and {r["order"] for r in rows} == {"raster"}
     assert all(r["model_id"] and r["adapter"] == "" for r in rows)
 
@@ -227,7 +233,9 @@ def test_demo_without_a_display_says_so_in_one_line(monkeypatch, capsys) -> None
 def test_prompt_table_reader_accepts_lvit_conventions(tmp_path) -> None:
     path = tmp_path / "t.csv"
     path.write_text("Image,Description\nmask_A.png,first\nb.PNG,second\n,orphan\n", encoding="utf-8")
-    assert read_prompt_table(path) == {"a": "first", "b": "second"}
+    assert read_prompt_table(path) == {"a": ["first"], "b": ["second"]}
+    path.write_text("Image,Description\na.png,first\nb.png,second\nmask_a.png,third\n", encoding="utf-8")
+    assert read_prompt_table(path) == {"a": ["first", "third"], "b": ["second"]}  # several findings, in order
 
 
 @pytest.mark.skipif(
@@ -296,3 +304,50 @@ def test_demo_with_the_bundled_model_draws_a_mask(qtbot, monkeypatch) -> None:
     assert widget.status_label.text().startswith("Done: label 1"), widget.status_label.text()
     assert (widget.viewer.layers["MRIS"].data == 1).any()
     widget.viewer.close()
+
+
+def test_several_findings_give_one_label_image_and_a_row_each(tmp_path, tiny_pipeline, monkeypatch) -> None:  # noqa: F811
+    """--prompt repeated (none replaces another) and a --prompts table with two rows for one image: a label PNG
+    whose label k is the k-th finding, as findings.label_map makes it from the pipeline's own results."""
+    from _model_fixtures import force_drawing
+
+    from napari_mris.findings import label_map
+    from napari_mris.io import read_slice
+
+    split = write_split(tmp_path / "split", n=2)
+    images = sorted((split / "img").iterdir())
+    monkeypatch.setattr(
+        pipeline_module.MRISPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: tiny_pipeline)
+    )
+    findings = ["lower left lung", "Bilateral pulmonary infection, two infected areas"]
+    out = tmp_path / "repeated"
+    with force_drawing(tiny_pipeline):
+        args = ["predict", str(images[0]), "--prompt", findings[0], "--prompt", findings[1], "--out", str(out)]
+        assert main([*args, "--order", "scale", "--instances"]) == 0
+        image = read_slice(images[0], expect_2d=True)
+        results = tiny_pipeline.segment_findings(image.pixels, findings, window=image.window, order="scale")
+    rows = read_predictions(out)
+    assert [(r["prompt"], r["label"]) for r in rows] == [(findings[0], "1"), (findings[1], "2")]
+    assert not (out / "mask_case_0.png").exists()
+    labels = np.asarray(Image.open(out / "labels_case_0.png"))
+    np.testing.assert_array_equal(labels, label_map([r.mask for r in results], [r.probability for r in results]))
+    assert labels.any() and set(np.unique(labels)) <= {0, 1, 2}
+    assert [r["stated_lesions"] for r in rows] == ["", "2"] and all(r["lesions"].isdigit() for r in rows)
+    for k, result in enumerate(results, start=1):
+        lesions = np.asarray(Image.open(out / f"instances_case_0_{k}.png"))
+        assert np.array_equal(lesions > 0, result.mask) and int(lesions.max()) == int(rows[k - 1]["lesions"])
+
+    (tmp_path / "table.csv").write_text(
+        f"Image,Description\ncase_0.png,{findings[0]}\ncase_1.png,upper right lung\nmask_case_0.png,middle left lung\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "table"
+    assert main(["predict", *map(str, images), "--prompts", str(tmp_path / "table.csv"), "--out", str(out)]) == 0
+    rows = read_predictions(out)
+    assert [(r["image"], r["prompt"], r["label"]) for r in rows] == [
+        ("case_0.png", findings[0], "1"),
+        ("case_0.png", "middle left lung", "2"),
+        ("case_1.png", "upper right lung", "255"),  # one finding: today's 0/255 mask_<stem>.png
+    ]
+    assert (out / "labels_case_0.png").is_file() and (out / "mask_case_1.png").is_file()
+    assert not (out / "labels_case_1.png").exists() and rows[0]["lesions"] == ""  # no --instances: no counts

@@ -318,3 +318,105 @@ def test_export_dicom_seg_for_a_dicom_image(viewer, qtbot, tmp_path) -> None:
     seg = pydicom.dcmread(seg_path)
     assert seg.Modality == "SEG" and seg.SegmentSequence[0].SegmentLabel == "liver"
     assert json.loads(sidecar.read_text())["format"] == "DICOM SEG"
+
+
+def test_several_findings_get_one_label_and_one_undo_step_each(viewer, image_layer, qtbot) -> None:
+    """One finding per line: label 1 and 2 named after their findings (layer features), drawn in turn; a
+    finding never overwrites an earlier finding's pixels; Ctrl+Z takes back one finding at a time."""
+    shape = image_layer.data.shape
+    first = box(shape, slice(0, 20), slice(0, 20))
+    second = [box(shape, slice(30, 35), slice(30, 35)), box(shape, slice(10, 40), slice(10, 40))]
+    pipeline = ScriptedPipeline({"lower left lung": [first], "upper right lung": second})
+    widget = make_widget(viewer, pipeline, prompt="\n  lower  left lung\nupper right lung\n")
+    run(qtbot, widget)
+    assert [call["prompt"] for call in pipeline.calls] == ["lower left lung", "upper right lung"]
+    labels = viewer.layers[LABELS_NAME]
+    np.testing.assert_array_equal(labels.data == 1, first)
+    np.testing.assert_array_equal(labels.data == 2, second[-1] & ~first)  # the overlap stays with finding 1
+    assert labels.metadata["mris_segment_labels"] == {1: "lower left lung", 2: "upper right lung"}
+    assert list(labels.features["prompt"]) == ["", "lower left lung", "upper right lung"]
+    assert set(labels.metadata["mris_runs"]) == {1, 2} and labels.editable
+    assert widget.status_label.text().startswith("Done: label 2")
+    labels.undo()
+    np.testing.assert_array_equal(labels.data == 1, first)
+    assert not (labels.data == 2).any()
+    labels.undo()
+    assert not labels.data.any()
+
+
+def test_stop_during_a_finding_keeps_earlier_findings_and_starts_none_of_the_rest(
+    viewer, image_layer, qtbot
+) -> None:
+    shape = image_layer.data.shape
+    gate = threading.Event()
+    first = box(shape, slice(0, 10), slice(0, 10))
+    partial, whole = box(shape, slice(20, 25), slice(0, 10)), box(shape, slice(20, 40), slice(0, 10))
+    pipeline = ScriptedPipeline({"a lung": [first], "b lung": [partial, whole], "c lung": [whole]}, gate=gate)
+    widget = make_widget(viewer, pipeline, prompt="a lung\nb lung\nc lung")
+    widget.segment()  # finding 2 waits at the gate after its first update
+    labels = viewer.layers[LABELS_NAME]
+    qtbot.waitUntil(lambda: (labels.data == 2).any(), timeout=WAIT_MS)
+    widget.stop()
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=WAIT_MS)
+    gate.set()
+    qtbot.wait(50)
+    assert [call["prompt"] for call in pipeline.calls] == ["a lung", "b lung"]  # the third never started
+    np.testing.assert_array_equal(labels.data == 1, first)
+    np.testing.assert_array_equal(labels.data == 2, partial)
+    assert not (labels.data == 3).any()
+    assert "1 later finding not started" in widget.status_label.text()
+    labels.undo()  # the stopped finding's partial mask is its own undo step
+    np.testing.assert_array_equal(labels.data == 1, first)
+    assert not (labels.data == 2).any()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("lower left lung\n\nupper right lung", "Finding 2 of 3 is empty"),
+        ("lower left lung\nLower left  lung", "Finding 2 repeats finding 1"),
+        ("\n".join(f"zone {i}" for i in range(9)), "more than the 8"),
+    ],
+)
+def test_a_bad_list_of_findings_is_refused_and_nothing_drawn_is_lost(
+    viewer, image_layer, qtbot, text, message
+) -> None:
+    shape = image_layer.data.shape
+    earlier = box(shape, slice(0, 10), slice(0, 10))
+    pipeline = ScriptedPipeline([earlier])
+    widget = make_widget(viewer, pipeline)
+    run(qtbot, widget)
+    labels = viewer.layers[LABELS_NAME]
+    before = labels.data.copy()
+    widget.set_prompt(text)
+    widget.segment()
+    assert not widget.is_running and message in widget.status_label.text()
+    assert len(pipeline.calls) == 1  # nothing new was decoded
+    np.testing.assert_array_equal(labels.data, before)
+    assert labels.metadata["mris_segment_labels"] == {1: "lower left lung"} and labels.editable
+
+
+def test_count_lesions_reports_a_mismatch_and_keeps_the_mask(viewer, image_layer, qtbot) -> None:
+    shape = image_layer.data.shape
+    two = box(shape, slice(0, 5), slice(0, 5)) | box(shape, slice(20, 30), slice(20, 30))
+    widget = make_widget(viewer, ScriptedPipeline([two]), prompt="Unilateral pulmonary infection, one infected area")
+    widget.lesions_check.setChecked(True)
+    run(qtbot, widget)
+    labels = viewer.layers[LABELS_NAME]
+    np.testing.assert_array_equal(labels.data == 1, two)  # the prompt's count never changes the mask
+    text = widget.status_label.text()
+    assert "2 lesion(s)" in text and "2 lesions drawn, the prompt says 1" in text, text
+    assert labels.metadata["mris_runs"][1]["lesions"] == 2 and labels.metadata["mris_runs"][1]["stated_lesions"] == 1
+
+
+def test_two_findings_with_the_real_model(viewer, image_layer, qtbot, tiny_pipeline) -> None:  # noqa: F811
+    """The real pipeline streams both findings through the widget's worker, one label each."""
+    widget = make_widget(viewer, tiny_pipeline, prompt="lower left lung\nupper right lung")
+    widget.order_combo.setCurrentIndex(widget.order_combo.findData("scale"))
+    with force_drawing(tiny_pipeline):
+        run(qtbot, widget)
+    labels = viewer.layers[LABELS_NAME]
+    assert labels.metadata["mris_segment_labels"] == {1: "lower left lung", 2: "upper right lung"}
+    assert (labels.data == 1).any() and labels.editable
+    runs = labels.metadata["mris_runs"]
+    assert runs[1]["model_hash"] == runs[2]["model_hash"] == tiny_pipeline.model_hash

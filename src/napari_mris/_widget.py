@@ -9,6 +9,10 @@ drawn straight into the layer (no history) and the layer is locked for painting;
 drawing is replayed through `layer.data_setitem` as ONE history item, so a single Ctrl+Z removes a whole
 segmentation. A run only writes pixels that are 0 or already hold its own label value, never a label the
 user painted for another finding. Stop keeps what was drawn so far (as one undo step); an error removes it.
+
+Several findings (one per line of the prompt box) are one worker (`pipeline.stream_findings`, the image
+read once) and one run per finding, in turn: each finding gets its own label and its own undo step; Stop
+keeps the findings already drawn and the current one's partial mask, and starts none of the rest.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -41,6 +46,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_mris.errors import MRISError, UnsupportedImageError
+from napari_mris.findings import check_findings, instances, split_findings
 from napari_mris.io.slice import Slice
 from napari_mris.prompt_check import PromptVocabulary
 
@@ -73,6 +79,8 @@ class _Run:
     before: np.ndarray  # the labels plane when the run started
     drawn: np.ndarray = field(init=False)  # pixels this run has written at least once
     last: StreamUpdate | None = None
+    index: int = 0  # which finding of the worker's list this run draws
+    count_lesions: bool = False  # set the finished mask's lesions against the count in the prompt
 
     def __post_init__(self) -> None:
         self.drawn = np.zeros(self.before.shape, bool)
@@ -106,6 +114,7 @@ class MRISWidget(QWidget):
         self._pipeline: MRISPipeline | None = None
         self._loader = None
         self._run: _Run | None = None
+        self._pending: list[tuple[int, int, str]] = []  # (index, label value, prompt) of findings still to come
         self._canceller = _Canceller()
         self._build()
         self._connect()
@@ -125,7 +134,8 @@ class MRISWidget(QWidget):
         self.image_combo = QComboBox()
         self.prompt_edit = QPlainTextEdit()
         self.prompt_edit.setPlaceholderText(
-            "Describe the finding, e.g. 'Bilateral pulmonary infection, lower left lung'"
+            "Describe the finding, e.g. 'Bilateral pulmonary infection, lower left lung'; "
+            "several findings: one per line, one label each"
         )
         self.prompt_edit.setFixedHeight(72)
         self.history_combo = QComboBox()
@@ -138,6 +148,11 @@ class MRISWidget(QWidget):
         self.samples_spin = QSpinBox()
         self.samples_spin.setRange(1, 16)
         self.samples_spin.setToolTip("More than 1: consensus of sampled masks plus an uncertainty layer")
+        self.lesions_check = QCheckBox("Count lesions")
+        self.lesions_check.setToolTip(
+            "Split each finished mask into its connected lesions and compare their number with the prompt's "
+            "('two infected areas'); a difference is reported, the mask is never changed for it"
+        )
         self.segment_button = QPushButton("Segment")
         self.stop_button = QPushButton("Stop")
         self.progress_bar = QProgressBar()
@@ -172,6 +187,7 @@ class MRISWidget(QWidget):
         form.addRow("Examples", self.examples_combo)
         form.addRow("Order", self.order_combo)
         form.addRow("Samples", self.samples_spin)
+        form.addRow("", self.lesions_check)
         self.setMaximumWidth(480)  # a dock beside the canvas, not a second main window
         layout = QVBoxLayout(self)
         layout.addLayout(model_row)
@@ -211,6 +227,10 @@ class MRISWidget(QWidget):
     def prompt(self) -> str:
         return " ".join(self.prompt_edit.toPlainText().split())
 
+    def findings(self) -> list[str]:
+        """The prompt box's findings, one per line (blank lines inside kept, for `check_findings` to name)."""
+        return [" ".join(line.split()) for line in split_findings(self.prompt_edit.toPlainText())]
+
     def set_prompt(self, text: str) -> None:
         self.prompt_edit.setPlainText(text)
 
@@ -240,7 +260,7 @@ class MRISWidget(QWidget):
         run = self._run
         if run is not None and event.value in (run.image, run.labels):
             self._canceller.cancel()
-            self._run = None
+            self._run, self._pending = None, []
             if event.value is run.image:  # the labels stay: keep what was drawn and unlock them
                 self._commit(run)
             self._status(f"Stopped: layer {event.value.name!r} was removed")
@@ -359,7 +379,7 @@ class MRISWidget(QWidget):
             self._fail(str(exc))
             return
         self._run = run
-        self._remember(run.prompt)
+        self._remember("\n".join([run.prompt, *(prompt for _, _, prompt in self._pending)]))
         self.progress_bar.setValue(0)
         if self._pipeline is None:
             self._load_model()
@@ -368,18 +388,22 @@ class MRISWidget(QWidget):
         self._update_buttons()
 
     def _prepare_run(self) -> _Run:
-        prompt = self.prompt()
-        if not prompt:
+        """The first finding's run; the others wait in `self._pending`. A bad list of findings (empty line,
+        repeat, too many) is refused here, before anything is drawn or changed."""
+        if not self.prompt():
             raise MRISError("Type a prompt describing the finding first")
+        prompts = check_findings(self.findings())
         image = self.image_layer()
         if image is None:
             raise MRISError("Open an image first (File > Open, or File > Open Sample > napari-mris)")
         plane = self._plane_of(image)
         labels = self._labels_for(image)
-        value = _label_for(labels, prompt)
+        values = _labels_for_findings(labels, prompts)
         before = np.array(labels.data[plane], copy=True)
         settings = {"order": self.order_combo.currentData(), "samples": self.samples_spin.value()}
-        return _Run(image, labels, value, plane, prompt, settings, before)
+        self._pending = [(i, values[i], prompts[i]) for i in range(1, len(prompts))]
+        count = self.lesions_check.isChecked()
+        return _Run(image, labels, values[0], plane, prompts[0], settings, before, count_lesions=count)
 
     def _plane_of(self, image: Image) -> tuple[int, ...]:
         """() for a 2D image; (z,) of the plane shown in the viewer for a stack."""
@@ -454,15 +478,16 @@ class MRISWidget(QWidget):
         window = _window(run.image, run.plane)
         self._canceller = _Canceller()
         self.destroyed.connect(self._canceller.cancel)
+        prompts = [run.prompt, *(prompt for _, _, prompt in self._pending)]
         worker = create_worker(
-            _stream_job, pipeline, pixels, run.prompt, run.settings, window, self._canceller.event, _ignore_errors=True
+            _stream_job, pipeline, pixels, prompts, run.settings, window, self._canceller.event, _ignore_errors=True
         )
         worker.yielded.connect(self._on_update)
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_worker_finished)
         self._canceller.worker = worker
         run.labels.editable = False
-        self._status(f"Segmenting “{_short(run.prompt)}” …")
+        self._status(f"Segmenting {_which(run, self._pending)}“{_short(run.prompt)}” …")
         worker.start()
 
     def stop(self) -> None:
@@ -470,19 +495,21 @@ class MRISWidget(QWidget):
         if self._adaptation is not None:
             self._adaptation.stop()
             return
-        run = self._run
+        run, rest = self._run, len(self._pending)
         self._canceller.cancel()
         if run is None:
             return
-        self._run = None
+        self._run, self._pending = None, []
         done = run.last.progress if run.last is not None else 0.0
         kept = self._commit(run)
         note = "the partial mask is kept (Ctrl+Z removes it)" if kept else "nothing was drawn"
-        self._status(f"Stopped at {done:.0%}: {note}")
+        skipped = f"; {rest} later finding{'s' if rest != 1 else ''} not started" if rest else ""
+        self._status(f"Stopped at {done:.0%} of label {run.value}: {note}{skipped}")
 
-    def _on_update(self, update: StreamUpdate) -> None:
+    def _on_update(self, item: tuple[int, StreamUpdate]) -> None:
+        index, update = item
         run = self._run
-        if run is None:  # stopped or superseded: updates still queued are dropped
+        if run is None or index != run.index:  # stopped or superseded: updates still queued are dropped
             return
         first = run.last is None
         run.last = update
@@ -493,15 +520,31 @@ class MRISWidget(QWidget):
             show_warning(f"MRIS: {_out_of_domain_note(update)}")
         self._status(
             _domain_prefix(update)
+            + _which(run, self._pending)
             + f"{update.tokens_done}/{update.tokens_total} tokens · {timings.get('tokens_per_s', 0):.0f} tokens/s · "
             f"{timings.get('total_s', 0):.2f} s"
         )
         if update.finished:
             self._finish(run, update)
+            self._next_finding(run)
+
+    def _next_finding(self, previous: _Run) -> None:
+        """Start drawing the next finding of the worker's list (its updates follow the previous one's)."""
+        if not self._pending:
+            return
+        index, value, prompt = self._pending.pop(0)
+        labels = previous.labels
+        before = np.array(labels.data[previous.plane], copy=True)  # after the previous finding's commit
+        self._run = _Run(
+            previous.image, labels, value, previous.plane, prompt, previous.settings, before, index=index,
+            count_lesions=previous.count_lesions,
+        )  # fmt: skip
+        self.progress_bar.setValue(0)  # the layer stays locked: napari clears the undo history on locking
 
     def _finish(self, run: _Run, update: StreamUpdate) -> None:
         self._run = None
-        notes = " · ".join(update.warnings)
+        lesions = instances(update.mask, run.prompt) if run.count_lesions and not update.not_present else None
+        notes = " · ".join([*update.warnings, *([lesions.note] if lesions is not None and lesions.note else [])])
         if update.not_present:  # [REJ], or present but nothing drawn: the layer stays as it was
             self._revert(run)
             self._register(run)
@@ -516,20 +559,25 @@ class MRISWidget(QWidget):
         # layers through napari's PublicOnlyProxy, a new wrapper object on every access.
         predictions = run.labels.metadata.setdefault("mris_predictions", {})
         predictions[run.value] = {"plane": run.plane, "mask": update.mask.copy()}
+        if lesions is not None:  # kept with the run's provenance, so an export's sidecar carries the counts
+            runs = run.labels.metadata.get("mris_runs", {})
+            runs.get(run.value, {}).update(lesions=lesions.count, stated_lesions=lesions.stated)
         if update.uncertainty is not None:
             self._show_uncertainty(run, update.uncertainty)
         seconds = update.timings.get("total_s", 0.0)
-        text = _domain_prefix(update) + f"Done: label {run.value}, {int(update.mask.sum())} pixels, {seconds:.2f} s"
+        drawn = f"{int(update.mask.sum())} pixels" + (f", {lesions.count} lesion(s)" if lesions is not None else "")
+        text = _domain_prefix(update) + f"Done: label {run.value}, {drawn}, {seconds:.2f} s"
         self._status(text + (f" ({notes})" if notes else ""))
 
     def _on_error(self, exc: Exception) -> None:
-        run, self._run = self._run, None
+        run, self._run, self._pending = self._run, None, []  # the findings already drawn stay
         if run is not None:
             self._revert(run)
         self._fail(_message(exc, "Segmentation failed"))
 
     def _on_worker_finished(self) -> None:
         run = self._run
+        self._pending = []
         if run is not None:  # the stream ended without a finished update (stopped inside the worker)
             self._run = None
             self._commit(run)
@@ -551,9 +599,10 @@ class MRISWidget(QWidget):
         run.labels.refresh(thumbnail=False, highlight=False, extent=False)  # the canvas only: keeps the loop fast
 
     def _commit(self, run: _Run) -> bool:
-        """Replay the drawing through `data_setitem` as one undo item; returns whether anything changed."""
+        """Replay the drawing through `data_setitem` as one undo item; returns whether anything changed. The
+        layer is unlocked once no finding is left to draw (locking again would clear napari's undo history)."""
         labels = run.labels
-        labels.editable = True
+        labels.editable = not self._pending
         plane = labels.data[run.plane]
         changed = run.drawn & (plane != run.before)
         if changed.any():
@@ -568,7 +617,7 @@ class MRISWidget(QWidget):
 
     def _revert(self, run: _Run) -> None:
         labels = run.labels
-        labels.editable = True
+        labels.editable = not self._pending
         plane = labels.data[run.plane]
         plane[run.drawn] = run.before[run.drawn]
         labels.refresh()
@@ -738,21 +787,32 @@ class MRISWidget(QWidget):
 # ---------------------------------------------------------------------- helpers
 
 
-def _stream_job(pipeline, pixels, prompt, settings, window, stop: threading.Event):
-    """The worker's generator: the pipeline's stream, polled for the stop flag between decoding steps."""
-    yield from pipeline.stream(pixels, prompt, window=window, should_stop=stop.is_set, **settings)
+def _stream_job(pipeline, pixels, prompts, settings, window, stop: threading.Event):
+    """The worker's generator: (finding index, update) of the pipeline's stream of findings, polled for the
+    stop flag between decoding steps."""
+    yield from pipeline.stream_findings(pixels, prompts, window=window, should_stop=stop.is_set, **settings)
 
 
-def _label_for(labels: Labels, prompt: str) -> int:
-    """The label value of this prompt in the layer: reused for the same prompt, else the next free one."""
+def _labels_for_findings(labels: Labels, prompts: list[str]) -> list[int]:
+    """The label value of each finding in the layer: reused for a prompt it already has, else the next free
+    one (distinct for the new findings of one run)."""
     names: dict[int, str] = labels.metadata.setdefault("mris_segment_labels", {})
-    for value, text in names.items():
-        if text.casefold() == prompt.casefold():
-            return int(value)
+    known = {text.casefold(): int(value) for value, text in names.items()}
     used = max([0, *names, int(np.max(labels.data))])
-    if used + 1 > np.iinfo(labels.data.dtype).max:
-        raise MRISError(f"The layer {labels.name!r} has no free label value left; start a new Labels layer")
-    return used + 1
+    values = []
+    for prompt in prompts:
+        if prompt.casefold() not in known:
+            used += 1
+            if used > np.iinfo(labels.data.dtype).max:
+                raise MRISError(f"The layer {labels.name!r} has no free label value left; start a new Labels layer")
+            known[prompt.casefold()] = used
+        values.append(known[prompt.casefold()])
+    return values
+
+
+def _which(run: _Run, pending: list[tuple[int, int, str]]) -> str:
+    """'finding 1 of 3: ' when a run has several findings, else nothing."""
+    return f"finding {run.index + 1} of {run.index + 1 + len(pending)}: " if pending or run.index else ""
 
 
 def _slice_from_layer(image: Image) -> Slice:

@@ -1,7 +1,8 @@
 """`napari-mris`: predict masks for files or LViT folders, open the demo, print model information.
 
-    napari-mris predict INPUT... (--prompt TEXT | --prompts FILE.csv|.xlsx) --out DIR [--model DIR]
-                        [--order scale|raster] [--samples N] [--allow-out-of-domain] [--device auto|cpu|cuda]
+    napari-mris predict INPUT... (--prompt TEXT [--prompt TEXT ...] | --prompts FILE.csv|.xlsx) --out DIR
+                        [--model DIR] [--order scale|raster] [--samples N] [--instances] [--allow-out-of-domain]
+                        [--device auto|cpu|cuda]
     napari-mris demo [--model DIR]
     napari-mris info [--model DIR] [--device auto|cpu|cuda]
 
@@ -9,6 +10,8 @@ Every problem a user can cause (missing file, bad table, empty prompt, missing m
 one line on stderr and exit code 2, never a traceback. `predict` rewrites `predictions.csv` after every
 image, atomically, so an interrupted run leaves a table that matches the masks already written. An image
 the model's domain guard flags is refused (one line, no mask); exit code 3 when no input was segmented.
+Several findings of one image (`--prompt` repeated, or several rows of a `--prompts` table) are decoded in
+one call (the image read once) into one label PNG, label k for the k-th finding (findings.label_map).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from napari_mris import __version__
 from napari_mris.errors import DatasetError, MRISError, PromptError
+from napari_mris.findings import check_findings
 from napari_mris.io.text_table import find_text_file, read_text_table
 
 if TYPE_CHECKING:  # torch is imported only by the commands that need it
@@ -36,10 +40,13 @@ EXIT_USAGE = 2
 EXIT_BUG = 1
 EXIT_NOTHING_SEGMENTED = 3  # every input was refused as out of domain (see --allow-out-of-domain)
 MASK_PREFIX = "mask_"
+LABELS_PREFIX = "labels_"  # several findings of one image: label k = the k-th finding, 0 background
+INSTANCES_PREFIX = "instances_"  # --instances: each finding's lesions numbered 1..n
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 PREDICTION_COLUMNS = [
-    "image", "prompt", "answer", "rejected", "seconds", "model_id", "model_hash", "adapter", "order", "domain_score"
-]  # fmt: skip
+    "image", "prompt", "answer", "rejected", "seconds", "model_id", "model_hash", "adapter", "order", "domain_score",
+    "label", "lesions", "stated_lesions",
+]  # fmt: skip  (new columns go at the end: readers that index columns keep working)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,10 +58,10 @@ class _Parser(argparse.ArgumentParser):
 
 @dataclass
 class Job:
-    """One image to segment and the prompt to use for it."""
+    """One image to segment and its findings, in the order given (label k = the k-th)."""
 
     image: Path
-    prompt: str
+    prompts: list[str]
 
 
 # ---------------------------------------------------------------------- entry point
@@ -94,9 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
         "inputs", nargs="+", type=Path, metavar="INPUT", help="image files, DICOM folders or LViT split folders"
     )
     prompts = predict.add_mutually_exclusive_group()
-    prompts.add_argument("--prompt", help="one description used for every input")
     prompts.add_argument(
-        "--prompts", type=Path, metavar="FILE", help="table (.csv/.xlsx) with columns Image, Description"
+        "--prompt", action="append", help="a finding's description used for every input; repeat it for several"
+    )
+    prompts.add_argument(
+        "--prompts",
+        type=Path,
+        metavar="FILE",
+        help="table (.csv/.xlsx) with columns Image, Description; several rows of one image are several findings",
     )
     predict.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     _model_options(predict)
@@ -107,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--beam", type=int, default=1, help="beam width (raster order only)")
     predict.add_argument(
         "--no-snap", action="store_true", help="the token mask as decoded, not snapped to the lesion map"
+    )
+    predict.add_argument(
+        "--instances",
+        action="store_true",
+        help="also number each finding's connected lesions (instances_<stem>.png) and count them against the prompt",
     )
     predict.add_argument(
         "--allow-out-of-domain",
@@ -136,7 +153,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from napari_mris.io import read_slice, write_png
+    from napari_mris.io import read_slice
     from napari_mris.io.atomic import write_text_atomic
     from napari_mris.pipeline import MRISPipeline
 
@@ -152,7 +169,7 @@ def run_predict(args: argparse.Namespace) -> int:
         f"{time.perf_counter() - start:.1f} s; {len(jobs)} image(s) to segment", flush=True,
     )  # fmt: skip
     settings = pipeline.settings(order=args.order, samples=args.samples, beam=args.beam, snap=not args.no_snap)
-    for prompt in dict.fromkeys(job.prompt for job in jobs):  # a prompt the model cannot use fails before any work
+    for prompt in dict.fromkeys(p for job in jobs for p in job.prompts):  # a prompt the model cannot use fails first
         pipeline.check_prompt(prompt)
     rows: list[dict[str, str]] = []
     refused = 0
@@ -167,19 +184,23 @@ def run_predict(args: argparse.Namespace) -> int:
             continue
         with warnings.catch_warnings():  # the tokenizer's truncation warning is printed below as a note
             warnings.simplefilter("ignore", UserWarning)
-            result = pipeline.segment(
-                image.pixels, job.prompt, window=image.window, order=settings.order, samples=settings.samples,
+            results = pipeline.segment_findings(
+                image.pixels, job.prompts, window=image.window, order=settings.order, samples=settings.samples,
                 temperature=settings.temperature, beam=settings.beam, snap=settings.snap,
             )  # fmt: skip
-        write_png(args.out / f"{MASK_PREFIX}{_stem(job.image)}.png", result.mask, binary=True)
         seconds = time.perf_counter() - start
-        rows.append(_prediction_row(job, result, seconds))
+        lines = _write_findings(args.out, job, results, instances=args.instances)
+        spent = _seconds(results, seconds)
+        for k, (result, line) in enumerate(zip(results, lines, strict=True), start=1):
+            rows.append(_prediction_row(job, result, 255 if len(results) == 1 else k, spent[k - 1], line.lesions))
         write_text_atomic(args.out / "predictions.csv", _predictions_csv(rows))
-        verdict = f"{int(result.mask.sum())} pixels"
-        if result.not_present:
-            verdict = "not present (" + ("the model answered [REJ]" if result.rejected else "no lesion drawn") + ")"
-        notes = "".join(f" ({note})" for note in result.warnings)
-        print(f"[{number}/{len(jobs)}] {job.image.name}: {verdict}, {seconds:.2f} s{notes}", flush=True)
+        if len(results) == 1:
+            line = lines[0]
+            print(f"[{number}/{len(jobs)}] {job.image.name}: {line.verdict}, {seconds:.2f} s{line.notes}", flush=True)
+            continue
+        print(f"[{number}/{len(jobs)}] {job.image.name}: {len(results)} findings, {seconds:.2f} s", flush=True)
+        for k, line in enumerate(lines, start=1):
+            print(f"    label {k} ({job.prompts[k - 1]}): {line.verdict}{line.notes}", flush=True)
     if refused and refused == len(jobs):
         which = "the image was" if refused == 1 else f"all {refused} images were"
         print(f"napari-mris: nothing was segmented: {which} refused as out of domain", file=sys.stderr)
@@ -187,9 +208,59 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def collect_jobs(inputs: list[Path], prompt: str | None, prompts_file: Path | None) -> list[Job]:
+def _seconds(results: list[SegmentationResult], total: float) -> list[float]:
+    """Each finding's own decoding time; the first also carries the image's share (reading, preprocessing,
+    the image part the later findings reuse), so the rows of an image add up to its time."""
+    own = [float(r.timings.get("total_s", 0.0)) for r in results]
+    return [own[0] + max(total - sum(own), 0.0), *own[1:]]
+
+
+@dataclass
+class _FindingLine:
+    """What the command says about one finding, and its lesion counts for predictions.csv (--instances)."""
+
+    verdict: str
+    notes: str  # " (note) (note)": the prompt check's, the domain guard's, the lesion count's
+    lesions: tuple[int, int | None] | None  # (drawn, stated in the prompt) with --instances
+
+
+def _write_findings(out: Path, job: Job, results: list[SegmentationResult], *, instances: bool) -> list[_FindingLine]:
+    """mask_<stem>.png (0/255) for one finding, labels_<stem>.png (label k = finding k) for several; with
+    `instances`, each finding's lesions numbered in instances_<stem>[_k].png."""
+    from napari_mris.findings import instances as split_instances
+    from napari_mris.findings import label_map
+    from napari_mris.io import write_png
+
+    stem = _stem(job.image)
+    if len(results) == 1:
+        write_png(out / f"{MASK_PREFIX}{stem}.png", results[0].mask, binary=True)
+    else:
+        labels = label_map([r.mask for r in results], [r.probability for r in results])
+        write_png(out / f"{LABELS_PREFIX}{stem}.png", labels, binary=False)
+    lines = []
+    for k, result in enumerate(results, start=1):
+        verdict = f"{int(result.mask.sum())} pixels"
+        if result.not_present:
+            verdict = "not present (" + ("the model answered [REJ]" if result.rejected else "no lesion drawn") + ")"
+        notes = list(result.warnings)
+        lesions = None
+        if instances:
+            found = split_instances(result.mask, result.prompt)
+            suffix = "" if len(results) == 1 else f"_{k}"
+            write_png(out / f"{INSTANCES_PREFIX}{stem}{suffix}.png", found.labels, binary=False)
+            verdict += f", {found.count} lesion{'s' if found.count != 1 else ''}"
+            notes += [found.note] if found.note else []
+            lesions = (found.count, found.stated)
+        lines.append(_FindingLine(verdict, "".join(f" ({note})" for note in notes), lesions))
+    return lines
+
+
+def collect_jobs(inputs: list[Path], prompt: list[str] | None, prompts_file: Path | None) -> list[Job]:
     """Expand LViT split folders and folders of PNG/JPEG/TIFF images to their images (a folder with neither
-    is one DICOM series) and give every image its prompt."""
+    is one DICOM series) and give every image its findings: all `--prompt`s, all its rows of a `--prompts`
+    table, or the first description of an LViT split's own table (one mask per image there)."""
+    if prompt is not None:
+        prompt = _checked_prompts(prompt)
     table = read_prompt_table(prompts_file) if prompts_file is not None else None
     jobs: list[Job] = []
     for item in inputs:
@@ -200,7 +271,9 @@ def collect_jobs(inputs: list[Path], prompt: str | None, prompts_file: Path | No
             images = _folder_images(item) if item.is_dir() else []
             jobs.extend(Job(path, _prompt_for(path, prompt, table, None)) for path in images or [item])
             continue
-        split_table = table if (prompt is not None or table is not None) else read_prompt_table(find_text_file(item))
+        split_table = table
+        if prompt is None and table is None:  # the dataset's own descriptions: one finding per image
+            split_table = {k: v[:1] for k, v in read_prompt_table(find_text_file(item)).items()}
         images = sorted(
             p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
         )
@@ -226,28 +299,42 @@ def _folder_images(folder: Path) -> list[Path]:
     return images
 
 
-def _prompt_for(image: Path, prompt: str | None, table: dict[str, str] | None, split: Path | None) -> str:
+def _checked_prompts(prompts: list[str]) -> list[str]:
+    """The `--prompt` values, checked as a list of findings (findings.check_findings) before the model loads."""
+    if len(prompts) == 1 and not prompts[0].strip():
+        raise PromptError("--prompt is empty; describe the finding, e.g. --prompt 'lower left lung'")
+    try:
+        return check_findings(prompts)
+    except PromptError as exc:
+        raise PromptError(f"--prompt: {exc}") from exc
+
+
+def _prompt_for(
+    image: Path, prompt: list[str] | None, table: dict[str, list[str]] | None, split: Path | None
+) -> list[str]:
     if prompt is not None:
-        if not prompt.strip():
-            raise PromptError("--prompt is empty; describe the finding, e.g. --prompt 'lower left lung'")
         return prompt
     if table is None:
         raise MRISError(
             f"No prompt for {image.name}: give --prompt TEXT or --prompts FILE (columns Image, Description)"
         )
-    text = table.get(_key(image.name))
-    if not text:
+    texts = table.get(_key(image.name))
+    if not texts:
         where = f"the description table of {split}" if split is not None else "the --prompts table"
         raise PromptError(f"No description for {image.name} in {where}")
-    return text
+    try:
+        return check_findings(texts)
+    except PromptError as exc:
+        raise PromptError(f"{image.name} in the --prompts table: {exc}") from exc
 
 
-def read_prompt_table(path: Path) -> dict[str, str]:
-    """{image key: description} from an LViT table (columns Image, Description; .csv with , ; or tab, or .xlsx)."""
-    table: dict[str, str] = {}
+def read_prompt_table(path: Path) -> dict[str, list[str]]:
+    """{image key: its descriptions, in table order} from an LViT table (columns Image, Description; .csv with
+    , ; or tab, or .xlsx). Several rows of one image are several findings of it."""
+    table: dict[str, list[str]] = {}
     for image, text in read_text_table(path):
         if image and text:
-            table.setdefault(_key(image), text)
+            table.setdefault(_key(image), []).append(text)
     return table
 
 
@@ -272,7 +359,7 @@ def _check_unique_stems(jobs: list[Job]) -> None:
     for job in jobs:
         stem = _stem(job.image)
         if stem in seen:
-            raise DatasetError(f"{job.image} and {seen[stem]} would both write mask_{stem}.png; rename one of them")
+            raise DatasetError(f"{job.image} and {seen[stem]} would both write *_{stem}.png; rename one of them")
         seen[stem] = job.image
 
 
@@ -280,11 +367,15 @@ def _child(folder: Path, name: str) -> Path | None:
     return next((p for p in folder.iterdir() if p.is_dir() and p.name.lower() == name), None)
 
 
-def _prediction_row(job: Job, result: SegmentationResult, seconds: float) -> dict[str, str]:
-    """One predictions.csv row: the answer plus what produced it, so a table stays traceable on its own."""
+def _prediction_row(
+    job: Job, result: SegmentationResult, label: int, seconds: float, lesions: tuple[int, int | None] | None
+) -> dict[str, str]:
+    """One predictions.csv row per finding: the answer plus what produced it, so a table stays traceable on its
+    own. `label` is the finding's pixel value in its file (255 in mask_<stem>.png, k in labels_<stem>.png)."""
+    drawn, stated = lesions if lesions is not None else ("", None)
     return {
         "image": job.image.name,
-        "prompt": job.prompt,
+        "prompt": result.prompt,
         "answer": "not present" if result.not_present else "present",  # [REJ], or nothing drawn
         "rejected": str(bool(result.rejected)).lower(),
         "seconds": f"{seconds:.3f}",
@@ -293,6 +384,9 @@ def _prediction_row(job: Job, result: SegmentationResult, seconds: float) -> dic
         "adapter": result.adapter or "",
         "order": result.settings.order,
         "domain_score": "" if result.domain_score is None else f"{result.domain_score:.4g}",  # "": no guard
+        "label": str(label),
+        "lesions": str(drawn),  # --instances: the finding's 8-connected lesions
+        "stated_lesions": "" if stated is None else str(stated),  # the count its prompt states, if any
     }
 
 
