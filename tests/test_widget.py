@@ -420,3 +420,34 @@ def test_two_findings_with_the_real_model(viewer, image_layer, qtbot, tiny_pipel
     assert (labels.data == 1).any() and labels.editable
     runs = labels.metadata["mris_runs"]
     assert runs[1]["model_hash"] == runs[2]["model_hash"] == tiny_pipeline.model_hash
+
+
+def test_several_findings_export_one_segment_each(viewer, qtbot, tmp_path, ct_3slice) -> None:
+    """Two findings on a DICOM slice: a DICOM SEG with one segment per finding (its prompt as the segment's
+    label and description) and NRRD / NIfTI label maps whose sidecar lists every label with its prompt."""
+    import highdicom as hd
+    import SimpleITK as sitk
+
+    from napari_mris.io import read_slice
+
+    source = read_slice(ct_3slice / "01.dcm", expect_2d=True)
+    viewer.add_image(source.pixels, name="ct", scale=source.spacing, metadata={"mris_slice": source})
+    shape = source.pixels.shape
+    findings = ["liver lesion", ", ".join(["a long description of the second finding"] * 3)]
+    pipeline = ScriptedPipeline(
+        {findings[0]: [box(shape, slice(200, 260), slice(200, 300))], findings[1]: [box(shape, slice(300, 340), 50)]}
+    )
+    widget = make_widget(viewer, pipeline, prompt="\n".join(findings))
+    run(qtbot, widget)
+    seg_path, seg_sidecar = widget.export_to(tmp_path / "two.dcm")
+    seg = hd.seg.segread(seg_path)
+    described = [seg.get_segment_description(n) for n in (1, 2)]
+    assert [d.SegmentLabel for d in described] == [findings[0], findings[1][:64].strip()]
+    assert described[1].SegmentDescription == findings[1]
+    for suffix in (".nrrd", ".nii.gz"):
+        path, sidecar = widget.export_to(tmp_path / f"two{suffix}")
+        data = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).squeeze()
+        assert set(np.unique(data)) == {0, 1, 2}
+        table = {s["label"]: s["prompt"] for s in json.loads(sidecar.read_text())["segments"]}
+        assert table == {1: findings[0], 2: findings[1]}
+    assert json.loads(seg_sidecar.read_text())["segments"][1]["origin"] == "model"
