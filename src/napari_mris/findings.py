@@ -1,9 +1,10 @@
 """Several findings of one image: the rules for a list of them, the label map they make, and a finding's
 lesions as instances set against the count its prompt states.
 
-No torch here: the CLI checks a list of findings before the model loads, the widget before it starts a
-worker. The pipeline decodes the findings (`MRISPipeline.stream_findings`); this module owns what a list of
-findings may hold and how their masks become one label image.
+No torch here, and scipy only when lesions are counted: the CLI checks a list of findings before the model
+loads (and `napari-mris info` should not pay for scipy's import, 0.4 s), the widget before it starts a
+worker. The pipeline decodes the findings (`MRISPipeline.stream_findings`); this module owns what a list
+of findings may hold and how their masks become one label image.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from napari_mris.errors import PromptError
 
@@ -123,5 +123,7 @@ class Instances:
 
 def instances(mask: np.ndarray, prompt: str) -> Instances:
     """Split `mask` into its 8-connected lesions and set their number against the prompt's stated count."""
+    from scipy import ndimage
+
     labels, count = ndimage.label(np.asarray(mask, bool), structure=EIGHT_CONNECTED)
     return Instances(labels.astype(np.int32), int(count), stated_count(prompt))
