@@ -2,7 +2,7 @@
 lesions as instances set against the count its prompt states.
 
 No torch here, and scipy only when lesions are counted: the CLI checks a list of findings before the model
-loads (and `napari-mris info` should not pay for scipy's import, 0.4 s), the widget before it starts a
+loads (and `napari-mris info` should not pay for importing scipy), the widget before it starts a
 worker. The pipeline decodes the findings (`MRISPipeline.stream_findings`); this module owns what a list
 of findings may hold and how their masks become one label image.
 """
