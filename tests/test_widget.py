@@ -336,7 +336,9 @@ def test_several_findings_get_one_label_and_one_undo_step_each(viewer, image_lay
     assert labels.metadata["mris_segment_labels"] == {1: "lower left lung", 2: "upper right lung"}
     assert list(labels.features["prompt"]) == ["", "lower left lung", "upper right lung"]
     assert set(labels.metadata["mris_runs"]) == {1, 2} and labels.editable
-    assert widget.status_label.text().startswith("Done: label 2")
+    overlap = int((second[-1] & first).sum())
+    expected = f"Done: label 2, {int((second[-1] & ~first).sum())} pixels ({overlap} of its mask kept by other labels)"
+    assert widget.status_label.text().startswith(expected), widget.status_label.text()
     labels.undo()
     np.testing.assert_array_equal(labels.data == 1, first)
     assert not (labels.data == 2).any()

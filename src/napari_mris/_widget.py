@@ -565,7 +565,10 @@ class MRISWidget(QWidget):
         if update.uncertainty is not None:
             self._show_uncertainty(run, update.uncertainty)
         seconds = update.timings.get("total_s", 0.0)
-        drawn = f"{int(update.mask.sum())} pixels" + (f", {lesions.count} lesion(s)" if lesions is not None else "")
+        held = int((run.labels.data[run.plane] == run.value).sum())
+        kept_by_others = int(update.mask.sum()) - held  # an earlier finding's or a painted label's pixels
+        drawn = f"{held} pixels" + (f" ({kept_by_others} of its mask kept by other labels)" if kept_by_others else "")
+        drawn += f", {lesions.count} lesion(s)" if lesions is not None else ""
         text = _domain_prefix(update) + f"Done: label {run.value}, {drawn}, {seconds:.2f} s"
         self._status(text + (f" ({notes})" if notes else ""))
 
