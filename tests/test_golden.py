@@ -1,0 +1,102 @@
+"""Golden tests of the shipped default model: a worse model fails them.
+
+The floors are the shipped model's measured figures (docs/results.md) less a margin for the platform's
+floating-point noise; they move only when a retrained model is shipped on purpose. They cover what the
+product promises: the labelled sample cases (a full description, one side of a bilateral finding, an empty
+zone answered "not present") and, with the real data beside the repository, 32 validation images scored
+by the referring benchmark (full descriptions, one-side prompts, absent prompts).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_mris.io import read_slice
+from napari_mris.pipeline import MRISPipeline
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
+MODEL_ID = "default-qata-v5"
+# Dice floor per labelled sample case (its own prompt, the model's default order), measured for
+# default-qata-v5 (0.897, 0.354, 0.775, 0.882, 0.889) less about 0.05.
+SAMPLE_DICE_FLOORS = {
+    "phantom_07": 0.85,
+    "phantom_07_left": 0.30,
+    "phantom_07_right": 0.72,
+    "phantom_11": 0.83,
+    "phantom_13": 0.84,
+}
+# The referring benchmark on the first 32 Val_Folder images (raster), measured for v5: full 71.09 %, side
+# 47.67 %, N-Acc 76.19 % (16 of 21 absent prompts); floors about 3 points lower (N-Acc: two prompts).
+VAL32_FLOORS = {"full": 0.68, "side": 0.44, "n_acc": 0.66}
+# What v5 does not do yet on the phantoms (docs/results.md, issue 15): a one-side prompt also draws the
+# other side, and an empty zone is answered with the lesions elsewhere. Strict: a model that starts doing
+# it makes these tests "pass unexpectedly", so the floors above get tightened with it.
+KNOWN_MISSES = pytest.mark.xfail(strict=True, reason="default-qata-v5 ignores side words on the phantoms")
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> MRISPipeline:
+    pipeline = MRISPipeline.from_pretrained("default", device="cpu")
+    assert pipeline.model_id == MODEL_ID, "a new shipped model needs its own measured floors here"
+    return pipeline
+
+
+def sample_cases() -> list[tuple[str, str]]:
+    """(case name, prompt) of every labelled sample case."""
+    with open(SAMPLES / "sample_text.csv", encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [(row["Image"].removeprefix("mask_").removesuffix(".png"), row["Description"]) for row in rows]
+
+
+def segment_case(pipeline, name: str, prompt: str):
+    image = read_slice(SAMPLES / "img" / f"{name}.png", expect_2d=True)
+    truth = read_slice(SAMPLES / "labelcol" / f"mask_{name}.png", expect_2d=True).pixels > 0
+    return pipeline.segment(image.pixels, prompt, window=image.window), truth
+
+
+PRESENT = [(n, t) for n, t in sample_cases() if not n.endswith("_absent")]
+ABSENT = [(n, t) for n, t in sample_cases() if n.endswith("_absent")]
+ONE_SIDE = [(n, t) for n, t in sample_cases() if n.endswith(("_left", "_right"))]
+
+
+@pytest.mark.parametrize("name,prompt", PRESENT, ids=[n for n, _ in PRESENT])
+def test_labelled_sample_case_dice(pipeline, name, prompt) -> None:
+    from napari_mris_train.metrics import dice_iou
+
+    result, truth = segment_case(pipeline, name, prompt)
+    dice = dice_iou(result.mask, truth)[0]
+    assert dice >= SAMPLE_DICE_FLOORS[name], f"{name}: Dice {dice:.3f} under the floor {SAMPLE_DICE_FLOORS[name]}"
+
+
+@KNOWN_MISSES
+@pytest.mark.parametrize("name,prompt", ONE_SIDE, ids=[n for n, _ in ONE_SIDE])
+def test_one_side_prompt_draws_on_that_side_only(pipeline, name, prompt) -> None:
+    result, truth = segment_case(pipeline, name, prompt)
+    width = truth.shape[1]
+    other_half = np.s_[:, width // 2 :] if name.endswith("_left") else np.s_[:, : width // 2]
+    assert not result.mask[other_half].any(), f"{name}: pixels drawn on the side the prompt did not name"
+
+
+@KNOWN_MISSES
+@pytest.mark.parametrize("name,prompt", ABSENT, ids=[n for n, _ in ABSENT])
+def test_absent_zone_is_not_present(pipeline, name, prompt) -> None:
+    result, truth = segment_case(pipeline, name, prompt)
+    assert not truth.any()
+    assert result.not_present, f"{name}: {int(result.mask.sum())} pixels drawn for an empty zone"
+
+
+def test_referring_benchmark_on_32_validation_images(pipeline, qata_root) -> None:
+    from napari_mris_train.data import load_split
+    from napari_mris_train.evaluate import evaluate_split
+
+    split = load_split(qata_root, split="val")
+    report = evaluate_split(
+        pipeline, split, order="raster", limit=32, sets=("full", "side", "absent"), progress=False
+    )
+    figures = {"full": report["dice"], "side": report["sets"]["side"]["dice"], "n_acc": report["n_acc"]}
+    below = {k: round(v, 4) for k, v in figures.items() if v < VAL32_FLOORS[k]}
+    assert not below, f"under the floors {VAL32_FLOORS}: {below}"
