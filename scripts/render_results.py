@@ -31,7 +31,7 @@ def pick_cases(split, eval_json: Path | None, count: int) -> list[int]:
     """Indices at evenly spaced Dice quantiles (worst to best), or the first `count` without an eval."""
     if eval_json is None:
         return list(range(min(count, len(split))))
-    rows = json.loads(eval_json.read_text())["per_image"]
+    rows = [r for r in json.loads(eval_json.read_text())["per_prompt"] if r["set"] == "full"]
     index_of = {name: i for i, name in enumerate(split.names)}
     ranked = sorted((r["dice"], index_of[r["name"]]) for r in rows if r["name"] in index_of and not r["rejected"])
     positions = np.linspace(0, len(ranked) - 1, count).round().astype(int)
