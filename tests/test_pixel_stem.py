@@ -3,6 +3,8 @@ save/load, and the cached decoding path agrees with teacher forcing when the ste
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from _tiny_decoder import TINY_LAYOUT, one_torch_thread, tiny_decoder_config  # noqa: F401
@@ -297,3 +299,36 @@ def cell_decoder(decoder_channels=()) -> MRISDecoder:
         for head in decoder.nktp_heads:  # drafts that are sometimes wrong: the cache gets cropped
             head.linear.weight.normal_(std=0.5)
     return decoder
+
+
+def test_cell_positions_start_at_zero_and_reach_the_mask_positions_in_every_decoding_loop():
+    """The (row, column) code of each cell: zero-initialised (a decoder gains it without changing), then,
+    once trained, a left and a right cell differ, and cached decoding still agrees with teacher forcing."""
+    from napari_mris.model.decoder import cell_position_codes
+
+    codes = cell_position_codes(range(1, 5))
+    assert codes.shape == (1 + 4 + 9 + 16, 16)
+    left, right = codes[1 + 0], codes[1 + 1]  # the 2x2 grid's upper left and upper right cells
+    assert not torch.allclose(left, right) and torch.equal(codes[1 + 2][8:], left[8:])  # same column
+    torch.manual_seed(4)
+    base = cell_decoder((8,))
+    with_positions = stem_decoder(seed=4, cell_features=True, decoder_channels=(8,))
+    config = replace(with_positions.config, cell_positions=True)
+    positioned = MRISDecoder(config).eval()
+    state = base.state_dict()
+    positioned.load_state_dict({**positioned.state_dict(), **state})
+    mask_codes = [torch.arange(16) % 5]  # a raster mask with several different codes
+    _, before = teacher_forced(base, "raster", (4,), mask_codes)
+    _, unchanged = teacher_forced(positioned, "raster", (4,), mask_codes)
+    assert torch.equal(unchanged, before)  # zero at initialisation: exactly the decoder it was loaded from
+    with torch.no_grad():
+        positioned.cell_position_proj.weight.normal_(std=1.0)
+    assert not torch.allclose(teacher_forced(positioned, "raster", (4,), mask_codes)[1], before)
+    for order, scales in (("raster", (4,)), ("scale", SCALES)):
+        steps = list(autoregressive_infer(positioned, LAYOUT, PREFIX, order, scales, pixels=pixels(6)))
+        codes_out = steps[-1].codes
+        codes_out = [codes_out[0]] if order == "raster" else [c[0] for c in codes_out]
+        seq, logits = teacher_forced(positioned, order, scales, codes_out)
+        assert torch.equal(logits.argmax(-1), seq.labels[seq.mask_positions])
+    with pytest.raises(ValueError, match="needs cell_features"):
+        tiny_decoder_config(cell_positions=True)

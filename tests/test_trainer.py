@@ -229,6 +229,12 @@ def test_second_stage_starts_from_a_model_and_keeps_its_stem(tiny_data, tmp_path
     assert any(not torch.equal(after[k], start[k]) for k in after if k.startswith("llama."))
     with pytest.raises(trainer.MRISError, match="incomplete"):  # not a model directory: named, not a traceback
         trainer.train(second_recipe, root, fresh_model_dir(tokenizers_dir, tmp_path, "x"), init_from=tmp_path)
+    # a decoder that adds the zero-initialised (row, column) cell codes still starts from the source's weights
+    positions = replace(second_recipe, decoder=replace(second_recipe.decoder, cell_positions=True))
+    run = trainer.setup(positions, root, fresh_model_dir(tokenizers_dir, tmp_path, "p"), None, False, False, (), first)
+    loaded = run.accelerator.unwrap_model(run.model).state_dict()
+    assert all(torch.equal(loaded[k], start[k]) for k in start)
+    assert not loaded["cell_position_proj.weight"].any()
 
 
 def test_stem_warmup_needs_a_stem(tiny_data, tmp_path):

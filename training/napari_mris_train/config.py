@@ -34,6 +34,7 @@ class DecoderRecipe:
     text_slots: int = 0  # fixed RoPE positions for the text (sequence.position_shift); 0 = plain positions
     cell_features: bool = False  # each mask position also gets its own cell's stem feature (sequence.code_cells)
     pixel_decoder_channels: list[int] = field(default_factory=list)  # U-Net up-stages on the stem (pixel_stem.py)
+    cell_positions: bool = False  # each cell feature also gets its (row, column) code (decoder.cell_position_codes)
 
 
 @dataclass

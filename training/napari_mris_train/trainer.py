@@ -202,11 +202,22 @@ def setup(
     return Run(recipe, run_dir, accelerator, tokenizers, layout, model, optimizer, mixer, memory, val_split, step, best)
 
 
+ZERO_INITIALISED = ("cell_position_proj.",)  # modules that start at zero: a source without them loads exactly
+
+
 def initialise_from(decoder: MRISDecoder, source: Path, layout: VocabLayout) -> None:
-    """Load `source`'s decoder weights; its vocabulary must be the run's (the same tokenizers)."""
+    """Load `source`'s decoder weights; its vocabulary must be the run's (the same tokenizers).
+
+    A source without a module this decoder adds at zero (`cell_positions`) still loads: the new decoder
+    then computes exactly what the source did, and training starts from there.
+    """
     if read_config(source).get("vocab") != layout.to_dict():
         raise ConfigError(f"--init-from {source}: its vocabulary differs from this run's (other tokenizers)")
-    load_state_checked(decoder, load_weights(source, "model.safetensors"), source / "model.safetensors")
+    state = load_weights(source, "model.safetensors")
+    for name, value in decoder.state_dict().items():
+        if name.startswith(ZERO_INITIALISED) and name not in state:
+            state[name] = value  # already zero
+    load_state_checked(decoder, state, source / "model.safetensors")
 
 
 def freeze_pixel_stem(decoder: MRISDecoder) -> None:

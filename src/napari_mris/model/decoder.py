@@ -45,6 +45,8 @@ from napari_mris.model.pixel_stem import PixelStem
 from napari_mris.model.sequence import IMAGE_START, grid_of_cell
 from napari_mris.model.vocab import BOS, EOS, PAD, VocabLayout
 
+CELL_POSITION_FREQUENCIES = 4  # octaves of the (row, column) code: half the image down to 1/16 of it
+
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -68,6 +70,7 @@ class DecoderConfig:
     text_slots: int = 0  # RoPE positions given to the text whatever its length (sequence.position_shift); 0 = plain
     cell_features: bool = False  # add the stem feature of its own cell to each mask position (sequence.code_cells)
     pixel_decoder_channels: list[int] = field(default_factory=list)  # U-Net up-stages of the stem; [] = linear read-out
+    cell_positions: bool = False  # add each cell's (row, column) code to its cell feature (cell_position_codes)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -83,6 +86,8 @@ class DecoderConfig:
             raise ValueError(f"n_scales must be >= 0, got {self.n_scales}")
         if self.cell_features and not self.pixel_channels:
             raise ValueError("cell_features adds pixel-stem features: it needs pixel_channels")
+        if self.cell_positions and not self.cell_features:
+            raise ValueError("cell_positions adds to the cell features: it needs cell_features")
         if self.pixel_decoder_channels and len(self.pixel_decoder_channels) >= len(self.pixel_channels):
             raise ValueError(
                 f"pixel_decoder_channels {self.pixel_decoder_channels} need more pixel_channels stages to "
@@ -156,6 +161,11 @@ class MRISDecoder(nn.Module):
         self.pixel_stem = None
         self.lesion_head = None  # a linear per-patch read-out, for a stem without its own lesion map
         self.cell_patch_proj = None  # a cell's patch of lesion-map probabilities -> its cell feature
+        self.cell_position_proj = None  # a cell's (row, column) code -> its cell feature; zero at initialisation
+        if config.cell_positions:
+            self.cell_position_proj = nn.Linear(4 * CELL_POSITION_FREQUENCIES, config.hidden_size)
+            nn.init.zeros_(self.cell_position_proj.weight)
+            nn.init.zeros_(self.cell_position_proj.bias)
         if config.pixel_channels:
             self.pixel_stem = PixelStem(config.pixel_channels, config.hidden_size, config.pixel_decoder_channels)
             if config.pixel_decoder_channels:
@@ -246,6 +256,9 @@ class MRISDecoder(nn.Module):
         sizes = range(1, max(largest, grid) + 1)
         square = features.transpose(1, 2).reshape(batch, hidden, grid, grid)
         table = torch.cat([F.adaptive_avg_pool2d(square, s).flatten(2) for s in sizes], dim=2).transpose(1, 2)
+        if self.cell_position_proj is not None:
+            codes = cell_position_codes(sizes).to(device=table.device, dtype=self.cell_position_proj.weight.dtype)
+            table = table + self.cell_position_proj(codes).to(table.dtype)
         if self.cell_patch_proj is None:
             return table
         if lesion_map is None:
@@ -283,6 +296,25 @@ class MRISDecoder(nn.Module):
             raise ValueError(f"NkTP offset must be in 2..{self.config.nktp_k}, got {offset}")
         weight = self.lm_head.weight if vocab_slice is None else self.lm_head.weight[vocab_slice]
         return F.linear(self.nktp_heads[offset - 2](hidden_states), weight)
+
+
+def cell_position_codes(sizes: range) -> torch.Tensor:
+    """(cells, 4 * CELL_POSITION_FREQUENCIES): sines and cosines of each cell's centre row and column (in
+    [0, 1]) for every grid in `sizes`, in the cell table's order (grid by grid, raster within a grid).
+
+    Why: rotary positions tell a mask position its offset along the raster, from which its row is a
+    threshold but its column a remainder; a decoder that must map "left" / "right" to columns did not learn
+    that (docs/results.md, default v5). A fixed code of (row, column) makes a side a linear feature.
+    """
+    rows, cols = [], []
+    for s in sizes:
+        centre = (torch.arange(s, dtype=torch.float32) + 0.5) / s
+        rows.append(centre.repeat_interleave(s))
+        cols.append(centre.repeat(s))
+    angles = torch.stack([torch.cat(rows), torch.cat(cols)], 1)[:, :, None] * math.pi * 2.0 ** torch.arange(
+        CELL_POSITION_FREQUENCIES, dtype=torch.float32
+    )
+    return torch.cat([angles.sin(), angles.cos()], dim=2).flatten(1)
 
 
 def _add_at_image_tokens(embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
