@@ -9,13 +9,15 @@ fixed set of later validation images (never among the corrected ones) before and
     python benchmarks/adaptation_loop.py --model src/napari_mris/models/default \\
         --data ../shared/data/QaTa-COV19 --n 10 50 200 --json runs/adaptation_loop.json
 
-It works on a copy of the model directory, so the shipped model never gets adapters written beside it.
+Adapters go to a temporary per-user adapters folder (`NAPARI_MRIS_ADAPTERS`, napari_mris.adapters), so the
+benchmark leaves neither the model directory nor the user's own adapters touched.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -77,7 +79,7 @@ def dice_on(model_dir: Path, adapter: str | None, cases, order: str) -> tuple[fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default", help="model directory (copied; never modified)")
+    parser.add_argument("--model", default="default", help="model directory (never modified)")
     parser.add_argument("--data", type=Path, required=True, help="LViT root with Train_Folder and Val_Folder")
     parser.add_argument("--n", type=int, nargs="+", default=[10, 50, 200], help="numbers of corrected cases")
     parser.add_argument("--eval-count", type=int, default=300, help="later validation cases scored (after max N)")
@@ -93,7 +95,8 @@ def main() -> None:
     first_eval = max(args.n)
     cases = Subset(val, first_eval, first_eval + args.eval_count)
     with tempfile.TemporaryDirectory(prefix="mris-adapt-bench-") as scratch:
-        model_dir = Path(shutil.copytree(resolve_model_dir(args.model), Path(scratch) / "model"))
+        os.environ["NAPARI_MRIS_ADAPTERS"] = str(Path(scratch) / "adapters")
+        model_dir = resolve_model_dir(args.model)
         replay = write_replay(load_split(args.data, split="train"), args.replay_count, Path(scratch) / "replay")
         before, eval_seconds = dice_on(model_dir, None, cases, args.order)
         print(f"base model: Dice {100 * before:.2f} % on val[{first_eval}:{cases.stop}] ({eval_seconds:.0f} s)")
