@@ -34,15 +34,13 @@ def build_model(out_dir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def force_decision(pipeline, token: str) -> Iterator[None]:
-    """Make the model choose [SOV] (target present) or [REJ] (absent) at the decision position."""
-    from napari_mris.model.vocab import REJ, SOV
-
-    favoured = {"SOV": SOV, "REJ": REJ}[token]
+def favour_tokens(pipeline, ids: list[int]) -> Iterator[None]:
+    """Add a large logit to `ids` at every output of the model (a forward hook on the output layer); the
+    decoder's legal-token mask still keeps each id out where it is not allowed."""
 
     def hook(module, inputs, output):
         output = output.clone()
-        output[..., favoured] += 1e4  # only [SOV]/[REJ] are legal there; elsewhere they are masked out anyway
+        output[..., ids] += 1e4
         return output
 
     handle = pipeline.decoder.lm_head.register_forward_hook(hook)
@@ -52,8 +50,14 @@ def force_decision(pipeline, token: str) -> Iterator[None]:
         handle.remove()
 
 
-@contextlib.contextmanager
-def force_drawing(pipeline) -> Iterator[None]:
+def force_decision(pipeline, token: str) -> contextlib.AbstractContextManager[None]:
+    """Make the model choose [SOV] (target present) or [REJ] (absent) at the decision position."""
+    from napari_mris.model.vocab import REJ, SOV
+
+    return favour_tokens(pipeline, [{"SOV": SOV, "REJ": REJ}[token]])
+
+
+def force_drawing(pipeline) -> contextlib.AbstractContextManager[None]:
     """Make the model answer [SOV] and write, in every order, the mask code whose patch is the fullest.
 
     A tiny model often answers "present" and then writes only background codes, which the pipeline
@@ -71,17 +75,7 @@ def force_drawing(pipeline) -> Iterator[None]:
                 for k in range(tokenizer.codebook_size)
             ]
         favoured.append(int(pipeline.layout.mask_ids(order, [int(np.argmax(fullness))])[0]))
-
-    def hook(module, inputs, output):
-        output = output.clone()
-        output[..., favoured] += 1e4  # illegal ids stay masked out where they are not allowed
-        return output
-
-    handle = pipeline.decoder.lm_head.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return favour_tokens(pipeline, favoured)
 
 
 class ScriptedPipeline:
