@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from test_prompts import LOWER_LEFT, MIDDLE_RIGHT, SIZE, UPPER_LEFT, _mask  # the same constructed masks
 
 from napari_mris_train.evaluate import format_table, summarise
 from napari_mris_train.metrics import overlap_counts, pooled_dice_iou
@@ -18,21 +17,6 @@ from napari_mris_train.referring import (
     unambiguous_zones,
     zone_prompt,
 )
-
-SIZE = 100  # level bands: upper 12-30, middle 30-48, lower 48-66 (rows)
-VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "QaTa-COV19" / "Val_Folder"
-
-
-def _mask(*boxes: tuple[int, int, int, int]) -> np.ndarray:
-    mask = np.zeros((SIZE, SIZE), bool)
-    for r0, r1, c0, c1 in boxes:
-        mask[r0:r1, c0:c1] = True
-    return mask
-
-
-UPPER_LEFT = (14, 28, 20, 35)
-LOWER_LEFT = (50, 64, 20, 35)
-MIDDLE_RIGHT = (32, 46, 65, 80)
 
 
 def test_zone_regions_tile_each_side_and_hold_their_parts() -> None:
@@ -139,12 +123,11 @@ def test_pooled_dice_weighs_pixels_not_images() -> None:
     assert pooled_dice_iou([(0, 0, 0)]) == (1.0, 1.0)
 
 
-@pytest.mark.skipif(not VAL.is_dir(), reason="QaTa-COV19 Val_Folder not in ../shared/data")
-def test_sets_on_real_validation_masks() -> None:
+def test_sets_on_real_validation_masks(qata_root) -> None:
     """On 60 real val masks every set is built, and every restricted truth is a proper part of the mask."""
     from napari_mris_train.data import load_split, read_mask
 
-    split = load_split(VAL)
+    split = load_split(qata_root, split="val")
     counts = dict.fromkeys(SETS, 0)
     for index, (_, _, mask_path, text) in enumerate(split.pairs[:60]):
         mask = read_mask(mask_path)
