@@ -1,7 +1,6 @@
 """What the pixel stem alone sees: Dice of a model's text-free lesion read-out on a validation split.
 
-The stem's read-out is fitted to the mask in training and in the stem warm-up: a linear `lesion_head` to
-each image patch's lesion fraction, or a U-Net stem's lesion map to the mask itself (losses.lesion_loss).
+The U-Net stem's lesion map is fitted to the mask in training and in the stem warm-up (losses.lesion_loss).
 Thresholding its sigmoid at 0.5, upsampled bilinearly from its grid to the mask's own resolution, gives
 a text-free segmentation: a measure of the stem's image understanding, which bounds what
 the mask tokens can draw. Scored with the same per-image metric code as `napari-mris-train eval`.
@@ -38,7 +37,6 @@ def main() -> None:
     model_dir = resolve_model_dir(args.model)
     decoder, _ = load_decoder(model_dir)
     size = int(json.loads((model_dir / "config.json").read_text())["image_size"])
-    grid = size // decoder.pixel_stem.downsample
     split = load_split(args.data, split="val")
     count = len(split) if args.limit is None else min(args.limit, len(split))
     scores = []
@@ -46,8 +44,7 @@ def main() -> None:
         for i in tqdm(range(count), desc="stem read-out", mininterval=5):
             example = split[i]
             pixels = torch.from_numpy(np.ascontiguousarray(to_model_image(example.image, None, size)))[None, None]
-            logits = decoder.lesion_logits(pixels)
-            prob = torch.sigmoid(logits if logits.dim() == 4 else logits.reshape(1, 1, grid, grid))
+            prob = torch.sigmoid(decoder.lesion_logits(pixels))
             prob = F.interpolate(prob, size=example.mask.shape, mode="bilinear", align_corners=False)
             scores.append(dice_iou(prob[0, 0].numpy() > 0.5, example.mask))
     dice, iou = (float(np.mean(values)) for values in zip(*scores, strict=True))

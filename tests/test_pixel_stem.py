@@ -150,31 +150,34 @@ def test_stem_weights_and_config_survive_save_and_load(tmp_path):
 
 
 def test_lesion_target_trains_the_stem_directly():
-    """The auxiliary lesion term is BCE of lesion_head against each patch's lesion fraction, and its
-    gradient reaches the stem; without targets (or with weight 0) it is absent."""
-    from napari_mris_train.losses import LossConfig, compute_losses
+    """The auxiliary lesion term is `lesion_loss` of the U-Net stem's lesion map against the whole mask, and
+    its gradient reaches the stem; without targets (or with weight 0) it is absent. A stem without a U-Net
+    has no lesion read-out at all (the linear per-patch head is gone: no recipe used it)."""
+    from napari_mris_train.losses import LossConfig, compute_losses, lesion_loss
 
-    decoder = stem_decoder()
+    decoder = stem_decoder(decoder_channels=(8,))
     codes = [torch.tensor([2]), torch.tensor([0, 1, 2, 3]), torch.arange(16) % 6]
     seq = build_training_sequence(LAYOUT, IMAGE, TEXT, 2, "scale", codes, SCALES, pixels=pixels(0))
     batch = collate([seq])
-    batch["lesion"] = torch.zeros(1, 1, 16, 16)  # the whole mask: patch fractions 0, 0.25, 1, 0
+    batch["lesion"] = torch.zeros(1, 1, 16, 16)
     batch["lesion"][0, 0, :2, 8:] = 1.0
     batch["lesion"][0, 0, 8:, :8] = 1.0
     output = decoder(
         batch["input_ids"], batch["scale_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"]
     )
-    assert output.lesion_logits.shape == (1, 4)
+    assert output.lesion_logits.shape == (1, 1, 4, 4)  # the 2x2 grid, two map pixels per cell side
     terms = compute_losses(decoder, output, batch, ["scale"], LAYOUT, LossConfig(het=False, lesion_weight=2.0))
-    fractions = torch.tensor([[0.0, 0.25, 1.0, 0.0]])
-    expected = torch.nn.functional.binary_cross_entropy_with_logits(output.lesion_logits, fractions)
-    torch.testing.assert_close(terms["lesion"], expected)
+    torch.testing.assert_close(terms["lesion"], lesion_loss(output.lesion_logits, batch["lesion"]))
     decoder.zero_grad()
     terms["lesion"].backward()
     assert decoder.pixel_stem.stages[0][0].weight.grad.abs().sum() > 0
     off = compute_losses(decoder, output, batch, ["scale"], LAYOUT, LossConfig(het=False, lesion_weight=0.0))
     assert "lesion" not in off
     torch.testing.assert_close(terms["loss"] - off["loss"], 2.0 * terms["lesion"])
+    plain = stem_decoder()
+    assert plain(PREFIX[None], pixel_values=pixels(0)[None]).lesion_logits is None
+    with pytest.raises(ValueError, match="no lesion map"):
+        plain.lesion_logits(pixels(0)[None])
 
 
 def test_a_lesion_map_gets_bce_plus_dice_against_the_pooled_mask():
@@ -200,7 +203,7 @@ def test_unet_stem_cells_read_their_patch_of_the_lesion_map():
     """With a lesion map, each cell of an s x s grid also gets its u x u patch of map probabilities,
     projected: a change in the map's top-left quarter reaches the 2x2 grid's first cell and no other."""
     decoder = stem_decoder(channels=(4, 8, 8), cell_features=True, decoder_channels=(8,))
-    assert decoder.lesion_head is None and decoder.pixel_stem.map_upsample == 2
+    assert decoder.pixel_stem.map_upsample == 2
     features = torch.zeros(1, 4, decoder.config.hidden_size)
     lesion_map = torch.zeros(1, 1, 4, 4)
     moved = lesion_map.clone()

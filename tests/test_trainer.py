@@ -166,11 +166,10 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     assert {"ntp", "tcl", "nktp", "het", "tokens_per_s"} <= set(log[0])
 
 
-@pytest.mark.parametrize("decoder_channels", [[], [8]], ids=["linear-read-out", "unet-lesion-map"])
-def test_stem_warmup_trains_only_the_stem_and_resume_skips_it(tiny_data, tmp_path, monkeypatch, decoder_channels):
+def test_stem_warmup_trains_only_the_stem_and_resume_skips_it(tiny_data, tmp_path, monkeypatch):
     root, tokenizers_dir = tiny_data
     recipe = tiny_recipe(steps=2, checkpoint_every=1, warmup_steps=1, stem_warmup_steps=30, stem_warmup_lr=3e-3)
-    recipe = replace(recipe, decoder=replace(recipe.decoder, pixel_decoder_channels=decoder_channels))
+    assert recipe.decoder.pixel_decoder_channels  # the tiny recipe's U-Net stem: its lesion map is warmed up
     init = {}
     real_warm_up = trainer.warm_up_stem
 
@@ -184,12 +183,12 @@ def test_stem_warmup_trains_only_the_stem_and_resume_skips_it(tiny_data, tmp_pat
     assert [r["stem_warmup_step"] for r in log if "stem_warmup_step" in r] == [30]
     assert [r["step"] for r in log if "loss" in r] == [1, 2]
 
-    # the warm-up alone (a run stopped right after it) moved the stem and lesion head and nothing else
+    # the warm-up alone (a run stopped right after it) moved the stem and nothing else
     only = fresh_model_dir(tokenizers_dir, tmp_path, "b")
     trainer.train(recipe, root, only, stop_after=0, progress=False)
     warmed = model_state(only)
     changed = {k for k in warmed if not torch.equal(warmed[k], init[k])}
-    assert changed and all(k.startswith(("pixel_stem.", "lesion_head.")) for k in changed), changed
+    assert changed and all(k.startswith("pixel_stem.") for k in changed), changed
 
     # resuming skips the warm-up and ends where the straight run did
     first = trainer.warm_up_stem
@@ -208,8 +207,7 @@ def test_stem_warmup_trains_only_the_stem_and_resume_skips_it(tiny_data, tmp_pat
         with torch.no_grad():
             return float(lesion_loss(run.model.lesion_logits(pixels), target))
 
-    # BCE + soft Dice of a lesion map falls more slowly in 30 steps than a patch-fraction BCE
-    assert loss_with(warmed) < (0.95 if decoder_channels else 0.8) * loss_with(init)
+    assert loss_with(warmed) < 0.95 * loss_with(init)  # BCE + soft Dice of the lesion map, 30 steps
 
 
 def test_second_stage_starts_from_a_model_and_keeps_its_stem(tiny_data, tmp_path, monkeypatch):

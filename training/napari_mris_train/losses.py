@@ -8,7 +8,6 @@ so the paper's ablation (baseline, +TCL, +NkTP, +HET) can be re-run from the CLI
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +36,7 @@ class LossConfig:
     het_memory: int = 64  # remembered tokens per (sample, position)
     het_max_keys: int = 200_000  # bound on the number of (sample, position) entries
     decision_weight: float = 1.0  # weight of the one [SOV]/[REJ] decision token against each mask token
-    lesion_weight: float = 1.0  # auxiliary: the pixel stem's lesion_head against each patch's lesion fraction
+    lesion_weight: float = 1.0  # auxiliary: the U-Net pixel stem's lesion map against the mask
 
 
 # --- the per-token terms -------------------------------------------------------------------------------
@@ -247,17 +246,12 @@ def compute_losses(
 
 
 def lesion_loss(lesion_logits: Tensor, masks: Tensor) -> Tensor:
-    """The text-free lesion target of the stem's read-out, against the whole (B, 1, S, S) masks.
-
-    A (B, g*g) linear read-out is fitted by BCE to each patch's lesion fraction. A (B, 1, h, w) U-Net
-    lesion map gets BCE + soft Dice (the U-Net peer's loss, benchmarks/unet_baseline.py) against the masks
-    area-pooled to its size: Dice keeps the small lesions from drowning in background pixels.
+    """The text-free lesion target of the U-Net stem's (B, 1, h, w) lesion map, against the whole
+    (B, 1, S, S) masks area-pooled to its size: BCE + soft Dice (the U-Net peer's loss,
+    benchmarks/unet_baseline.py); Dice keeps the small lesions from drowning in background pixels.
     """
     masks = masks.float().to(lesion_logits.device)
     logits = lesion_logits.float()
-    if logits.dim() == 2:
-        fraction = F.adaptive_avg_pool2d(masks, math.isqrt(logits.shape[1])).flatten(1)
-        return F.binary_cross_entropy_with_logits(logits, fraction)
     target = F.adaptive_avg_pool2d(masks, logits.shape[-2:])
     prob = torch.sigmoid(logits)
     inter = (prob * target).sum(dim=(1, 2, 3))

@@ -230,8 +230,6 @@ def freeze_pixel_stem(decoder: MRISDecoder) -> None:
     if decoder.pixel_stem is None:
         raise ConfigError("train.freeze_stem needs a pixel stem (decoder.pixel_channels)")
     decoder.pixel_stem.requires_grad_(False)
-    if decoder.lesion_head is not None:
-        decoder.lesion_head.requires_grad_(False)
 
 
 def train_step(run: Run) -> dict[str, Any]:
@@ -298,7 +296,7 @@ def train_step(run: Run) -> dict[str, Any]:
 
 
 def warm_up_stem(run: Run, progress: bool) -> None:
-    """Train only the pixel stem and its lesion head on the text-free lesion target, before the decoder.
+    """Train only the pixel stem (a U-Net) on the text-free lesion target, before the decoder.
 
     Why: the stem's image understanding bounds the masks (docs/results.md), yet in joint training it gets
     one update per decoder step, and a decoder step (the transformer over ~450-660 tokens) costs several
@@ -309,10 +307,9 @@ def warm_up_stem(run: Run, progress: bool) -> None:
     """
     cfg = run.recipe.train
     decoder = run.accelerator.unwrap_model(run.model)
-    if decoder.pixel_stem is None:
-        raise ConfigError("train.stem_warmup_steps needs a pixel stem (decoder.pixel_channels)")
-    heads = [] if decoder.lesion_head is None else list(decoder.lesion_head.parameters())
-    params = [*decoder.pixel_stem.parameters(), *heads]
+    if decoder.pixel_stem is None or decoder.pixel_stem.lesion_map is None:
+        raise ConfigError("train.stem_warmup_steps needs a U-Net pixel stem (decoder.pixel_decoder_channels)")
+    params = list(decoder.pixel_stem.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.stem_warmup_lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     steps, warmup = cfg.stem_warmup_steps, max(1, cfg.stem_warmup_steps // 20)
     decoder.train()

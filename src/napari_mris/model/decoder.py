@@ -6,10 +6,9 @@ sized by `DecoderConfig` to train on a CPU and scaled up by config on a GPU. Aro
 - `scale_embed`: a learned embedding added to the input of next-scale slots (`scale_ids` = k for scale k,
   0 = none; row 0 stays zero), so the slots of different scales are told apart.
 - `pixel_stem` (optional, `pixel_channels`): a convolutional stem whose features are added to the image
-  token embeddings, so the decoder sees the pixels the image codes dropped (pixel_stem.py). Training fits
-  a text-free lesion read-out of the stem to the mask (an auxiliary target that teaches it lesion texture
-  directly): `lesion_head`, a linear read-out of each patch's lesion fraction, or, with
-  `pixel_decoder_channels`, the stem's own U-Net lesion map.
+  token embeddings, so the decoder sees the pixels the image codes dropped (pixel_stem.py). With
+  `pixel_decoder_channels` the stem is a U-Net whose text-free lesion map training fits to the mask (an
+  auxiliary target that teaches it lesion texture directly).
 - `nktp_heads`: for offsets j = 2..k, a zero-initialised residual block (Medusa) whose output goes through
   the SHARED `lm_head`. They are trained to predict the token j steps ahead (NkTP) and propose tokens for
   self-speculative decoding. `nktp_logits` can slice the unembedding to the mask codes, so 15 heads cost
@@ -131,7 +130,7 @@ class DecoderOutput:
     logits: torch.Tensor | None  # [B, Q, V] (or the last `logits_to_keep` positions); None if not computed
     hidden_states: torch.Tensor  # [B, Q, H], last layer after the final RMSNorm (what lm_head sees)
     past_key_values: Any  # transformers Cache when use_cache, else None
-    lesion_logits: torch.Tensor | None = None  # [B, g*g] lesion_head, or [B, 1, h, w] the stem's map, when computed
+    lesion_logits: torch.Tensor | None = None  # [B, 1, h, w] the U-Net stem's lesion map, when computed
     pixel_features: torch.Tensor | None = None  # [B, g*g, H] the stem's features, when computed
 
 
@@ -159,7 +158,6 @@ class MRISDecoder(nn.Module):
             self.scale_embed.weight[0].zero_()
         self.nktp_heads = nn.ModuleList(ResidualBlock(config.hidden_size) for _ in range(config.nktp_k - 1))
         self.pixel_stem = None
-        self.lesion_head = None  # a linear per-patch read-out, for a stem without its own lesion map
         self.cell_patch_proj = None  # a cell's patch of lesion-map probabilities -> its cell feature
         self.cell_position_proj = None  # a cell's (row, column) code -> its cell feature; zero at initialisation
         if config.cell_positions:
@@ -168,12 +166,9 @@ class MRISDecoder(nn.Module):
             nn.init.zeros_(self.cell_position_proj.bias)
         if config.pixel_channels:
             self.pixel_stem = PixelStem(config.pixel_channels, config.hidden_size, config.pixel_decoder_channels)
-            if config.pixel_decoder_channels:
-                if config.cell_features:
-                    self.cell_patch_proj = nn.Linear(self.pixel_stem.map_upsample**2, config.hidden_size)
-                    nn.init.normal_(self.cell_patch_proj.weight, std=0.02)
-            else:
-                self.lesion_head = nn.Linear(config.hidden_size, 1)
+            if config.pixel_decoder_channels and config.cell_features:
+                self.cell_patch_proj = nn.Linear(self.pixel_stem.map_upsample**2, config.hidden_size)
+                nn.init.normal_(self.cell_patch_proj.weight, std=0.02)
 
     def base_llama(self) -> LlamaForCausalLM:
         """The LlamaForCausalLM, also when `self.llama` is wrapped in a peft model during fine-tuning."""
@@ -272,7 +267,7 @@ class MRISDecoder(nn.Module):
     def _stem(
         self, pixel_values: torch.Tensor | None, starts_sequence: bool
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The stem's (B, g*g, hidden) features and its lesion read-out logits (`lesion_logits`), or
+        """The stem's (B, g*g, hidden) features and its lesion-map logits (None without a U-Net), or
         (None, None): no stem, or a cached step that needs none."""
         if self.pixel_stem is None:  # a token-only decoder: the pixels are not needed
             return None, None
@@ -280,14 +275,12 @@ class MRISDecoder(nn.Module):
             if starts_sequence:
                 raise ValueError("this decoder has a pixel stem: pass pixel_values with the image tokens")
             return None, None
-        features, lesion_map = self.pixel_stem(pixel_values.to(self.pixel_stem.proj.weight.dtype))
-        return features, (lesion_map if self.lesion_head is None else self.lesion_head(features)[..., 0])
+        return self.pixel_stem(pixel_values.to(self.pixel_stem.proj.weight.dtype))
 
     def lesion_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The stem's text-free lesion read-out, no tokens (what the stem warm-up trains): (B, g*g) patch
-        lesion-fraction logits of `lesion_head`, or the (B, 1, h, w) lesion map of a U-Net stem."""
-        if self.pixel_stem is None:
-            raise ValueError("this decoder has no pixel stem (decoder.pixel_channels is empty)")
+        """The U-Net stem's text-free (B, 1, h, w) lesion-map logits, no tokens (what the stem warm-up trains)."""
+        if self.pixel_stem is None or self.pixel_stem.lesion_map is None:
+            raise ValueError("this decoder has no lesion map (decoder.pixel_decoder_channels is empty)")
         return self._stem(pixel_values, starts_sequence=True)[1]
 
     def nktp_logits(self, hidden_states: torch.Tensor, offset: int, vocab_slice: slice | None = None) -> torch.Tensor:
