@@ -64,7 +64,7 @@ def test_save_and_load_file_and_hf_directory(tok, tmp_path):
     assert loaded.encode("all left lung") == tok.encode("all left lung")
     hf_dir = tmp_path / "hf"
     tok.hf.save_pretrained(hf_dir)  # the layout of any local HF tokenizer folder (tokenizer.json + config)
-    from_dir = TextTokenizer.from_dir(hf_dir, max_length=12)
+    from_dir = TextTokenizer.from_file(hf_dir, max_length=12)
     assert from_dir.encode("all left lung") == tok.encode("all left lung")
 
 
@@ -72,7 +72,7 @@ def test_missing_or_corrupt_tokenizer_names_the_file(tmp_path):
     with pytest.raises(ModelDirectoryError, match="nothere.json"):
         TextTokenizer.from_file(tmp_path / "nothere.json")
     with pytest.raises(ModelDirectoryError, match="has no tokenizer.json"):
-        TextTokenizer.from_dir(tmp_path)
+        TextTokenizer.from_file(tmp_path)
     bad = tmp_path / "tokenizer.json"
     bad.write_text("{not json")
     with pytest.raises(ModelDirectoryError, match="not a readable tokenizer"):

@@ -3,8 +3,8 @@
 The image tokenizer compresses a 16x16 patch into one of ~1,000 codes (25 dB PSNR on QaTa), and the
 faint ground-glass opacities that define COVID-19 infection are exactly what such a code drops. The stem
 reads the preprocessed slice directly and adds one feature vector to the input embedding of each image
-token, so the token sequence and the vocabulary stay as the design has them (any image tokenizer, Emu3
-included, still fills the image slots) while the decoder sees the image at full resolution. The stem
+token, so the token sequence and the vocabulary stay as the design has them (the image tokenizer still
+fills the image slots) while the decoder sees the image at full resolution. The stem
 trains end to end with the decoder; each stage halves the resolution, so `len(channels)` stride-2 stages
 take an `image_size` slice to the `image_size / 2**len(channels)` token grid.
 

@@ -21,7 +21,6 @@ from napari_mris.model.modeldir import (
     update_config,
     verified_file,
 )
-from napari_mris.tokenizers.emu3 import Emu3ImageTokenizer
 from napari_mris.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 from napari_mris.tokenizers.mask import MaskTokenizer, MaskTokenizerConfig
 from napari_mris.tokenizers.patch import PatchMaskTokenizer, PatchMaskTokenizerConfig
@@ -30,7 +29,6 @@ from napari_mris.tokenizers.text import TOKENIZER_FILE, TextTokenizer
 
 __all__ = [
     "ORDERS",
-    "Emu3ImageTokenizer",
     "ImageTokenizer",
     "ImageTokenizerConfig",
     "MaskTokenizer",
@@ -51,7 +49,7 @@ MASK_FILE = "mask_tokenizer.safetensors"
 
 @dataclass
 class Tokenizers:
-    image: ImageTokenizer | Emu3ImageTokenizer
+    image: ImageTokenizer
     masks: dict[str, MaskTokenizer | PatchMaskTokenizer]  # decoding order -> tokenizer
     text: TextTokenizer
 
@@ -92,11 +90,9 @@ def _section(config: dict[str, Any], name: str, model_dir: Path) -> Any:
     return config[name]
 
 
-def _load_image(model_dir: Path, section: dict[str, Any], image_size: int) -> ImageTokenizer | Emu3ImageTokenizer:
+def _load_image(model_dir: Path, section: dict[str, Any]) -> ImageTokenizer:
     section = dict(section)
     kind = section.pop("kind", "fsq")
-    if kind == "emu3":  # a user's local Emu3 VQ folder, absolute or relative to the model directory
-        return Emu3ImageTokenizer.from_pretrained(model_dir / section["path"], image_size=image_size)
     if kind != "fsq":
         raise ModelDirectoryError(f"{model_dir / 'config.json'}: unknown image tokenizer kind {kind!r}")
     try:
@@ -144,7 +140,7 @@ def load_tokenizers(model_dir: str | Path) -> Tokenizers:
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     image_size = int(_section(config, "image_size", model_dir))
-    image = _load_image(model_dir, _section(config, "image_tokenizer", model_dir), image_size)
+    image = _load_image(model_dir, _section(config, "image_tokenizer", model_dir))
     masks = _load_masks(model_dir, _section(config, "mask_tokenizers", model_dir))
     sizes = {image.image_size, *(m.image_size for m in masks.values())}
     if sizes != {image_size}:

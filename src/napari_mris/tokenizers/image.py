@@ -3,8 +3,7 @@
 The paper uses the pretrained Emu3 tokenizer; no such weights can be downloaded here, so this is a small
 convolutional autoencoder trained on the training images. Its bottleneck is finite scalar quantization
 (FSQ, Mentzer et al. 2023): each latent channel is rounded to a few levels, so every code is reachable
-and there is no codebook to collapse. `emu3.Emu3ImageTokenizer` offers the same interface for users who
-have the Emu3 weights locally.
+and there is no codebook to collapse.
 """
 
 from __future__ import annotations

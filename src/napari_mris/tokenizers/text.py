@@ -93,8 +93,6 @@ class TextTokenizer:
             raise ModelDirectoryError(f"{path} is not a readable tokenizer: {exc}") from exc
         return cls(hf, max_length)
 
-    from_dir = from_file
-
     @property
     def vocab_size(self) -> int:
         return len(self.hf)
