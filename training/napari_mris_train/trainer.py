@@ -41,13 +41,14 @@ from napari_mris_train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from napari_mris_train.config import ConfigError, Recipe, load_recipe
+from napari_mris_train.config import ConfigError, Recipe, decoder_settings, load_recipe
 from napari_mris_train.data import concat_splits, load_split
 from napari_mris_train.encode_cache import cached_encoding
 from napari_mris_train.evaluate import SELECTION_SETS, evaluate_split
 from napari_mris_train.het_memory import HETMemory
 from napari_mris_train.losses import compute_losses, lesion_loss
 from napari_mris_train.mixing import SequenceMixer, to_device
+from napari_mris_train.schedule import learning_rate
 
 TOKENIZER_FILES = ("config.json", "image_tokenizer.safetensors", "mask_tokenizer.safetensors", "tokenizer.json")
 LOG_NAME = "train_log.jsonl"
@@ -81,27 +82,19 @@ def max_sequence_length(tokenizers) -> int:
 
 def build_decoder(recipe: Recipe, tokenizers, layout: VocabLayout) -> MRISDecoder:
     scale = tokenizers.masks.get("scale")
-    slots, max_text = recipe.decoder.text_slots, tokenizers.text.max_length
+    slots, max_text = recipe.decoder["text_slots"], tokenizers.text.max_length
     if 0 < slots < max_text:
         raise ConfigError(f"decoder.text_slots {slots} is shorter than the text tokenizer's max_length {max_text}")
-    config = DecoderConfig(
-        vocab_size=layout.vocab_size,
-        max_position_embeddings=max_sequence_length(tokenizers) + max(0, slots - max_text),
-        n_scales=len(scale.scales) if scale is not None else 0,
-        **asdict(recipe.decoder),
-    )
+    try:
+        config = DecoderConfig(
+            vocab_size=layout.vocab_size,
+            max_position_embeddings=max_sequence_length(tokenizers) + max(0, slots - max_text),
+            n_scales=len(scale.scales) if scale is not None else 0,
+            **recipe.decoder,
+        )
+    except ValueError as exc:  # DecoderConfig's cross-field rules (e.g. cell_features needs pixel_channels)
+        raise ConfigError(f"{recipe.path or recipe.name}: decoder: {exc}") from exc
     return MRISDecoder(config)
-
-
-# --- schedule ----------------------------------------------------------------------------------------------
-
-
-def learning_rate(step: int, total: int, lr: float, min_lr: float, warmup: int) -> float:
-    """Linear warmup to `lr`, then cosine down to `min_lr` at the last step (`step` counts from 0)."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 # --- run folder --------------------------------------------------------------------------------------------
@@ -198,7 +191,7 @@ def setup(
     memory = HETMemory(cfg.losses.het_memory, cfg.losses.het_max_keys) if cfg.losses.het else None
     step, best = restore(last, recipe, decoder, optimizer, memory) if resume else (0, -1.0)
     model, optimizer = accelerator.prepare(decoder, optimizer)
-    mixer = SequenceMixer(data, tokenizers, layout, cfg, recipe.decoder.text_slots)
+    mixer = SequenceMixer(data, tokenizers, layout, cfg, recipe.decoder["text_slots"])
     return Run(recipe, run_dir, accelerator, tokenizers, layout, model, optimizer, mixer, memory, val_split, step, best)
 
 
@@ -381,17 +374,15 @@ def train(
 
 
 def recipe_snapshot(recipe: Recipe) -> dict[str, Any]:
-    return {"decoder": asdict(recipe.decoder), "train": asdict(recipe.train)}
+    return {"decoder": dict(recipe.decoder), "train": asdict(recipe.train)}
 
 
 def restore(last: Path, recipe: Recipe, decoder, optimizer, memory: HETMemory | None) -> tuple[int, float]:
     """Load a checkpoint into the fresh decoder, optimizer and HET memory; returns (step, best Dice)."""
     tensors, info = load_checkpoint(last)
-    saved = info["recipe"]["decoder"]
-    if saved != asdict(recipe.decoder):
-        raise CheckpointError(
-            f"{last} was trained with decoder {saved}; the recipe now asks for {asdict(recipe.decoder)}"
-        )
+    saved = decoder_settings(info["recipe"]["decoder"], f"{last}: decoder")  # older snapshots lack some defaults
+    if saved != recipe.decoder:
+        raise CheckpointError(f"{last} was trained with decoder {saved}; the recipe now asks for {recipe.decoder}")
     decoder.load_state_dict(part(tensors, "model"))
     load_optimizer(optimizer, part(tensors, "optim"), info["param_groups"])
     if memory is not None and "het.keys" in tensors:
