@@ -5,20 +5,22 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
+from napari_mris.model.decoder import DecoderConfig
 from napari_mris.model.vocab import REJ, SOV
 from napari_mris.phantom import write_lvit_dataset
 from napari_mris.tokenizers import load_tokenizers
 from napari_mris_train import trainer
 from napari_mris_train.checkpoint import load_checkpoint, part
-from napari_mris_train.config import ConfigError, load_recipe
+from napari_mris_train.config import DERIVED_DECODER_FIELDS, ConfigError, decoder_settings, load_recipe
 from napari_mris_train.data import load_split
 from napari_mris_train.encode_cache import cached_encoding, load_encoded
 from napari_mris_train.losses import compute_losses, lesion_loss
@@ -169,7 +171,7 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
 def test_stem_warmup_trains_only_the_stem_and_resume_skips_it(tiny_data, tmp_path, monkeypatch):
     root, tokenizers_dir = tiny_data
     recipe = tiny_recipe(steps=2, checkpoint_every=1, warmup_steps=1, stem_warmup_steps=30, stem_warmup_lr=3e-3)
-    assert recipe.decoder.pixel_decoder_channels  # the tiny recipe's U-Net stem: its lesion map is warmed up
+    assert recipe.decoder["pixel_decoder_channels"]  # the tiny recipe's U-Net stem: its lesion map is warmed up
     init = {}
     real_warm_up = trainer.warm_up_stem
 
@@ -214,7 +216,7 @@ def test_second_stage_starts_from_a_model_and_keeps_its_stem(tiny_data, tmp_path
     """--init-from + train.freeze_stem (the referring stage): the stem stays bit-identical, the rest moves."""
     root, tokenizers_dir = tiny_data
     recipe = tiny_recipe(steps=2, checkpoint_every=1, warmup_steps=1)
-    recipe = replace(recipe, decoder=replace(recipe.decoder, pixel_decoder_channels=[8]))
+    recipe = replace(recipe, decoder={**recipe.decoder, "pixel_decoder_channels": [8]})
     first = trainer.train(recipe, root, fresh_model_dir(tokenizers_dir, tmp_path, "first"), progress=False)
     start = {k: v.clone() for k, v in part(load_checkpoint(first / "checkpoints" / "last")[0], "model").items()}
     second_recipe = replace(recipe, train=replace(recipe.train, freeze_stem=True, stem_warmup_steps=5))
@@ -228,7 +230,7 @@ def test_second_stage_starts_from_a_model_and_keeps_its_stem(tiny_data, tmp_path
     with pytest.raises(trainer.MRISError, match="incomplete"):  # not a model directory: named, not a traceback
         trainer.train(second_recipe, root, fresh_model_dir(tokenizers_dir, tmp_path, "x"), init_from=tmp_path)
     # a decoder that adds the zero-initialised (row, column) cell codes still starts from the source's weights
-    positions = replace(second_recipe, decoder=replace(second_recipe.decoder, cell_positions=True))
+    positions = replace(second_recipe, decoder={**second_recipe.decoder, "cell_positions": True})
     run = trainer.setup(positions, root, fresh_model_dir(tokenizers_dir, tmp_path, "p"), None, False, False, (), first)
     loaded = run.accelerator.unwrap_model(run.model).state_dict()
     assert all(torch.equal(loaded[k], start[k]) for k in start)
@@ -238,9 +240,8 @@ def test_second_stage_starts_from_a_model_and_keeps_its_stem(tiny_data, tmp_path
 def test_stem_warmup_needs_a_stem(tiny_data, tmp_path):
     root, tokenizers_dir = tiny_data
     recipe = tiny_recipe(steps=1, stem_warmup_steps=2)
-    recipe = replace(
-        recipe, decoder=replace(recipe.decoder, pixel_channels=[], cell_features=False, pixel_decoder_channels=[])
-    )
+    no_stem = {"pixel_channels": [], "cell_features": False, "pixel_decoder_channels": []}
+    recipe = replace(recipe, decoder={**recipe.decoder, **no_stem})
     with pytest.raises(trainer.ConfigError, match="pixel stem"):
         trainer.train(recipe, root, fresh_model_dir(tokenizers_dir, tmp_path), progress=False)
 
@@ -302,6 +303,25 @@ def test_cli_switches_and_bad_recipe(tiny_data, tmp_path):
     bad.write_text(TINY.read_text().replace("het_start:", "het_strat:"))
     with pytest.raises(ConfigError, match="het_strat"):
         load_recipe(bad)
+
+
+def test_decoder_section_is_the_runtime_decoder_config(tiny_data, tmp_path):
+    """The recipe's decoder keys are DecoderConfig's (less what the tokenizers fix), checked on load and build."""
+    recipe = load_recipe(TINY)
+    settable = {f.name for f in fields(DecoderConfig)} - set(DERIVED_DECODER_FIELDS)
+    assert set(recipe.decoder) == settable and recipe.decoder["rope_theta"] == DecoderConfig(1).rope_theta
+    older = {k: v for k, v in recipe.decoder.items() if k not in ("rope_theta", "rms_norm_eps")}
+    assert decoder_settings(older, "snapshot") == recipe.decoder  # an older checkpoint's snapshot still matches
+    data = yaml.safe_load(TINY.read_text())
+    for key, message in (("hidden_sise", "hidden_sise"), ("vocab_size", "tokenizers")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({**data, "decoder": {**data["decoder"], key: 8}}))
+        with pytest.raises(ConfigError, match=message):
+            load_recipe(bad)
+    tokenizers = load_tokenizers(tiny_data[1])
+    no_stem = replace(recipe, decoder={**recipe.decoder, "pixel_channels": [], "pixel_decoder_channels": []})
+    with pytest.raises(ConfigError, match="cell_features"):
+        trainer.build_decoder(no_stem, tokenizers, trainer.vocab_layout(tokenizers))
 
 
 def test_export_writes_the_last_weights_and_nothing_else(tiny_model_dir, tmp_path) -> None:  # noqa: F811

@@ -2,11 +2,15 @@
 
 Unknown keys are errors, not silently ignored: a misspelt `het_strat` would otherwise quietly train the
 wrong ablation. The tokenizer sections are read by `tokenizer_training`; they are passed through here.
+
+The `decoder:` section has no dataclass of its own: its keys are the runtime's `DecoderConfig` fields (the
+one declaration of the decoder's settings, stored in config.json), less those the tokenizers fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,7 @@ from typing import Any
 import yaml
 
 from napari_mris.errors import MRISError
+from napari_mris.model.decoder import DecoderConfig
 from napari_mris_train.losses import LossConfig
 
 
@@ -21,20 +26,27 @@ class ConfigError(MRISError):
     """A recipe file is missing, unreadable, or has keys or values the trainer does not understand."""
 
 
-@dataclass
-class DecoderRecipe:
-    hidden_size: int = 256
-    num_hidden_layers: int = 6
-    num_attention_heads: int = 8
-    num_key_value_heads: int = 2
-    intermediate_size: int = 704
-    dropout: float = 0.1
-    nktp_k: int = 16
-    pixel_channels: list[int] = field(default_factory=list)  # pixel stem stages (pixel_stem.py); [] = tokens only
-    text_slots: int = 0  # fixed RoPE positions for the text (sequence.position_shift); 0 = plain positions
-    cell_features: bool = False  # each mask position also gets its own cell's stem feature (sequence.code_cells)
-    pixel_decoder_channels: list[int] = field(default_factory=list)  # U-Net up-stages on the stem (pixel_stem.py)
-    cell_positions: bool = False  # each cell feature also gets its (row, column) code (decoder.cell_position_codes)
+# DecoderConfig fields that follow from the tokenizers (trainer.build_decoder sets them): not recipe keys
+DERIVED_DECODER_FIELDS = ("vocab_size", "max_position_embeddings", "n_scales")
+
+
+def decoder_settings(values: dict[str, Any] | None, where: str) -> dict[str, Any]:
+    """A `decoder:` section as `DecoderConfig` keyword arguments, every settable field present.
+
+    Unset keys take DecoderConfig's defaults, so a recipe, a checkpoint's snapshot of it and the built
+    decoder all agree on one value per field; the cross-field rules are DecoderConfig's own, checked when
+    the trainer builds it.
+    """
+    values = dict(values or {})
+    settable = {f.name: f for f in dataclasses.fields(DecoderConfig) if f.name not in DERIVED_DECODER_FIELDS}
+    fixed = sorted(set(values) & set(DERIVED_DECODER_FIELDS))
+    if fixed:
+        raise ConfigError(f"{where}: {fixed} follow from the tokenizers and cannot be set in a recipe")
+    check_keys(values, settable, where)
+    defaults = {
+        name: f.default_factory() if f.default is dataclasses.MISSING else f.default for name, f in settable.items()
+    }
+    return {**defaults, **values}
 
 
 @dataclass
@@ -77,18 +89,22 @@ class TrainRecipe:
 class Recipe:
     name: str
     image_size: int
-    decoder: DecoderRecipe
+    decoder: dict[str, Any]  # DecoderConfig keyword arguments (decoder_settings)
     train: TrainRecipe
     path: Path | None = None
     sections: dict[str, Any] = field(default_factory=dict)  # the whole YAML, tokenizer sections included
 
 
-def _build(cls: type, values: dict[str, Any] | None, where: str) -> Any:
-    values = dict(values or {})
-    known = {f.name: f for f in dataclasses.fields(cls)}
+def check_keys(values: dict[str, Any], known: Iterable[str], where: str) -> None:
+    known = sorted(known)
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown}; known keys: {sorted(known)}")
+        raise ConfigError(f"{where}: unknown keys {unknown}; known keys: {known}")
+
+
+def _build(cls: type, values: dict[str, Any] | None, where: str) -> Any:
+    values = dict(values or {})
+    check_keys(values, (f.name for f in dataclasses.fields(cls)), where)
     if cls is TrainRecipe and "losses" in values:
         values["losses"] = _build(LossConfig, values["losses"], f"{where}.losses")
     for key in ("orders", "betas"):
@@ -110,7 +126,7 @@ def load_recipe(path: str | Path) -> Recipe:
     return Recipe(
         name=str(data.get("name", path.stem)),
         image_size=int(data["image_size"]),
-        decoder=_build(DecoderRecipe, data.get("decoder"), f"{path}: decoder"),
+        decoder=decoder_settings(data.get("decoder"), f"{path}: decoder"),
         train=_build(TrainRecipe, data.get("train"), f"{path}: train"),
         path=path,
         sections=data,
