@@ -13,7 +13,7 @@ from napari_mris.errors import ModelDirectoryError
 from napari_mris.model.decoder import load_decoder
 from napari_mris.model.modeldir import file_sha256, model_hash
 from napari_mris_train.cli import main
-from napari_mris_train.finetune import FinetuneCancelled, finetune, train_adapter
+from napari_mris_train.finetune import finetune, train_adapter
 from napari_mris_train.tiny import build_tiny_model
 
 
@@ -46,7 +46,7 @@ def test_saved_adapter_gives_the_in_memory_logits_and_keeps_the_base(tiny):
     assert file_sha256(model / "model.safetensors") == weights_before
 
 
-def test_finetune_reports_progress_and_a_stop_leaves_nothing(tiny):
+def test_finetune_reports_progress_and_a_failure_leaves_nothing(tiny):
     model, data = tiny
     calls = []
     folder = finetune(
@@ -55,18 +55,12 @@ def test_finetune_reports_progress_and_a_stop_leaves_nothing(tiny):
     assert folder == adapters_folder(model) / "cb" and folder.is_dir() and list_adapters(model)[0] == "cb"
     assert not (model / "adapters").exists()  # the model directory is never written
     assert [c[:2] for c in calls] == [(1, 2), (2, 2)] and all(c[2] > 0 for c in calls)
-    seen = []
-    with pytest.raises(FinetuneCancelled, match="no adapter"):
-        finetune(
-            model,
-            data / "Train_Folder",
-            "stopped",
-            steps=5,
-            batch_size=2,
-            progress_callback=lambda *a: seen.append(a),
-            should_stop=lambda: len(seen) >= 1,
-        )
-    assert len(seen) == 1
+
+    def fail_after_first_step(step, total, loss):  # a fault mid-run (the widget's stop ends the process)
+        raise RuntimeError(f"stopped after step {step}")
+
+    with pytest.raises(RuntimeError, match="after step 1"):
+        finetune(model, data / "Train_Folder", "stopped", 5, batch_size=2, progress_callback=fail_after_first_step)
     assert not [p.name for p in adapters_folder(model).iterdir() if "stopped" in p.name]
     with pytest.raises(ModelDirectoryError, match="invalid adapter name"):  # before any training step
         finetune(model, data / "Train_Folder", str(data / "elsewhere" / "x"), steps=1)

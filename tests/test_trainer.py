@@ -18,7 +18,7 @@ from napari_mris.model.decoder import DecoderConfig
 from napari_mris.model.vocab import REJ, SOV
 from napari_mris.phantom import write_lvit_dataset
 from napari_mris.tokenizers import load_tokenizers
-from napari_mris_train import trainer
+from napari_mris_train import objective, trainer
 from napari_mris_train.checkpoint import load_checkpoint, part
 from napari_mris_train.config import DERIVED_DECODER_FIELDS, ConfigError, decoder_settings, load_recipe
 from napari_mris_train.data import load_split
@@ -176,7 +176,7 @@ def test_stem_warmup_trains_only_the_stem_and_resume_skips_it(tiny_data, tmp_pat
     real_warm_up = trainer.warm_up_stem
 
     def spy(run, progress):
-        init.update({k: v.clone() for k, v in run.accelerator.unwrap_model(run.model).state_dict().items()})
+        init.update({k: v.clone() for k, v in run.decoder.state_dict().items()})
         real_warm_up(run, progress)
 
     monkeypatch.setattr(trainer, "warm_up_stem", spy)
@@ -205,9 +205,9 @@ def test_stem_warmup_trains_only_the_stem_and_resume_skips_it(tiny_data, tmp_pat
     assert pixels.shape == target.shape == (16, 1, 32, 32) and set(target.unique().tolist()) == {0.0, 1.0}
 
     def loss_with(state):
-        run.model.load_state_dict(state)
+        run.decoder.load_state_dict(state)
         with torch.no_grad():
-            return float(lesion_loss(run.model.lesion_logits(pixels), target))
+            return float(lesion_loss(run.decoder.lesion_logits(pixels), target))
 
     assert loss_with(warmed) < 0.95 * loss_with(init)  # BCE + soft Dice of the lesion map, 30 steps
 
@@ -232,7 +232,7 @@ def test_second_stage_starts_from_a_model_and_keeps_its_stem(tiny_data, tmp_path
     # a decoder that adds the zero-initialised (row, column) cell codes still starts from the source's weights
     positions = replace(second_recipe, decoder={**second_recipe.decoder, "cell_positions": True})
     run = trainer.setup(positions, root, fresh_model_dir(tokenizers_dir, tmp_path, "p"), None, False, False, (), first)
-    loaded = run.accelerator.unwrap_model(run.model).state_dict()
+    loaded = run.decoder.state_dict()
     assert all(torch.equal(loaded[k], start[k]) for k in start)
     assert not loaded["cell_position_proj.weight"].any()
 
@@ -259,7 +259,7 @@ def test_nan_loss_stops_and_keeps_good_weights(tiny_data, tmp_path, monkeypatch)
             terms["loss"] = terms["loss"] * float("nan")
         return terms
 
-    monkeypatch.setattr(trainer, "compute_losses", poisoned)
+    monkeypatch.setattr(objective, "compute_losses", poisoned)
     with pytest.raises(trainer.TrainingDiverged, match="step 3"):
         trainer.train(recipe, root, out, progress=False)
     tensors, info = load_checkpoint(out / "checkpoints" / "last")
@@ -303,6 +303,28 @@ def test_cli_switches_and_bad_recipe(tiny_data, tmp_path):
     bad.write_text(TINY.read_text().replace("het_start:", "het_strat:"))
     with pytest.raises(ConfigError, match="het_strat"):
         load_recipe(bad)
+
+
+def test_weight_decay_only_on_matrices_and_embeddings(tiny_data):
+    """nanoGPT's rule: >= 2-D weights decay, biases and norm gains do not; frozen weights are left out."""
+    tokenizers = load_tokenizers(tiny_data[1])
+    decoder = trainer.build_decoder(tiny_recipe(), tokenizers, trainer.vocab_layout(tokenizers))
+    decoder.pixel_stem.requires_grad_(False)
+    optimizer = objective.adamw(decoder.parameters(), lr=0.1, weight_decay=0.5)
+    decay, plain = optimizer.param_groups
+    assert decay["weight_decay"] == 0.5 and plain["weight_decay"] == 0.0
+    assert {p.dim() for p in decay["params"]} >= {2} and all(p.dim() >= 2 for p in decay["params"])
+    assert plain["params"] and all(p.dim() == 1 for p in plain["params"])
+    trainable = [p for p in decoder.parameters() if p.requires_grad]
+    assert len(decay["params"]) + len(plain["params"]) == len(trainable) < len(list(decoder.parameters()))
+    embedding, norm = decoder.llama.get_input_embeddings().weight, decoder.llama.model.norm.weight
+    assert any(p is embedding for p in decay["params"]) and any(p is norm for p in plain["params"])
+    before = {id(p): p.detach().clone() for p in trainable}
+    for p in trainable:
+        p.grad = torch.zeros_like(p)  # no gradient: only the decay moves a weight
+    optimizer.step()
+    assert all(torch.allclose(p, before[id(p)] * (1 - 0.1 * 0.5)) for p in decay["params"])
+    assert all(torch.equal(p, before[id(p)]) for p in plain["params"])
 
 
 def test_decoder_section_is_the_runtime_decoder_config(tiny_data, tmp_path):

@@ -23,21 +23,17 @@ from tqdm.auto import tqdm
 from napari_mris.adapters import adapter_dir, save_adapter
 from napari_mris.errors import DatasetError, MRISError
 from napari_mris.model.decoder import load_decoder, lora_target_modules
-from napari_mris.model.sequence import collate
 from napari_mris.phantom import write_lvit_dataset
 from napari_mris.pipeline import resolve_device, resolve_model_dir
 from napari_mris.tokenizers import load_tokenizers
 from napari_mris_train.config import TrainRecipe
 from napari_mris_train.data import load_split
 from napari_mris_train.encode_cache import encode_split
-from napari_mris_train.losses import LossConfig, compute_losses
-from napari_mris_train.mixing import SequenceMixer, to_device
+from napari_mris_train.losses import LossConfig
+from napari_mris_train.mixing import SequenceMixer
+from napari_mris_train.objective import Objective, adamw, collate_samples
 
 ProgressCallback = Callable[[int, int, float], None]  # (step done, total steps, loss)
-
-
-class FinetuneCancelled(MRISError):
-    """The user stopped fine-tuning; no adapter was written."""
 
 
 def open_dataset(path: str | Path):
@@ -106,7 +102,6 @@ def train_adapter(
     seed: int = 0,
     device: str = "cpu",
     progress_callback: ProgressCallback | None = None,
-    should_stop: Callable[[], bool] | None = None,
     progress: bool = False,
 ):
     """The fine-tuning loop; returns (decoder with its peft-wrapped Llama, layout). Nothing is written."""
@@ -123,23 +118,12 @@ def train_adapter(
     )
     attach_lora(decoder, rank, alpha, targets).to(torch_device).train()
     params = [p for p in decoder.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    losses = LossConfig(het=False)
+    optimizer = adamw(params, lr, weight_decay=0.0)
+    # No HET (a few hundred steps) and no lesion term: the stem is frozen, the term would only shift the loss
+    objective = Objective(decoder, layout, LossConfig(het=False, lesion_weight=0.0))
     for step in tqdm(range(steps), desc="finetune", disable=not progress):
-        if should_stop is not None and should_stop():
-            raise FinetuneCancelled(f"fine-tuning stopped at step {step} of {steps}; no adapter was saved")
         samples = [s for mixer, n in mixers if n > 0 for s in mixer.batch(step, n)]
-        batch = to_device(collate([s.sequence for s in samples]), torch_device)
-        output = decoder(
-            batch["input_ids"],
-            batch["scale_ids"],
-            batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            pixel_values=batch.get("pixel_values"),
-            slot_cells=batch["slot_cells"],
-            compute_logits=False,
-        )
-        loss = compute_losses(decoder, output, batch, [s.sequence.order for s in samples], layout, losses)["loss"]
+        loss = objective(collate_samples(samples, torch_device))["loss"]
         if not torch.isfinite(loss):
             raise MRISError(f"fine-tuning diverged at step {step + 1} (loss {float(loss)}); try a lower --lr")
         optimizer.zero_grad(set_to_none=True)
@@ -160,9 +144,9 @@ def finetune(
 ) -> Path:
     """Fine-tune with LoRA and save it as adapter `name` of the model (napari_mris.adapters); returns its folder.
 
-    Runs in the caller's thread (the widget uses a background worker): `progress_callback(step, total,
-    loss)` is called after each step and `should_stop()` before it; a stop raises FinetuneCancelled and,
-    like any failure, leaves no adapter folder behind. Options: see `train_adapter`.
+    `progress_callback(step, total, loss)` is called after each step (`--report-steps` prints it for the
+    widget, which runs this command in a process of its own and stops it by ending that process); a
+    failure, or a process ended before the end, leaves no adapter folder behind. Options: see `train_adapter`.
     """
     model_dir = resolve_model_dir(model_dir)
     adapter_dir(model_dir, name)  # a bad name fails before the training, not after it

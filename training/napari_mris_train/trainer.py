@@ -15,6 +15,7 @@ run gets its own model directory `<out>/runs/NAME/` with a copy of the tokenizer
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shutil
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from napari_mris.errors import MRISError
 from napari_mris.model.decoder import DecoderConfig, MRISDecoder, save_decoder
 from napari_mris.model.modeldir import load_state_checked, load_weights, read_config
-from napari_mris.model.sequence import HEADER_LENGTH, collate
+from napari_mris.model.sequence import HEADER_LENGTH
 from napari_mris.model.vocab import VocabLayout
 from napari_mris.pipeline import MRISPipeline
 from napari_mris.tokenizers import load_tokenizers
@@ -46,8 +47,9 @@ from napari_mris_train.data import concat_splits, load_split
 from napari_mris_train.encode_cache import cached_encoding
 from napari_mris_train.evaluate import SELECTION_SETS, evaluate_split
 from napari_mris_train.het_memory import HETMemory
-from napari_mris_train.losses import compute_losses, lesion_loss
-from napari_mris_train.mixing import SequenceMixer, to_device
+from napari_mris_train.losses import lesion_loss
+from napari_mris_train.mixing import SequenceMixer
+from napari_mris_train.objective import Objective, adamw, collate_samples
 from napari_mris_train.schedule import learning_rate
 
 TOKENIZER_FILES = ("config.json", "image_tokenizer.safetensors", "mask_tokenizer.safetensors", "tokenizer.json")
@@ -134,7 +136,8 @@ class Run:
     accelerator: Any
     tokenizers: Any
     layout: VocabLayout
-    model: Any
+    decoder: MRISDecoder  # the weights themselves (validation, checkpoints, the stem warm-up)
+    model: Any  # the decoder's Objective as accelerate prepared it (DDP-wrapped on several processes)
     optimizer: Any
     mixer: SequenceMixer
     memory: HETMemory | None
@@ -168,31 +171,37 @@ def setup(
     shape) instead of from scratch; with `train.freeze_stem` its pixel stem then stays exactly as loaded.
     """
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
-    run_dir = prepare_run_dir(Path(out), tag)
-    last = run_dir / "checkpoints" / LAST
-    if last.exists() and not resume:
-        raise CheckpointError(f"{last} already exists: pass --resume to continue that run, or --tag for a new one")
     cfg = recipe.train
     torch.manual_seed(cfg.seed)
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
-    tokenizers = load_tokenizers(run_dir)
-    layout = vocab_layout(tokenizers)
-    decoder = build_decoder(recipe, tokenizers, layout)
-    if init_from is not None:
-        initialise_from(decoder, Path(init_from), layout)
-    if cfg.freeze_stem:
-        freeze_pixel_stem(decoder)
-    train_split = concat_splits([load_split(root, split="train") for root in (data_root, *extra_train)])
-    val_split = load_split(data_root, split="val")
-    data = cached_encoding(run_dir, train_split, tokenizers, int(tokenizers.image.image_size), progress=progress)
-    trainable = [p for p in decoder.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    # Several processes: a step uses the NkTP heads only on a raster batch, and each process draws its own order
+    accelerator = Accelerator(
+        mixed_precision="bf16" if torch.cuda.is_available() else "no",
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    with accelerator.main_process_first():  # one process copies the tokenizer files and writes the data cache
+        run_dir = prepare_run_dir(Path(out), tag)
+        last = run_dir / "checkpoints" / LAST
+        if last.exists() and not resume:
+            raise CheckpointError(f"{last} already exists: pass --resume to continue that run, or --tag for a new one")
+        tokenizers = load_tokenizers(run_dir)
+        layout = vocab_layout(tokenizers)
+        decoder = build_decoder(recipe, tokenizers, layout)
+        if init_from is not None:
+            initialise_from(decoder, Path(init_from), layout)
+        if cfg.freeze_stem:
+            freeze_pixel_stem(decoder)
+        train_split = concat_splits([load_split(root, split="train") for root in (data_root, *extra_train)])
+        val_split = load_split(data_root, split="val")
+        data = cached_encoding(run_dir, train_split, tokenizers, int(tokenizers.image.image_size), progress=progress)
+    optimizer = adamw(decoder.parameters(), cfg.lr, cfg.weight_decay, cfg.betas)
     memory = HETMemory(cfg.losses.het_memory, cfg.losses.het_max_keys) if cfg.losses.het else None
     step, best = restore(last, recipe, decoder, optimizer, memory) if resume else (0, -1.0)
-    model, optimizer = accelerator.prepare(decoder, optimizer)
+    model, optimizer = accelerator.prepare(Objective(decoder, layout, cfg.losses, memory), optimizer)
     mixer = SequenceMixer(data, tokenizers, layout, cfg, recipe.decoder["text_slots"])
-    return Run(recipe, run_dir, accelerator, tokenizers, layout, model, optimizer, mixer, memory, val_split, step, best)
+    parts = (tokenizers, layout, decoder, model, optimizer, mixer, memory, val_split)
+    return Run(recipe, run_dir, accelerator, *parts, step, best)
 
 
 ZERO_INITIALISED = ("cell_position_proj.",)  # modules that start at zero: a source without them loads exactly
@@ -233,34 +242,14 @@ def train_step(run: Run) -> dict[str, Any]:
         group["lr"] = lr
     tick = time.perf_counter()
     samples = run.mixer.batch(run.step, cfg.batch_size, acc.process_index, acc.num_processes)
-    batch = collate([s.sequence for s in samples])
-    batch["lesion"] = torch.stack([s.lesion for s in samples])
-    batch = to_device(batch, acc.device)
+    batch = collate_samples(samples, acc.device)
     het_active = cfg.losses.het and run.step >= cfg.losses.het_start * cfg.steps
     run.model.train()
     with acc.autocast():
-        output = run.model(
-            batch["input_ids"],
-            batch["scale_ids"],
-            batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            pixel_values=batch.get("pixel_values"),
-            slot_cells=batch["slot_cells"],
-            compute_logits=False,  # the losses project only the positions they read (losses.logits_at)
-        )
-        orders, keys = [s.sequence.order for s in samples], [s.key for s in samples]
-        terms = compute_losses(
-            acc.unwrap_model(run.model),
-            output,
-            batch,
-            orders,
-            run.layout,
-            cfg.losses,
-            sample_keys=keys,
-            memory=run.memory,
-            het_active=het_active,
-        )
-    values = {k: float(v.detach()) for k, v in terms.items()}
+        terms = run.model(batch, het_active)
+    # the mean over the processes, so that every process logs and stops on the same figures
+    means = acc.reduce(torch.stack([v.detach().float() for v in terms.values()]), reduction="mean")
+    values = dict(zip(terms, means.tolist(), strict=True))
     if not math.isfinite(values["loss"]):
         raise TrainingDiverged(
             f"loss became {values['loss']} at step {run.step + 1} (terms {values}); training stopped, "
@@ -299,11 +288,11 @@ def warm_up_stem(run: Run, progress: bool) -> None:
     (an interrupted warm-up starts over: it lasts minutes).
     """
     cfg = run.recipe.train
-    decoder = run.accelerator.unwrap_model(run.model)
+    decoder = run.decoder
     if decoder.pixel_stem is None or decoder.pixel_stem.lesion_map is None:
         raise ConfigError("train.stem_warmup_steps needs a U-Net pixel stem (decoder.pixel_decoder_channels)")
     params = list(decoder.pixel_stem.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.stem_warmup_lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    optimizer = adamw(params, cfg.stem_warmup_lr, cfg.weight_decay, cfg.betas)
     steps, warmup = cfg.stem_warmup_steps, max(1, cfg.stem_warmup_steps // 20)
     decoder.train()
     for step in tqdm(range(steps), desc="stem warm-up", disable=not progress, mininterval=5):
@@ -321,11 +310,34 @@ def warm_up_stem(run: Run, progress: bool) -> None:
         optimizer.step()
         if run.accelerator.is_main_process and ((step + 1) % 50 == 0 or step + 1 == steps):
             append_log(run.log_path, {"stem_warmup_step": step + 1, "lesion": float(loss)})
+    if run.accelerator.num_processes > 1:  # each process warmed up alike; the main one's stem is the one kept
+        for tensor in decoder.pixel_stem.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
     save_state(run)
 
 
+def weights_digest(decoder: MRISDecoder) -> str:
+    """SHA-256 of the decoder's weights, tensor by tensor: equal digests mean bit-identical replicas."""
+    digest = hashlib.sha256()
+    for name, tensor in decoder.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_state(run: Run) -> None:
+    """Write the checkpoint (main process) after checking that every process holds the same weights.
+
+    DDP keeps the replicas identical by construction (the same averaged gradient, the same update); the
+    check makes a broken assumption (a step outside DDP, a nondeterministic warm-up) an error here rather
+    than a run that silently trains N different models. `state.json` records the digests.
+    """
+    from accelerate.utils import gather_object
+
     run.accelerator.wait_for_everyone()
+    replicas = gather_object([weights_digest(run.decoder)])
+    if len(set(replicas)) > 1:
+        raise TrainingDiverged(f"the {len(replicas)} processes hold different weights at step {run.step}: {replicas}")
     if not run.accelerator.is_main_process:
         return
     cfg = run.recipe.train
@@ -334,9 +346,10 @@ def save_state(run: Run) -> None:
         "best_score": run.best,
         "data_position": run.step * cfg.batch_size * run.accelerator.num_processes,  # data = f(seed, step)
         "recipe": recipe_snapshot(run.recipe),
+        "replicas": replicas,
     }
-    state = run.accelerator.unwrap_model(run.model).state_dict()
-    save_checkpoint(run.last, state, run.optimizer, run.memory.state_dict() if run.memory else None, info)
+    memory = run.memory.state_dict() if run.memory else None  # the main process's; each process keeps its own
+    save_checkpoint(run.last, run.decoder.state_dict(), run.optimizer, memory, info)
 
 
 def train(
@@ -384,7 +397,12 @@ def restore(last: Path, recipe: Recipe, decoder, optimizer, memory: HETMemory | 
     if saved != recipe.decoder:
         raise CheckpointError(f"{last} was trained with decoder {saved}; the recipe now asks for {recipe.decoder}")
     decoder.load_state_dict(part(tensors, "model"))
-    load_optimizer(optimizer, part(tensors, "optim"), info["param_groups"])
+    try:
+        load_optimizer(optimizer, part(tensors, "optim"), info["param_groups"])
+    except ValueError as exc:  # other parameter groups, e.g. from before decay was kept off 1-D weights
+        raise CheckpointError(
+            f"{last}: its optimizer state does not fit this trainer ({exc}); start a new run with --init-from"
+        ) from exc
     if memory is not None and "het.keys" in tensors:
         memory.load_state_dict(part(tensors, "het"))
     restore_rng(tensors, info["rng"])
@@ -403,7 +421,7 @@ def validate(run: Run) -> float:
     acc.wait_for_everyone()
     if not acc.is_main_process:
         return run.best
-    decoder = acc.unwrap_model(run.model)
+    decoder = run.decoder
     decoder.eval()
     config = read_config(run.run_dir)
     pipeline = MRISPipeline(
