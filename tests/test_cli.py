@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from napari_mris import model_location
 from napari_mris import pipeline as pipeline_module
 from napari_mris.cli import main, read_prompt_table
 from napari_mris.phantom import make_phantom
@@ -106,7 +107,8 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, tiny_model_dir, capsys, 
 
 
 def test_missing_default_model_is_reported(tmp_path, capsys, monkeypatch) -> None:
-    monkeypatch.setattr(pipeline_module, "DEFAULT_MODEL_DIR", tmp_path / "default")
+    monkeypatch.setattr(model_location, "DEFAULT_MODEL_DIR", tmp_path / "default")
+    monkeypatch.delenv(model_location.ENV_MODEL, raising=False)
     assert main(["info"]) == 2
     captured = capsys.readouterr()
     assert "default model is not installed" in captured.err

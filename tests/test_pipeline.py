@@ -9,6 +9,7 @@ import pytest
 import torch
 from _model_fixtures import force_decision
 
+from napari_mris import model_location
 from napari_mris import pipeline as pipeline_module
 from napari_mris.errors import ModelDirectoryError, MRISError, PromptError, UnsupportedImageError
 from napari_mris.pipeline import MRISPipeline
@@ -140,7 +141,8 @@ def test_should_stop_ends_the_stream_early(present, image) -> None:
 
 
 def test_missing_default_model_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(pipeline_module, "DEFAULT_MODEL_DIR", tmp_path / "default")
+    monkeypatch.setattr(model_location, "DEFAULT_MODEL_DIR", tmp_path / "default")
+    monkeypatch.delenv(model_location.ENV_MODEL, raising=False)
     with pytest.raises(ModelDirectoryError, match="default model is not installed"):
         MRISPipeline.from_pretrained("default")
     with pytest.raises(ModelDirectoryError, match="not found"):

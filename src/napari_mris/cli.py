@@ -423,8 +423,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from napari_mris._widget import MRISWidget
     from napari_mris.io import Slice
+    from napari_mris.model_location import resolve_model_dir
     from napari_mris.phantom import make_phantom
-    from napari_mris.pipeline import resolve_model_dir
 
     model = resolve_model_dir(args.model)  # a missing model fails here, before a window opens
     phantom = make_phantom(args.seed)

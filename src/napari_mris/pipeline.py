@@ -30,12 +30,12 @@ from napari_mris.model.decoder import load_decoder
 from napari_mris.model.generate import ImagePrefill, autoregressive_infer, prefill_image
 from napari_mris.model.modeldir import read_config, verify_model_dir
 from napari_mris.model.sequence import image_block_ids, prefix_ids
+from napari_mris.model_location import DEFAULT_MODEL_DIR, resolve_model_dir  # noqa: F401 (callers' name)
 from napari_mris.prompt_check import PromptCheck, PromptVocabulary
 from napari_mris.tokenizers import load_tokenizers
 from napari_mris.tokenizers.preprocess import resize_probability, to_model_image
 from napari_mris.tokenizers.text import normalize_prompt
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
 ORDER_LABELS = {"scale": "coarse-to-fine", "raster": "raster"}
 SAMPLING_TEMPERATURE = 1.0  # used when samples > 1 but no temperature was given: greedy samples would all agree
 MAX_SAMPLES = 32
@@ -119,21 +119,6 @@ class SegmentationResult:
             "domain_score": self.domain_score,
             "out_of_domain": self.out_of_domain,
         }
-
-
-def resolve_model_dir(model: str | Path) -> Path:
-    """'default' is the packaged model; anything else is a directory path."""
-    if str(model) == "default":
-        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-            raise ModelDirectoryError(
-                f"The default model is not installed ({DEFAULT_MODEL_DIR} has no config.json); "
-                "choose a model directory (napari-mris --model DIR, or the widget's model button)"
-            )
-        return DEFAULT_MODEL_DIR
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise ModelDirectoryError(f"Model directory not found: {path}")
-    return path
 
 
 def resolve_device(device: str) -> torch.device:

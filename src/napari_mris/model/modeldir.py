@@ -28,9 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from napari_mris.errors import ModelDirectoryError
 from napari_mris.io.atomic import atomic_path, write_text_atomic
+from napari_mris.model_location import CONFIG_NAME, FORMAT_VERSION, check_format_version
 
-FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
 MANIFEST_NAME = "SHA256SUMS"
 # Not covered by the manifest: documentation and logs (no loader reads them; logs grow while training),
 # adapters (each records the hash of its base model), training state (runs, checkpoints, encoding cache),
@@ -68,11 +67,7 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelDirectoryError(f"{path} is not valid JSON: {exc}") from exc
-    version = config.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ModelDirectoryError(
-            f"{path} has format_version {version!r}; this napari-mris reads version {FORMAT_VERSION}"
-        )
+    check_format_version(config, path)
     return config
 
 
