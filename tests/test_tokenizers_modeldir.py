@@ -11,20 +11,21 @@ import torch
 from napari_mris.errors import ModelDirectoryError
 from napari_mris.tokenizers import load_tokenizers, save_tokenizers
 from napari_mris.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
-from napari_mris.tokenizers.mask import MaskTokenizer, MaskTokenizerConfig
+from napari_mris.tokenizers.patch import PatchMaskTokenizer, PatchMaskTokenizerConfig, fit_codebook
 from napari_mris.tokenizers.text import TextTokenizer
-
-TINY_MASK = dict(image_size=32, latent_dim=8, codebook_size=32, channels=(16, 32, 32))
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     torch.manual_seed(0)
     image = ImageTokenizer(ImageTokenizerConfig(image_size=32, grid=4, fsq_levels=(4, 4), channels=(16, 32, 32)))
-    masks = {
-        "raster": MaskTokenizer(MaskTokenizerConfig(scales=(4,), **TINY_MASK)),
-        "scale": MaskTokenizer(MaskTokenizerConfig(scales=(1, 2, 4), **TINY_MASK)),
+    training_masks = (torch.rand(8, 1, 32, 32) > 0.7).float()
+    masks = {  # the raster one with a BorderRefiner, so that its weights travel too
+        "raster": PatchMaskTokenizer(PatchMaskTokenizerConfig(32, (4,), codebook_size=16, refiner_channels=4)),
+        "scale": PatchMaskTokenizer(PatchMaskTokenizerConfig(32, (1, 2, 4), codebook_size=16)),
     }
+    for tokenizer in masks.values():
+        fit_codebook(tokenizer, training_masks)
     text = TextTokenizer.train(["lower left lung", "upper right lung"], vocab_size=300, max_length=8)
     model_dir = tmp_path_factory.mktemp("model")
     save_tokenizers(model_dir, image.eval(), {k: v.eval() for k, v in masks.items()}, text)
@@ -47,6 +48,10 @@ def test_round_trip_gives_identical_codes(saved):
         assert all(
             torch.equal(a, b) for a, b in zip(loaded.masks[order].encode(mask), masks[order].encode(mask), strict=True)
         )
+    torch.testing.assert_close(
+        loaded.masks["raster"].decode(masks["raster"].encode(mask)),
+        masks["raster"].decode(masks["raster"].encode(mask)),
+    )
     assert loaded.text.encode("Lower left lung") == text.encode("lower left lung")
     assert loaded.text.max_length == 8
 
@@ -70,9 +75,19 @@ def test_missing_file_is_named(saved, tmp_path, name):
 def test_mismatched_mask_config_names_the_weights_file(saved, tmp_path):
     model_dir = _copy(saved, tmp_path)
     config = json.loads((model_dir / "config.json").read_text())
-    config["mask_tokenizers"]["raster"]["latent_dim"] = 12
+    config["mask_tokenizers"]["raster"]["codebook_size"] = 12
     (model_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelDirectoryError, match="mask_tokenizer.safetensors does not match"):
+        load_tokenizers(model_dir)
+
+
+def test_a_learned_vq_mask_section_is_refused_by_name(saved, tmp_path):
+    """A section without a kind is the removed learned-VQ tokenizer: refused in words, not by a KeyError."""
+    model_dir = _copy(saved, tmp_path)
+    config = json.loads((model_dir / "config.json").read_text())
+    del config["mask_tokenizers"]["scale"]["kind"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelDirectoryError, match="mask_tokenizers.scale: mask tokenizer kind 'vq' is not supported"):
         load_tokenizers(model_dir)
 
 

@@ -11,13 +11,20 @@ import torch
 
 from napari_mris.phantom import write_lvit_dataset
 from napari_mris.tokenizers import load_tokenizers
+from napari_mris.tokenizers.image import ImageTokenizer
+from napari_mris.tokenizers.patch import PatchMaskTokenizer
+from napari_mris_train.checkpoint import load_checkpoint
 from napari_mris_train.cli import main
+from napari_mris_train.config import ConfigError
 from napari_mris_train.data import load_split
+from napari_mris_train.schedule import learning_rate
 from napari_mris_train.tokenizer_training import (
+    MIN_LR_FRACTION,
     evaluate_tokenizers,
+    image_loss,
     load_tokenizer_recipe,
-    mask_loss,
     preload,
+    refiner_loss,
     train_stage,
     train_tokenizers,
 )
@@ -32,19 +39,24 @@ def phantoms(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def recipe():
-    """The tiny recipe with the learned-VQ mask tokenizer (its trainer is what most tests here exercise;
-    the GPU `paper` recipe uses it); the shipped patch kind is fitted in test_tokenizers_patch.py."""
+    """The tiny recipe with a BorderRefiner on both mask tokenizers (the shipped kind has one)."""
     tiny = load_tokenizer_recipe(TINY)
-    return replace(tiny, mask=replace(tiny.mask, kind="vq"))
+    return replace(tiny, mask=replace(tiny.mask, refiner_channels=8))
 
 
-def test_train_writes_a_loadable_model_directory(phantoms, recipe, tmp_path):
-    tokenizers = train_tokenizers(recipe, load_split(phantoms, split="train"), tmp_path, steps=6, progress=False)
+@pytest.fixture(scope="module")
+def train_data(phantoms, recipe):
+    return preload(load_split(phantoms, split="train"), recipe.image_size, progress=False)
+
+
+def test_train_writes_a_loadable_model_directory(phantoms, recipe, train_data, tmp_path):
+    tokenizers = train_tokenizers(recipe, train_data, tmp_path, steps=6, progress=False)
     for name in ("config.json", "image_tokenizer.safetensors", "mask_tokenizer.safetensors", "tokenizer.json"):
         assert (tmp_path / name).is_file()
-    for stage in ("raster", "scale", "image"):
-        assert json.loads((tmp_path / "checkpoints" / f"{stage}.json").read_text())["step"] == 6
+    for stage in ("image", "refine-raster", "refine-scale"):  # checkpoint.py folders, one per trained stage
+        assert load_checkpoint(tmp_path / "checkpoints" / stage)[1]["step"] == 6
     assert set(tokenizers.masks) == {"raster", "scale"}
+    assert all(tok.refiner is not None for tok in tokenizers.masks.values())
     val = preload(load_split(phantoms, split="val"), recipe.image_size, progress=False)
     results = evaluate_tokenizers(tokenizers, val)
     assert results["n_images"] == 4
@@ -52,31 +64,36 @@ def test_train_writes_a_loadable_model_directory(phantoms, recipe, tmp_path):
     assert 0 <= results["raster"]["dice_mean"] <= 1 and results["image"]["psnr_mean"] > 0
 
 
-def test_training_lowers_the_mask_loss(phantoms, recipe):
-    from napari_mris.tokenizers.mask import MaskTokenizer
-
-    data = preload(load_split(phantoms, split="train"), recipe.image_size, progress=False)
+def test_training_lowers_the_image_loss(recipe, train_data):
     torch.manual_seed(0)
-    model = MaskTokenizer(recipe.mask_config("raster"))
-    batch = data.masks[:8].float()
-    model.train()
+    model = ImageTokenizer(recipe.image_config())
+    batch = train_data.images[:8].float()
     with torch.no_grad():
-        before = mask_loss(model, batch)[0].item()
-    train_stage("raster", model, mask_loss, data.masks, steps=25, batch_size=8, lr=3e-3, progress=False)
-    model.train()
+        before = image_loss(model, batch)[0].item()
+    train_stage("image", model, image_loss, train_data.images, steps=25, batch_size=8, lr=3e-3, progress=False)
     with torch.no_grad():
-        after = mask_loss(model, batch)[0].item()
+        after = image_loss(model, batch)[0].item()
     assert after < 0.8 * before
 
 
-def test_resume_after_a_crash_continues_exactly(phantoms, recipe, tmp_path):
-    from napari_mris.tokenizers.mask import MaskTokenizer
+def test_the_schedule_is_the_decoder_trainers(recipe, train_data, monkeypatch):
+    """One learning-rate schedule: the tokenizer stages call `schedule.learning_rate` (5 % warm-up, cosine to
+    10 % of the peak), the same function the decoder trainer uses."""
+    seen = []
+    monkeypatch.setattr(
+        "napari_mris_train.tokenizer_training.learning_rate", lambda *a: seen.append(a) or learning_rate(*a)
+    )
+    model = ImageTokenizer(recipe.image_config())
+    train_stage("image", model, image_loss, train_data.images, steps=40, batch_size=2, lr=1e-3, progress=False)
+    assert seen[0] == (0, 40, 1e-3, 1e-3 * MIN_LR_FRACTION, 2) and len(seen) == 40
+    assert learning_rate(*seen[-1]) == pytest.approx(1e-4, rel=0.05)  # the last step ends near 10 % of the peak
 
-    data = preload(load_split(phantoms, split="train"), recipe.image_size, progress=False)
+
+def test_resume_after_a_crash_continues_exactly(recipe, train_data, tmp_path):
     kwargs = dict(steps=6, batch_size=4, lr=2e-3, checkpoint_every=3, progress=False)
     torch.manual_seed(0)
     straight = train_stage(
-        "raster", MaskTokenizer(recipe.mask_config("raster")), mask_loss, data.masks, ckpt_dir=tmp_path / "a", **kwargs
+        "image", ImageTokenizer(recipe.image_config()), image_loss, train_data.images, ckpt_dir=tmp_path / "a", **kwargs
     )
     calls = []
 
@@ -84,24 +101,19 @@ def test_resume_after_a_crash_continues_exactly(phantoms, recipe, tmp_path):
         calls.append(1)
         if len(calls) == 5:  # dies during step 5, after the checkpoint at step 3
             raise KeyboardInterrupt
-        return mask_loss(model, batch)
+        return image_loss(model, batch)
 
     torch.manual_seed(0)
+    fresh = ImageTokenizer(recipe.image_config())
     with pytest.raises(KeyboardInterrupt):
-        train_stage(
-            "raster",
-            MaskTokenizer(recipe.mask_config("raster")),
-            crashing_loss,
-            data.masks,
-            ckpt_dir=tmp_path / "b",
-            **kwargs,
-        )
-    assert json.loads((tmp_path / "b" / "raster.json").read_text())["step"] == 3
+        train_stage("image", fresh, crashing_loss, train_data.images, ckpt_dir=tmp_path / "b", **kwargs)
+    assert load_checkpoint(tmp_path / "b" / "image")[1]["step"] == 3
+    torch.manual_seed(1)  # another initialisation: the checkpoint must replace it entirely
     resumed = train_stage(
-        "raster",
-        MaskTokenizer(recipe.mask_config("raster")),
-        mask_loss,
-        data.masks,
+        "image",
+        ImageTokenizer(recipe.image_config()),
+        image_loss,
+        train_data.images,
         ckpt_dir=tmp_path / "b",
         resume=True,
         **kwargs,
@@ -123,36 +135,39 @@ def test_cli_train_then_eval(phantoms, tmp_path, capsys):
     assert figure.stat().st_size > 1000
 
 
-def test_multiscale_loss_trains_the_coarse_previews(recipe):
-    from napari_mris.tokenizers.mask import MaskTokenizer
-    from napari_mris_train.tokenizer_training import coarse_target
-
-    masks = torch.zeros(2, 1, 32, 32)
-    masks[:, :, :, :16] = 1
-    torch.testing.assert_close(coarse_target(masks, 1), torch.full_like(masks, 0.5))
-    torch.testing.assert_close(coarse_target(masks, 32), masks)
-    torch.manual_seed(0)
-    _, logs = mask_loss(MaskTokenizer(recipe.mask_config("scale")).train(), masks)
-    assert "coarse" in logs
-    _, logs = mask_loss(MaskTokenizer(recipe.mask_config("raster")).train(), masks)
-    assert "coarse" not in logs  # a single-scale tokenizer has no preview
+def test_stages_left_out_keep_the_model_directorys_tokenizers(recipe, train_data, tmp_path):
+    first = train_tokenizers(recipe, train_data, tmp_path, steps=2, progress=False)
+    files = {name: (tmp_path / name).read_bytes() for name in ("mask_tokenizer.safetensors", "tokenizer.json")}
+    again = train_tokenizers(replace(recipe, seed=5), train_data, tmp_path, steps=3, stages=("image",), progress=False)
+    assert {name: (tmp_path / name).read_bytes() for name in files} == files  # text and masks kept as they were
+    assert not torch.equal(again.image.encoder.net[1].weight, first.image.encoder.net[1].weight)
+    with pytest.raises(ConfigError, match="unknown stages"):
+        train_tokenizers(recipe, train_data, tmp_path, stages=("image", "vq"), progress=False)
 
 
 def test_refine_decoders_keeps_every_code_and_sharpens_the_masks(phantoms, tmp_path):
     out = tmp_path / "model"
-    vq = tmp_path / "tiny_vq.yaml"  # the learned-VQ kind: its decoder is what --refine-decoders fine-tunes
-    vq.write_text(TINY.read_text().replace("kind: patch", "kind: vq"))
-    args = ["tokenizers", "--config", str(vq), "--data", str(phantoms), "--out", str(out), "--threads", "1"]
-    assert main([*args, "--steps", "3"]) == 0  # barely trained: the decoder has room to improve
+    args = ["tokenizers", "--config", str(TINY), "--data", str(phantoms), "--out", str(out), "--threads", "1"]
+    assert main([*args, "--steps", "2"]) == 0  # the tiny recipe: codebooks without a refiner
     before = load_tokenizers(out)
+    assert all(tok.refiner is None for tok in before.masks.values())
     masks = preload(load_split(phantoms, split="train"), 32, progress=False).masks[:6].float()
     codes_before = {order: tok.encode(masks) for order, tok in before.masks.items()}
-    loss_before = {order: mask_loss(tok.eval(), masks)[1]["bce"] for order, tok in before.masks.items()}
-    assert main([*args, "--refine-decoders", "--steps", "30"]) == 0
+    refined_recipe = tmp_path / "refined.yaml"
+    refined_recipe.write_text(TINY.read_text().replace("codebook_size: 32", "codebook_size: 32\n  refiner_channels: 8"))
+    args[2] = str(refined_recipe)
+    assert main([*args, "--refine-decoders", "--steps", "60"]) == 0
     after = load_tokenizers(out)
     for order, tok in after.masks.items():
         for a, b in zip(codes_before[order], tok.encode(masks), strict=True):
-            assert torch.equal(a, b), f"{order}: refining the decoder changed the codes"
-        assert mask_loss(tok.eval(), masks)[1]["bce"] < loss_before[order]
-        torch.testing.assert_close(tok.quantizer.codebook, before.masks[order].quantizer.codebook)
-    assert json.loads((out / "checkpoints" / "refine-scale.json").read_text())["step"] == 30
+            assert torch.equal(a, b), f"{order}: refining changed the codes"
+        torch.testing.assert_close(tok.codebook, before.masks[order].codebook)
+        neutral = PatchMaskTokenizer(tok.config)  # the same codebook with an untrained (identity) refiner
+        neutral.codebook.copy_(tok.codebook)
+        losses = []
+        for model in (tok, neutral):
+            torch.manual_seed(0)  # the same scales drawn for both
+            with torch.no_grad():
+                losses.append(sum(refiner_loss(model, masks)[0].item() for _ in range(4)))
+        assert losses[0] < losses[1], order
+    assert load_checkpoint(out / "checkpoints" / "refine-scale")[1]["step"] == 60

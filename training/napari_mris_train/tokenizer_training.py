@@ -1,12 +1,13 @@
 """`napari-mris-train tokenizers`: train (or `--eval`) the image, mask and text tokenizers.
 
-Four stages, each resumable on its own: the BPE text tokenizer (seconds), the raster (single-scale) and
-the coarse-to-fine (multi-scale) mask tokenizers, and the FSQ image tokenizer. Training uses the
-Train_Folder only; `--eval` measures on Val_Folder at the masks' own resolution. The split is read into
-memory once (5,716 QaTa pairs at 224x224 are ~0.4 GB as float16) so steps cost only the networks.
+Four stages: the BPE text tokenizer (seconds), the raster (single-scale) and the coarse-to-fine (pyramid)
+patch mask tokenizers (a k-means codebook, then an optional BorderRefiner), and the FSQ image tokenizer.
+Training uses the Train_Folder only; `--eval` measures on Val_Folder at the masks' own resolution. The split
+is read into memory once (5,716 QaTa pairs at 224x224 are ~0.4 GB as float16) so steps cost only the networks.
 
-Checkpoints (`<out>/checkpoints/<stage>.safetensors` + `<stage>.json`) hold the weights, the optimizer
-state and the RNG state as tensors, and the step as JSON: no pickle anywhere.
+The parts of the decoder trainer's toolkit are shared, not copied: checkpoints are `checkpoint.py` folders
+(`<out>/checkpoints/<stage>/`, safetensors + JSON, no pickle), the learning rate is `schedule.learning_rate`,
+Dice is `metrics.dice_iou`, and the refiner's BCE + soft Dice is `losses.lesion_loss`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +35,32 @@ from tqdm import tqdm
 
 from napari_mris.errors import ModelDirectoryError
 from napari_mris.io.atomic import write_text_atomic
-from napari_mris.model.modeldir import load_state_checked, load_weights, save_weights
-from napari_mris.tokenizers import Tokenizers, load_tokenizers, save_tokenizers
+from napari_mris.model.modeldir import load_state_checked
+from napari_mris.tokenizers import ORDERS, Tokenizers, load_tokenizers, save_tokenizers
 from napari_mris.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
-from napari_mris.tokenizers.mask import MaskTokenizer, MaskTokenizerConfig
 from napari_mris.tokenizers.patch import PatchMaskTokenizer, PatchMaskTokenizerConfig, fit_codebook
 from napari_mris.tokenizers.preprocess import to_model_image
 from napari_mris.tokenizers.text import TextTokenizer
+from napari_mris_train.checkpoint import (
+    STATE_JSON,
+    STATE_TENSORS,
+    CheckpointError,
+    load_checkpoint,
+    load_optimizer,
+    part,
+    restore_rng,
+    save_checkpoint,
+)
 from napari_mris_train.config import ConfigError, load_recipe
 from napari_mris_train.data import LViTSplit, load_split
+from napari_mris_train.losses import lesion_loss
+from napari_mris_train.metrics import dice_iou
+from napari_mris_train.schedule import learning_rate
 
-STAGES = ("text", "raster", "scale", "image")
+STAGES = ("text", *ORDERS, "image")
 EVAL_FILE = "tokenizer_eval.json"
+MIN_LR_FRACTION = 0.1  # the cosine ends at 10 % of the peak
+WARMUP_FRACTION = 0.05  # linear warm-up over the first 5 % of the steps
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -63,17 +78,15 @@ class ImageRecipe:
 
 @dataclass
 class MaskRecipe:
-    kind: str = "vq"  # "vq": learned VQ autoencoder (mask.py); "patch": k-means patch codebook (patch.py)
+    """The patch mask tokenizers (patch.py) of both decoding orders; the refiner is their only SGD part."""
+
     raster_scales: tuple[int, ...] = (14,)
     scale_scales: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 10, 14)
-    latent_dim: int = 16
-    codebook_size: int = 1024
-    channels: tuple[int, ...] = (64, 128)
-    steps: int = 3000
-    batch_size: int = 16
-    lr: float = 1e-3
-    refiner_channels: int = 0  # kind patch: width of the BorderRefiner (0 = none), trained with the codes frozen
+    codebook_size: int = 4096
+    refiner_channels: int = 0  # width of the BorderRefiner (0 = none), trained with the codes frozen
     refiner_steps: int = 600
+    batch_size: int = 16  # refiner batches
+    lr: float = 1e-3  # refiner peak learning rate
 
 
 @dataclass
@@ -95,23 +108,14 @@ class TokenizerRecipe:
         r = self.image
         return ImageTokenizerConfig(self.image_size, r.grid, r.fsq_levels, r.channels)
 
-    def mask_config(self, order: str) -> MaskTokenizerConfig | PatchMaskTokenizerConfig:
+    def mask_config(self, order: str) -> PatchMaskTokenizerConfig:
         r = self.mask
         scales = r.raster_scales if order == "raster" else r.scale_scales
-        if r.kind == "patch":
-            return PatchMaskTokenizerConfig(self.image_size, scales, r.codebook_size, r.refiner_channels)
-        if r.kind != "vq":
-            raise ConfigError(f"mask_tokenizer.kind must be 'vq' or 'patch', got {r.kind!r}")
-        return MaskTokenizerConfig(self.image_size, scales, r.latent_dim, r.codebook_size, r.channels)
-
-    def stage_steps(self, stage: str) -> int:
-        return self.image.steps if stage == "image" else self.mask.steps
+        return PatchMaskTokenizerConfig(self.image_size, scales, r.codebook_size, r.refiner_channels)
 
     def with_steps(self, steps: int) -> TokenizerRecipe:
-        """The same recipe with every stage's step count overridden (`--steps`)."""
-        image, mask = ImageRecipe(**asdict(self.image)), MaskRecipe(**asdict(self.mask))
-        image.steps = mask.steps = steps
-        return TokenizerRecipe(self.image_size, image, mask, self.text, self.checkpoint_every, self.seed)
+        """The same recipe with every trained stage's step count (image, refiners) set to `steps` (`--steps`)."""
+        return replace(self, image=replace(self.image, steps=steps), mask=replace(self.mask, refiner_steps=steps))
 
 
 def _section(cls: type, values: dict[str, Any] | None, where: str) -> Any:
@@ -167,142 +171,22 @@ def preload(split: LViTSplit, size: int, limit: int | None = None, progress: boo
     return Preloaded(images, masks, native, split.descriptions[:n], split.names[:n])
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _checkpoint_paths(ckpt_dir: Path, stage: str) -> tuple[Path, Path]:
-    return ckpt_dir / f"{stage}.safetensors", ckpt_dir / f"{stage}.json"
-
-
-def save_checkpoint(
-    ckpt_dir: Path, stage: str, module: nn.Module, opt: torch.optim.Optimizer, step: int, batches: torch.Generator
-) -> None:
-    """Weights, optimizer moments and RNG states as safetensors; step and optimizer scalars as JSON."""
-    tensors = {f"model.{k}": v for k, v in module.state_dict().items()}
-    opt_state = opt.state_dict()
-    for index, state in opt_state["state"].items():
-        for key, value in state.items():
-            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
-    tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.batches"] = batches.get_state()
-    tensor_path, json_path = _checkpoint_paths(ckpt_dir, stage)
-    save_weights(tensor_path, tensors)
-    meta = {"stage": stage, "step": step, "param_groups": opt_state["param_groups"]}
-    write_text_atomic(json_path, json.dumps(meta, indent=2) + "\n")
-
-
-def load_checkpoint(
-    ckpt_dir: Path, stage: str, module: nn.Module, opt: torch.optim.Optimizer, batches: torch.Generator | None = None
-) -> int:
-    """Restore a stage's checkpoint into `module`, `opt` (and the batch sampler); returns the step reached."""
-    tensor_path, json_path = _checkpoint_paths(ckpt_dir, stage)
-    tensors = load_weights(ckpt_dir, tensor_path.name)
-    try:
-        meta = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelDirectoryError(f"{json_path} is missing or not valid JSON: {exc}") from exc
-    load_state_checked(module, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, tensor_path)
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    groups = meta["param_groups"]
-    for group in groups:
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])
-    try:
-        opt.load_state_dict({"state": state, "param_groups": groups})
-    except (ValueError, KeyError) as exc:
-        raise ModelDirectoryError(f"{tensor_path}: optimizer state does not match this recipe: {exc}") from exc
-    torch.set_rng_state(tensors["rng.torch"])
-    if batches is not None:
-        batches.set_state(tensors["rng.batches"])
-    return int(meta["step"])
-
-
-def checkpoint_step(ckpt_dir: Path, stage: str) -> int | None:
-    json_path = _checkpoint_paths(ckpt_dir, stage)[1]
-    if not json_path.is_file():
-        return None
-    return int(json.loads(json_path.read_text(encoding="utf-8"))["step"])
-
-
 # ----------------------------------------------------------------------------- losses
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - per-image soft Dice (smoothed by 1 pixel), averaged; BCE alone under-weights small lesions."""
-    p, t = torch.sigmoid(logits).flatten(1), target.flatten(1)
-    return (1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).mean()
-
-
-def coarse_target(masks: torch.Tensor, size: int) -> torch.Tensor:
-    """What scales 1..k can show: the mask averaged over an s_k x s_k grid, smoothly upsampled."""
-    coarse = F.interpolate(masks, size=(size, size), mode="area")
-    return F.interpolate(coarse, size=masks.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
-
-
-def mask_loss(
-    model: MaskTokenizer, masks: torch.Tensor, coarse_weight: float = 0.5
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """BCE + soft Dice + VQ loss; for a multi-scale tokenizer also a coarse-preview term.
-
-    The decoder otherwise only ever sees the full residual sum, and renders the partial sums the UI
-    streams (scales 1..k) as near-empty masks. The extra term decodes one random partial sum against the
-    mask blurred to that scale's grid (the decoder alone learns from it; the latents are detached).
-    """
-    out = model(masks)
-    loss, logs = reconstruction_loss(model, out.logits, out.partial_sums, masks, coarse_weight)
-    logs["vq"] = out.vq_loss.item()
-    return loss + out.vq_loss, logs
-
-
-def decoder_only_loss(
-    model: MaskTokenizer, masks: torch.Tensor, coarse_weight: float = 0.5
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """`mask_loss` with the encoder and codebook frozen: the codes of every mask stay what they were."""
-    with torch.no_grad():
-        q = model.quantizer(model.encoder(model._prepare(masks)))
-    return reconstruction_loss(model, model.decoder(q.f_hat), q.partial_sums, masks, coarse_weight)
-
-
-def reconstruction_loss(
-    model: MaskTokenizer,
-    logits: torch.Tensor,
-    partial_sums: list[torch.Tensor],
-    masks: torch.Tensor,
-    coarse_weight: float,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    bce = F.binary_cross_entropy_with_logits(logits, masks)
-    dice = soft_dice_loss(logits, masks)
-    loss = bce + dice
-    logs = {"bce": bce.item(), "dice": dice.item()}
-    if len(model.scales) > 1 and coarse_weight > 0:
-        k = int(torch.randint(len(model.scales) - 1, ()))
-        partial = model.decoder(partial_sums[k])
-        coarse = F.binary_cross_entropy_with_logits(partial, coarse_target(masks, model.scales[k]))
-        loss = loss + coarse_weight * coarse
-        logs["coarse"] = coarse.item()
-    return loss, logs
-
-
 def refiner_loss(model: PatchMaskTokenizer, masks: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """BCE + soft Dice of the refined mosaic against the mask, codes frozen.
+    """BCE + soft Dice (`losses.lesion_loss`) of the refined mosaic against the mask, codes frozen.
 
     Half the batches use the finest scale (the mask the user gets); the rest a random coarser one, so the
-    coarse-to-fine previews are refined too. Targets are the mask area-resized to the mosaic.
+    coarse-to-fine previews are refined too. The target is the mask area-pooled to the mosaic's size.
     """
     scales = model.scales
     coarse = len(scales) > 1 and bool(torch.rand(()) < 0.5)
     scale = scales[int(torch.randint(len(scales) - 1, ()))] if coarse else scales[-1]
     with torch.no_grad():
         mosaic = model.paste(model.nearest(model.patches(masks, scale)), scale)
-        target = F.interpolate(masks, size=mosaic.shape[-2:], mode="area")
-    logits = model.refiner(mosaic)
-    bce = F.binary_cross_entropy_with_logits(logits, target)
-    dice = soft_dice_loss(logits, target)
-    return bce + dice, {"bce": bce.item(), "dice": dice.item(), "scale": float(scale)}
+    loss = lesion_loss(model.refiner(mosaic), masks)
+    return loss, {"loss": loss.item(), "scale": float(scale)}
 
 
 def image_loss(model: ImageTokenizer, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -314,22 +198,30 @@ def image_loss(model: ImageTokenizer, images: torch.Tensor) -> tuple[torch.Tenso
 # ----------------------------------------------------------------------------- training
 
 
-def _lr_at(step: int, steps: int, lr: float) -> float:
-    """Linear warm-up over 5 % of the steps, then cosine decay to 10 % of the peak."""
-    warmup = max(1, steps // 20)
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def _batch(data: torch.Tensor, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Step `step`'s random batch, half of it flipped left-right (the decoder training flips too).
 
-
-def _batch(data: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    """A random batch, half of it flipped left-right (the decoder training flips too)."""
+    Drawn from a generator seeded by (seed, step), so a resumed run draws the same batches without the
+    generator's state in the checkpoint.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     index = torch.randint(len(data), (batch_size,), generator=generator)
     batch = data[index].float()
     flip = torch.rand(batch_size, generator=generator) < 0.5
     batch[flip] = batch[flip].flip(-1)
     return batch
+
+
+def _resume(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Restore `model`, `opt` and the RNGs from a checkpoint folder; returns the step it reached."""
+    tensors, info = load_checkpoint(folder)
+    load_state_checked(model, part(tensors, "model"), folder / STATE_TENSORS)
+    try:
+        load_optimizer(opt, part(tensors, "optim"), info["param_groups"])
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{folder}: optimizer state does not match this recipe: {exc}") from exc
+    restore_rng(tensors, info["rng"])
+    return int(info["step"])
 
 
 def train_stage(
@@ -348,34 +240,40 @@ def train_stage(
     progress: bool = True,
     trainable: nn.Module | None = None,
 ) -> nn.Module:
-    """Train one tokenizer with AdamW; checkpoint every `checkpoint_every` steps and at the end.
-
-    With `trainable` (a submodule), only its parameters move and the rest of `model` stays in eval mode.
-    """
+    """Train one tokenizer with AdamW; checkpoint to `ckpt_dir/<stage>/` every `checkpoint_every` steps
+    and at the end. With `trainable` (a submodule), only its parameters move and the rest of `model` stays
+    in eval mode."""
     torch.manual_seed(seed)
     trainable = model if trainable is None else trainable
     opt = torch.optim.AdamW(trainable.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(seed)
+    folder = None if ckpt_dir is None else Path(ckpt_dir) / stage
     start = 0
-    if resume and ckpt_dir is not None and checkpoint_step(ckpt_dir, stage) is not None:
-        start = load_checkpoint(ckpt_dir, stage, model, opt, generator)  # resumes exactly where it stopped
+    if resume and folder is not None and (folder / STATE_JSON).is_file():
+        start = _resume(folder, model, opt)  # resumes exactly where it stopped
     model.eval()
     trainable.train()
+    warmup = max(1, int(steps * WARMUP_FRACTION))
     bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, disable=not progress, mininterval=10)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr)
-        loss, logs = loss_fn(model, _batch(data, batch_size, generator))
+            group["lr"] = learning_rate(step, steps, lr, lr * MIN_LR_FRACTION, warmup)
+        loss, logs = loss_fn(model, _batch(data, batch_size, seed, step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
         opt.step()
         bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
         done = step + 1
-        if ckpt_dir is not None and (done % checkpoint_every == 0 or done == steps):
-            save_checkpoint(ckpt_dir, stage, model, opt, done, generator)
+        if folder is not None and (done % checkpoint_every == 0 or done == steps):
+            save_checkpoint(folder, model.state_dict(), opt, None, {"stage": stage, "step": done})
     bar.close()
     return model.eval()
+
+
+def check_stages(stages: tuple[str, ...]) -> None:
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ConfigError(f"unknown stages {unknown}; choose from {list(STAGES)}")
 
 
 def train_tokenizers(
@@ -388,29 +286,38 @@ def train_tokenizers(
     stages: tuple[str, ...] = STAGES,
     progress: bool = True,
 ) -> Tokenizers:
-    """Train every tokenizer on the training split and write them into the model directory `out_dir`.
-
-    With a subset of `stages`, the others are taken from `out_dir`'s checkpoints (they must exist).
-    """
+    """Train the tokenizers of `stages` on the training split and write them into the model directory
+    `out_dir`; the stages left out keep the tokenizers `out_dir` already holds (it must hold them)."""
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
+    check_stages(stages)
+    kept = None if set(stages) == set(STAGES) else load_tokenizers(out_dir)
     if steps is not None:
         recipe = recipe.with_steps(steps)
     data = train if isinstance(train, Preloaded) else preload(train, recipe.image_size, progress=progress)
-    text = TextTokenizer.train(data.descriptions, recipe.text.vocab_size, recipe.text.max_length)
+    if "text" in stages:
+        text = TextTokenizer.train(data.descriptions, recipe.text.vocab_size, recipe.text.max_length)
+    else:
+        text = kept.text
+    saving = dict(ckpt_dir=ckpt_dir, resume=resume, checkpoint_every=recipe.checkpoint_every, progress=progress)
     masks = {}
-    for order in ("raster", "scale"):
-        config = recipe.mask_config(order)
-        if isinstance(config, PatchMaskTokenizerConfig):  # k-means: seconds to minutes, no checkpoints needed
-            masks[order] = fit_codebook(PatchMaskTokenizer(config), data.masks, seed=recipe.seed).eval()
-            if masks[order].refiner is not None:
-                steps_ = recipe.mask.refiner_steps
-                _train_refiner(order, masks[order], data.masks, recipe, steps_, ckpt_dir, resume, progress)
+    for order in ORDERS:
+        if order not in stages:
+            if order not in kept.masks:
+                raise ModelDirectoryError(f"{out_dir} has no '{order}' mask tokenizer to keep: add it to the stages")
+            masks[order] = kept.masks[order]
             continue
-        model = MaskTokenizer(config)
-        masks[order] = _run_or_restore(order, model, mask_loss, data.masks, recipe, ckpt_dir, resume, stages, progress)
-    model = ImageTokenizer(recipe.image_config())
-    image = _run_or_restore("image", model, image_loss, data.images, recipe, ckpt_dir, resume, stages, progress)
+        masks[order] = fit_codebook(PatchMaskTokenizer(recipe.mask_config(order)), data.masks, seed=recipe.seed)
+        if masks[order].refiner is not None:
+            _train_refiner(order, masks[order], data.masks, recipe, recipe.mask.refiner_steps, saving)
+        masks[order].eval()
+    if "image" in stages:
+        image = ImageTokenizer(recipe.image_config())
+        r, seed = recipe.image, recipe.seed + STAGES.index("image")
+        schedule = dict(steps=r.steps, batch_size=r.batch_size, lr=r.lr, seed=seed)
+        train_stage("image", image, image_loss, data.images, **schedule, **saving)
+    else:
+        image = kept.image
     save_tokenizers(out_dir, image, masks, text)
     return load_tokenizers(out_dir)
 
@@ -424,37 +331,21 @@ def refine_mask_decoders(
     resume: bool = False,
     progress: bool = True,
 ) -> Tokenizers:
-    """Fine-tune only the decoders of `out_dir`'s mask tokenizers (`steps`, default 1,000 / refiner_steps).
+    """Train a `BorderRefiner` (refiner_channels) on each of `out_dir`'s mask tokenizers, `steps` steps
+    (default refiner_steps).
 
-    Encoders and codebooks stay frozen, so every mask keeps its codes and a decoder LM trained on those
-    codes stays valid; only codes -> mask gets sharper (and the coarse previews clearer). This is how a
-    tokenizer set is improved after the expensive LM training has started. A VQ decoder is tuned at a
-    quarter of the recipe's rate; a patch codebook gets a `BorderRefiner` (refiner_channels) trained.
+    The codebooks stay frozen, so every mask keeps its codes and a decoder LM trained on those codes stays
+    valid; only codes -> mask gets sharper (and the coarse previews clearer). This is how a tokenizer set is
+    improved after the expensive LM training has started.
     """
     out_dir = Path(out_dir)
     tokenizers = load_tokenizers(out_dir)
+    saving = dict(
+        ckpt_dir=out_dir / "checkpoints", resume=resume, checkpoint_every=recipe.checkpoint_every, progress=progress
+    )
     for order, tokenizer in tokenizers.masks.items():
-        if isinstance(tokenizer, PatchMaskTokenizer):
-            tokenizers.masks[order] = _with_refiner(tokenizer, recipe.mask.refiner_channels)
-            refiner_steps = steps or recipe.mask.refiner_steps
-            ckpt = out_dir / "checkpoints"
-            _train_refiner(order, tokenizers.masks[order], train.masks, recipe, refiner_steps, ckpt, resume, progress)
-            continue
-        train_stage(
-            f"refine-{order}",
-            tokenizer,
-            decoder_only_loss,
-            train.masks,
-            steps=steps or 1000,
-            batch_size=recipe.mask.batch_size,
-            lr=recipe.mask.lr / 4,
-            ckpt_dir=out_dir / "checkpoints",
-            resume=resume,
-            checkpoint_every=recipe.checkpoint_every,
-            seed=recipe.seed + 10 + STAGES.index(order),
-            progress=progress,
-            trainable=tokenizer.decoder,
-        )
+        tokenizers.masks[order] = _with_refiner(tokenizer, recipe.mask.refiner_channels)
+        _train_refiner(order, tokenizers.masks[order], train.masks, recipe, steps or recipe.mask.refiner_steps, saving)
     save_tokenizers(out_dir, tokenizers.image, tokenizers.masks, tokenizers.text)
     return load_tokenizers(out_dir)
 
@@ -464,85 +355,22 @@ def _with_refiner(tokenizer: PatchMaskTokenizer, channels: int) -> PatchMaskToke
     if tokenizer.refiner is not None:
         return tokenizer
     if channels <= 0:
-        raise ConfigError("--refine-decoders on a patch tokenizer needs mask_tokenizer.refiner_channels > 0")
+        raise ConfigError("--refine-decoders needs mask_tokenizer.refiner_channels > 0")
     refined = PatchMaskTokenizer(replace(tokenizer.config, refiner_channels=channels))
     refined.codebook.copy_(tokenizer.codebook)
     return refined
 
 
 def _train_refiner(
-    order: str,
-    tokenizer: PatchMaskTokenizer,
-    masks: torch.Tensor,
-    recipe: TokenizerRecipe,
-    steps: int,
-    ckpt_dir: Path,
-    resume: bool,
-    progress: bool,
+    order: str, tokenizer: PatchMaskTokenizer, masks: torch.Tensor, recipe: TokenizerRecipe, steps: int, saving: dict
 ) -> None:
-    train_stage(
-        f"refine-{order}",
-        tokenizer,
-        refiner_loss,
-        masks,
-        steps=steps,
-        batch_size=recipe.mask.batch_size,
-        lr=recipe.mask.lr,
-        ckpt_dir=ckpt_dir,
-        resume=resume,
-        checkpoint_every=recipe.checkpoint_every,
-        seed=recipe.seed + 20 + STAGES.index(order),
-        progress=progress,
-        trainable=tokenizer.refiner,
-    )
-
-
-def _run_or_restore(
-    stage: str,
-    model: nn.Module,
-    loss_fn: Callable,
-    data: torch.Tensor,
-    recipe: TokenizerRecipe,
-    ckpt_dir: Path,
-    resume: bool,
-    stages: tuple[str, ...],
-    progress: bool,
-) -> nn.Module:
-    """Train `stage` if it is in `stages`, else restore it from its finished checkpoint."""
-    steps = recipe.stage_steps(stage)
-    if stage not in stages:
-        if checkpoint_step(ckpt_dir, stage) is None:
-            raise ModelDirectoryError(f"stage '{stage}' was not asked for and {ckpt_dir} has no checkpoint of it")
-        opt = torch.optim.AdamW(model.parameters())
-        load_checkpoint(ckpt_dir, stage, model, opt)
-        return model.eval()
-    batch = recipe.image.batch_size if stage == "image" else recipe.mask.batch_size
-    lr = recipe.image.lr if stage == "image" else recipe.mask.lr
-    return train_stage(
-        stage,
-        model,
-        loss_fn,
-        data,
-        steps=steps,
-        batch_size=batch,
-        lr=lr,
-        ckpt_dir=ckpt_dir,
-        resume=resume,
-        checkpoint_every=recipe.checkpoint_every,
-        seed=recipe.seed + STAGES.index(stage),
-        progress=progress,
-    )
+    """Train `tokenizer`'s BorderRefiner only (stage `refine-<order>`); `saving` = train_stage's checkpointing."""
+    r, seed = recipe.mask, recipe.seed + 20 + STAGES.index(order)
+    schedule = dict(steps=steps, batch_size=r.batch_size, lr=r.lr, seed=seed)
+    train_stage(f"refine-{order}", tokenizer, refiner_loss, masks, **schedule, **saving, trainable=tokenizer.refiner)
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-
-def dice_per_image(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Dice of each (H, W) pair in (N, H, W) boolean stacks; 1.0 when both are empty."""
-    pred, target = pred.reshape(len(pred), -1), target.reshape(len(target), -1)
-    inter = (pred & target).sum(1)
-    total = pred.sum(1) + target.sum(1)
-    return np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
 
 
 def _native_batches(data: Preloaded, batch_size: int):
@@ -573,7 +401,7 @@ def evaluate_tokenizers(tokenizers: Tokenizers, data: Preloaded, batch_size: int
             target = np.stack(data.masks_native[start:stop])
             for k in range(len(tok.scales)) if order == "scale" else [len(tok.scales) - 1]:
                 prob = tok.decode(codes[: k + 1], out_size=shape)[:, 0].numpy()
-                curve[k].append(dice_per_image(prob >= 0.5, target))
+                curve[k].append([dice_iou(p, t)[0] for p, t in zip(prob >= 0.5, target, strict=True)])
         dice = np.concatenate(curve[-1])
         results[order] = {
             "scales": list(tok.scales),
@@ -684,10 +512,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--refine-decoders",
         action="store_true",
-        help="fine-tune only the mask decoders of --out for --steps steps (codes unchanged: a trained LM stays valid)",
+        help="train a BorderRefiner on --out's mask tokenizers (codes unchanged: a trained LM stays valid)",
     )
-    parser.add_argument("--steps", type=int, default=None, help="override the steps of every stage")
-    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--steps", type=int, default=None, help="override the steps of the image and refiner stages")
+    parser.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help=f"comma-separated subset of {','.join(STAGES)}; the others are kept from --out",
+    )
     parser.add_argument("--limit", type=int, default=None, help="use only the first N pairs of a split")
     parser.add_argument("--figure", default=None, help="with --eval: also write the reconstruction figure here")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -710,9 +542,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {make_figure(tokenizers, val, args.figure)}")
         return 0
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
-    unknown = sorted(set(stages) - set(STAGES))
-    if unknown:
-        raise ConfigError(f"unknown stages {unknown}; choose from {list(STAGES)}")
+    check_stages(stages)  # before the split is read
     t0 = time.perf_counter()
     train = preload(load_split(args.data, split="train"), recipe.image_size, args.limit)
     print(f"read {len(train.names)} training pairs in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -22,7 +22,6 @@ from napari_mris.model.modeldir import (
     verified_file,
 )
 from napari_mris.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
-from napari_mris.tokenizers.mask import MaskTokenizer, MaskTokenizerConfig
 from napari_mris.tokenizers.patch import PatchMaskTokenizer, PatchMaskTokenizerConfig
 from napari_mris.tokenizers.preprocess import resize_probability, to_model_image
 from napari_mris.tokenizers.text import TOKENIZER_FILE, TextTokenizer
@@ -31,9 +30,8 @@ __all__ = [
     "ORDERS",
     "ImageTokenizer",
     "ImageTokenizerConfig",
-    "MaskTokenizer",
     "PatchMaskTokenizer",
-    "MaskTokenizerConfig",
+    "PatchMaskTokenizerConfig",
     "TextTokenizer",
     "Tokenizers",
     "load_tokenizers",
@@ -50,14 +48,14 @@ MASK_FILE = "mask_tokenizer.safetensors"
 @dataclass
 class Tokenizers:
     image: ImageTokenizer
-    masks: dict[str, MaskTokenizer | PatchMaskTokenizer]  # decoding order -> tokenizer
+    masks: dict[str, PatchMaskTokenizer]  # decoding order -> tokenizer
     text: TextTokenizer
 
 
 def save_tokenizers(
     model_dir: str | Path,
     image_tok: ImageTokenizer,
-    mask_toks: dict[str, MaskTokenizer | PatchMaskTokenizer],
+    mask_toks: dict[str, PatchMaskTokenizer],
     text_tok: TextTokenizer,
 ) -> None:
     """Write the three tokenizers into `model_dir` (weights, tokenizer.json, config sections)."""
@@ -103,17 +101,15 @@ def _load_image(model_dir: Path, section: dict[str, Any]) -> ImageTokenizer:
     return tok.eval()
 
 
-def _mask_tokenizer(section: dict[str, Any]) -> MaskTokenizer | PatchMaskTokenizer:
-    """The section's kind: "patch" (patch codebook) or, without a kind, the learned VQ autoencoder."""
+def _mask_tokenizer(section: dict[str, Any]) -> PatchMaskTokenizer:
+    """A section of kind "patch"; one without a kind is a learned-VQ tokenizer, which is no longer supported."""
     kind = section.get("kind", "vq")
-    if kind == "patch":
-        return PatchMaskTokenizer(PatchMaskTokenizerConfig.from_dict(section))
-    if kind != "vq":
-        raise ValueError(f"unknown mask tokenizer kind {kind!r} (expected 'vq' or 'patch')")
-    return MaskTokenizer(MaskTokenizerConfig.from_dict({k: v for k, v in section.items() if k != "kind"}))
+    if kind != "patch":
+        raise ValueError(f"mask tokenizer kind {kind!r} is not supported (only 'patch'; learned VQ was removed)")
+    return PatchMaskTokenizer(PatchMaskTokenizerConfig.from_dict(section))
 
 
-def _load_masks(model_dir: Path, sections: dict[str, Any]) -> dict[str, MaskTokenizer | PatchMaskTokenizer]:
+def _load_masks(model_dir: Path, sections: dict[str, Any]) -> dict[str, PatchMaskTokenizer]:
     state = load_weights(model_dir, MASK_FILE)
     masks = {}
     for order, section in sections.items():

@@ -1,6 +1,6 @@
-"""The convolutional encoder and decoder shared by the image and mask tokenizers.
+"""The convolutional encoder and decoder of the image tokenizer.
 
-Both tokenizers map a one-channel S x S picture to a G x G latent grid and back. The first step is a
+They map a one-channel S x S picture to a G x G latent grid and back. The first step is a
 lossless pixel-unshuffle into `patch x patch` channels, so that no convolution runs at full resolution
 (the expensive part on a CPU); then `len(channels) - 1` stride-2 stages reach the grid. The decoder
 mirrors it and ends with a pixel-shuffle back to S x S.
