@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,17 @@ import pytest
 from _model_fixtures import force_drawing
 
 from napari_mris._widget import LABELS_NAME, MRISWidget
-from napari_mris.adaptation import AdaptationError, AdaptationJob, adapter_name
-from napari_mris.adapters import adapters_folder, list_adapters
+from napari_mris.adaptation import (
+    MAX_HELD_OUT,
+    AdaptationError,
+    AdaptationJob,
+    HeldOutComparison,
+    adapter_name,
+    compare_on_held_out,
+    held_out_names,
+    mask_dice,
+)
+from napari_mris.adapters import adapter_evaluation, adapters_folder, list_adapters
 from napari_mris.corrections import CorrectionsStore
 from napari_mris.model.modeldir import model_hash
 from napari_mris.pipeline import MRISPipeline
@@ -111,3 +121,120 @@ def test_stopping_an_adaptation_leaves_the_model_unchanged(make_napari_viewer, q
     qtbot.waitUntil(lambda: not widget.is_running, timeout=WAIT_MS)
     assert "stopped" in widget.status_label.text() and widget.adapter is None
     assert not list_adapters(model_copy) and not (model_copy / "adapters").exists()
+
+
+# ---------------------------------------------------------------------- held-back corrections (issue 19, item 4)
+
+
+def test_held_back_corrections_are_chosen_by_name_not_by_order() -> None:
+    names = [f"mris_{i:016x}" for i in range(50)]
+    held = held_out_names(names)
+    assert len(held) == 10 and set(held) < set(names)
+    assert held_out_names(list(reversed(names))) == held  # the saving order does not matter
+    assert held_out_names(names + names[:5]) == held  # nor a name listed twice
+    assert held_out_names(names[:4]) == []  # too few to hold any back
+    assert len(held_out_names(names[:5])) == 1
+    assert len(held_out_names([f"n{i}" for i in range(400)])) == MAX_HELD_OUT
+    assert held_out_names(names, 0.0) == []
+    with pytest.raises(AdaptationError, match="fraction"):
+        held_out_names(names, 1.0)
+
+
+class _FixedAnswer:
+    """A stand-in pipeline whose answer to every prompt is one fixed mask."""
+
+    def __init__(self, mask: np.ndarray) -> None:
+        self.mask, self.calls = mask, []
+
+    def segment(self, image, prompt, **decoding):
+        self.calls.append((prompt, decoding))
+        return type("Result", (), {"mask": self.mask})()
+
+
+def test_held_out_comparison_scores_both_models_against_the_corrections() -> None:
+    truth = np.zeros((8, 8), bool)
+    truth[:4] = True  # 32 pixels
+    half = np.zeros((8, 8), bool)
+    half[:2] = True  # 16 pixels, all inside: Dice 2 * 16 / 48
+    base, adapted = _FixedAnswer(half), _FixedAnswer(truth)
+    examples = [("a", np.zeros((8, 8)), "lower left lung", truth), ("b", np.zeros((8, 8)), "upper right lung", truth)]
+    seen = []
+    comparison = compare_on_held_out(base, adapted, examples, lambda done, total: seen.append((done, total)), order="x")
+    assert comparison.names == ["a", "b"] and seen == [(1, 2), (2, 2)]
+    assert comparison.base_dice == pytest.approx([2 / 3, 2 / 3]) and comparison.adapter_dice == [1.0, 1.0]
+    assert base.calls == [("lower left lung", {"order": "x"}), ("upper right lung", {"order": "x"})]
+    assert "Dice 100.0 % with this adapter, 66.7 % with the base model (+33.3 points)" in comparison.summary()
+    assert HeldOutComparison.from_json(comparison.to_json()) == comparison
+    assert mask_dice(np.zeros((3, 3), bool), np.zeros((3, 3), bool)) == 1.0  # nothing to find, nothing found
+    with pytest.raises(ValueError, match="one base and one adapter Dice"):
+        HeldOutComparison.from_json({"names": ["a"], "base_dice": [], "adapter_dice": [1.0]})
+
+
+def _store_of(root: Path, count: int) -> CorrectionsStore:
+    store = CorrectionsStore(root)
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        mask = np.zeros((32, 32), bool)
+        mask[4 + i : 16 + i, 3:13] = True
+        store.add(rng.random((32, 32)).astype(np.float32), f"Unilateral pulmonary infection, lower left lung {i}", mask)
+    return store
+
+
+def test_finetune_holds_back_corrections_and_stores_the_comparison(model_copy: Path, tmp_path: Path, monkeypatch):
+    import napari_mris_train.finetune as finetune_module
+    from napari_mris_train.data import load_split
+
+    store = _store_of(tmp_path / "corrections", 6)
+    names = [r.name for r in store.records()]
+    held = held_out_names(names, 0.34)
+    assert len(held) == 2
+    trained_on = []
+    original = finetune_module.train_adapter
+
+    def recording(model_dir, dataset, steps, **options):
+        trained_on.extend(load_split(dataset).names)
+        return original(model_dir, dataset, steps, **options)
+
+    monkeypatch.setattr(finetune_module, "train_adapter", recording)
+    folder = finetune_module.finetune(model_copy, store.root, "held", steps=2, batch_size=2, held_out_fraction=0.34)
+    assert sorted(trained_on) == sorted(set(names) - set(held))  # the held-back cases were not trained on
+    stored = adapter_evaluation(model_copy, "held")
+    assert stored is not None and (folder / "evaluation.json").is_file()
+    comparison = HeldOutComparison.from_json(stored)
+    assert sorted(comparison.names) == sorted(held)
+    base = MRISPipeline.from_pretrained(model_copy, device="cpu")
+    records = {r.name: r for r in store.records()}
+    for name, dice in zip(comparison.names, comparison.base_dice, strict=True):  # the base column is the base model's
+        example = load_split(store.root)[load_split(store.root).names.index(name)]
+        assert dice == pytest.approx(mask_dice(base.segment(example.image, records[name].prompt).mask, example.mask))
+    adapted = MRISPipeline.from_pretrained(model_copy, device="cpu", adapter="held")
+    example = load_split(store.root)[load_split(store.root).names.index(comparison.names[0])]
+    assert comparison.adapter_dice[0] == pytest.approx(
+        mask_dice(adapted.segment(example.image, example.description).mask, example.mask)
+    )  # the adapter column is the saved adapter's, as the widget would load it
+
+    finetune_module.finetune(model_copy, store.root, "all", steps=1, batch_size=2)
+    assert adapter_evaluation(model_copy, "all") is None  # nothing held back, nothing claimed
+    (adapters_folder(model_copy) / "all" / "evaluation.json").write_text("{not json")
+    assert adapter_evaluation(model_copy, "all") is None
+
+
+def test_the_job_asks_for_held_back_cases_and_reports_their_scoring(model_copy: Path, tmp_path: Path) -> None:
+    store = _store_of(tmp_path / "corrections", 1)
+    job = AdaptationJob(model_copy, store.root, "x", steps=2, held_out_fraction=0.25)
+    command = job.command()
+    assert command[command.index("--hold-out") + 1] == "0.25"
+    lines = ["step 1/2 loss 0.5", "step 2/2 loss 0.25", "held-back 1/2", "held-back 2/2", "adapter saved: /a/x"]
+    job.command = lambda: [sys.executable, "-c", f"print({chr(10).join(lines)!r})"]
+    progress = []
+    runner = job.run()
+    with pytest.raises(StopIteration) as done:
+        while True:
+            progress.append(next(runner))
+    assert done.value.value == "x"
+    assert [(p.step, p.total, p.loss, p.phase) for p in progress] == [
+        (1, 2, 0.5, "training"),
+        (2, 2, 0.25, "training"),
+        (1, 2, 0.25, "held-back"),
+        (2, 2, 0.25, "held-back"),
+    ]

@@ -7,6 +7,7 @@ platformdirs names for napari-mris (`~/.local/share/napari-mris` on Linux), then
 model hash (`modeldir.model_hash`, which covers every model file) and one per adapter:
 
     <root>/<base model hash, 16 hex>/<adapter name>/adapter_model.safetensors, adapter_config.json, base_model.json
+                                                     [evaluation.json: base vs adapter on held-back corrections]
 
 The hash key means a model directory only ever sees its own adapters, wherever it is installed; the
 `base_model.json` inside each adapter is checked again on load, so a folder copied by hand under another
@@ -28,6 +29,7 @@ ENV_ROOT = "NAPARI_MRIS_ADAPTERS"
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 BASE = "base_model.json"
+EVALUATION = "evaluation.json"  # napari_mris.adaptation.HeldOutComparison, written with the adapter
 HASH_CHARS = 16
 
 
@@ -98,9 +100,21 @@ def merged_adapter(llama: Any, model_dir: str | Path, name: str) -> Any:
     return peft_model.merge_and_unload()
 
 
-def save_adapter(peft_llama: Any, model_dir: str | Path, name: str) -> Path:
+def adapter_evaluation(model_dir: str | Path, name: str) -> dict[str, Any] | None:
+    """The adapter's stored held-back comparison (`EVALUATION`), or None when it has none or it is unreadable
+    (an adapter trained without held-back corrections, or by hand)."""
+    path = adapter_dir(model_dir, name) / EVALUATION
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def save_adapter(peft_llama: Any, model_dir: str | Path, name: str, evaluation: dict[str, Any] | None = None) -> Path:
     """Save a peft-wrapped `decoder.llama` as this model's adapter `name`, replacing it atomically: a
-    finished temporary folder is renamed into place, so a crash leaves the old adapter or none."""
+    finished temporary folder is renamed into place, so a crash leaves the old adapter or none, and an
+    `evaluation` (JSON-ready) is never seen without its adapter or the other way round."""
     target = adapter_dir(model_dir, name)
     base_hash = _model_hash(model_dir)
     try:
@@ -111,6 +125,8 @@ def save_adapter(peft_llama: Any, model_dir: str | Path, name: str) -> Path:
     try:
         peft_llama.save_pretrained(str(staging), safe_serialization=True)
         (staging / BASE).write_text(json.dumps({"base_model_hash": base_hash}) + "\n", encoding="utf-8")
+        if evaluation is not None:
+            (staging / EVALUATION).write_text(json.dumps(evaluation) + "\n", encoding="utf-8")
         if target.exists():
             old = target.with_name(f".{name}.old")
             shutil.rmtree(old, ignore_errors=True)

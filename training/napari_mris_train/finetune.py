@@ -29,6 +29,7 @@ from napari_mris.tokenizers import load_tokenizers
 from napari_mris_train.config import TrainRecipe
 from napari_mris_train.data import load_split
 from napari_mris_train.encode_cache import encode_split
+from napari_mris_train.held_out import report_held_out, score_held_out, split_held_out
 from napari_mris_train.losses import LossConfig
 from napari_mris_train.mixing import SequenceMixer
 from napari_mris_train.objective import Objective, adamw, collate_samples
@@ -140,18 +141,30 @@ def finetune(
     dataset: str | Path,
     name: str,
     steps: int = 200,
+    *,
+    held_out_fraction: float = 0.0,
+    held_out_progress: Callable[[int, int], None] | None = None,
     **options,
 ) -> Path:
     """Fine-tune with LoRA and save it as adapter `name` of the model (napari_mris.adapters); returns its folder.
 
     `progress_callback(step, total, loss)` is called after each step (`--report-steps` prints it for the
     widget, which runs this command in a process of its own and stops it by ending that process); a
-    failure, or a process ended before the end, leaves no adapter folder behind. Options: see `train_adapter`.
+    failure, or a process ended before the end, leaves no adapter folder behind. With `held_out_fraction`,
+    that part of the data is not trained on; the base model and the adapter are scored on it and the
+    comparison is saved with the adapter (held_out.py). Options: see `train_adapter`.
     """
     model_dir = resolve_model_dir(model_dir)
     adapter_dir(model_dir, name)  # a bad name fails before the training, not after it
-    decoder, _ = train_adapter(model_dir, dataset, steps, **options)
-    return save_adapter(decoder.llama.cpu(), model_dir, name)
+    with tempfile.TemporaryDirectory(prefix="mris-held-out-") as scratch:
+        train_part, held = split_held_out(open_dataset(dataset), held_out_fraction, scratch)
+        decoder, layout = train_adapter(model_dir, train_part if held else dataset, steps, **options)
+        evaluation = None
+        if held:
+            device = next(decoder.parameters()).device
+            comparison = score_held_out(model_dir, decoder, layout, held, name, device, held_out_progress)
+            evaluation = comparison.to_json()
+    return save_adapter(decoder.llama.cpu(), model_dir, name, evaluation)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -175,6 +188,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="without --replay-data: replay N synthetic phantoms (part of the default model's training data)",
     )
     parser.add_argument("--replay-fraction", type=float, default=0.5)
+    parser.add_argument(
+        "--hold-out",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="score base and adapter on this fraction of the data, not trained on (saved with the adapter)",
+    )
     parser.add_argument(
         "--report-steps", action="store_true", help="print 'step I/N loss L' lines (for the widget), no bar"
     )
@@ -219,4 +239,6 @@ def finetune_command(args: argparse.Namespace) -> Path:
             seed=args.seed,
             progress=not args.report_steps,
             progress_callback=report_step if args.report_steps else None,
+            held_out_fraction=args.hold_out,
+            held_out_progress=report_held_out if args.report_steps else None,
         )
