@@ -316,12 +316,12 @@ def warm_up_stem(run: Run, progress: bool) -> None:
     save_state(run)
 
 
-def weights_digest(decoder: MRISDecoder) -> str:
-    """SHA-256 of the decoder's weights, tensor by tensor: equal digests mean bit-identical replicas."""
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict, tensor by tensor in name order: equal digests mean bit-identical weights."""
     digest = hashlib.sha256()
-    for name, tensor in decoder.state_dict().items():
+    for name in sorted(state):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -335,7 +335,8 @@ def save_state(run: Run) -> None:
     from accelerate.utils import gather_object
 
     run.accelerator.wait_for_everyone()
-    replicas = gather_object([weights_digest(run.decoder)])
+    state = run.decoder.state_dict()
+    replicas = gather_object([weights_digest(state)])
     if len(set(replicas)) > 1:
         raise TrainingDiverged(f"the {len(replicas)} processes hold different weights at step {run.step}: {replicas}")
     if not run.accelerator.is_main_process:
@@ -349,7 +350,7 @@ def save_state(run: Run) -> None:
         "replicas": replicas,
     }
     memory = run.memory.state_dict() if run.memory else None  # the main process's; each process keeps its own
-    save_checkpoint(run.last, run.decoder.state_dict(), run.optimizer, memory, info)
+    save_checkpoint(run.last, state, run.optimizer, memory, info)
 
 
 def train(
