@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from test_trainer import TINY, fresh_model_dir, model_state, tiny_data  # noqa: F401  (tiny_data: a fixture)
 
 from napari_mris_train import trainer
@@ -29,7 +30,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def launch(recipe: Path, root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     """`accelerate launch` of `napari-mris-train train` on two CPU processes.
 
     `--multi_gpu` picks accelerate's torchrun launcher; ACCELERATE_USE_CPU makes its processes CPU ones that
@@ -38,7 +39,7 @@ def launch(root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [
         *(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"),
         *("--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"),
-        *("--main_process_port", str(free_port()), "-m", "napari_mris_train.cli", "train", "--config", str(TINY)),
+        *("--main_process_port", str(free_port()), "-m", "napari_mris_train.cli", "train", "--config", str(recipe)),
         *("--data", str(root), "--out", str(out), "--steps", "4", "--quiet", *extra),
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
@@ -54,15 +55,20 @@ def checkpoint_info(out: Path) -> dict:
 def test_two_processes_train_the_same_weights_and_resume(tiny_data, tmp_path):  # noqa: F811
     root, tokenizers = tiny_data
     out = fresh_model_dir(tokenizers, tmp_path)
-    launch(root, out, "--stop-after", "2")
+    recipe = yaml.safe_load(TINY.read_text())
+    recipe["train"]["stem_warmup_steps"] = 3  # each process warms the stem up; the main one's is kept
+    config = tmp_path / "tiny_warm.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    launch(config, root, out, "--stop-after", "2")
     first = checkpoint_info(out)
     assert first["step"] == 2 and first["data_position"] == 2 * 4 * 2  # two processes, four examples each
     assert len(first["replicas"]) == 2 and len(set(first["replicas"])) == 1
     assert first["replicas"][0] == trainer.weights_digest(model_state(out))  # the digest is of the saved weights
-    launch(root, out, "--resume")
+    launch(config, root, out, "--resume")
     second = checkpoint_info(out)
     assert second["step"] == 4 and len(second["replicas"]) == 2 and len(set(second["replicas"])) == 1
     assert second["replicas"] != first["replicas"]  # the resumed steps trained
     log = [json.loads(line) for line in (out / trainer.LOG_NAME).read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]  # one line per step: the main process logs
+    assert [r["stem_warmup_step"] for r in log if "stem_warmup_step" in r] == [3]  # not again on --resume
     assert any("val_selection" in r for r in log) and (out / "model.safetensors").is_file()
