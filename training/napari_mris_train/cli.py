@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 SUBCOMMANDS = {
     "tokenizers": ("napari_mris_train.tokenizer_training", "train (or --eval) the image, mask and text tokenizers"),
@@ -20,6 +21,16 @@ SUBCOMMANDS = {
     "domain": ("napari_mris_train.domain", "calibrate the domain guard (domain.safetensors) on a dataset"),
     "vocabulary": ("napari_mris_train.vocabulary", "record the training descriptions' words (prompt_vocabulary.json)"),
 }
+
+
+def add_training_data(parser: argparse.ArgumentParser, extra_help: str) -> None:
+    """`--data ROOT` and the repeatable `--extra-train ROOT`, one definition for `train` and `domain`.
+
+    Why shared: the domain guard's statistics must come from the very images the decoder trained on, so
+    both commands must read the two options alike.
+    """
+    parser.add_argument("--data", required=True, type=Path, help="LViT root with Train_Folder and Val_Folder")
+    parser.add_argument("--extra-train", type=Path, action="append", default=[], metavar="ROOT", help=extra_help)
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:

@@ -28,6 +28,7 @@ from napari_mris.io import read_slice
 from napari_mris.model.decoder import load_decoder
 from napari_mris.model.modeldir import read_config
 from napari_mris.tokenizers.preprocess import to_model_image
+from napari_mris_train.cli import add_training_data
 
 DEFAULT_FALSE_ALARMS = 0.01
 # Covariance shrinkage towards the mean variance; docs/results.md ("Domain guard") shows 0.001..0.03.
@@ -101,17 +102,11 @@ def fit_domain_guard(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="the model directory (domain.safetensors goes here)")
-    parser.add_argument("--data", required=True, type=Path, help="LViT root with Train_Folder and Val_Folder")
-    parser.add_argument(
-        "--false-alarms", type=float, default=DEFAULT_FALSE_ALARMS, help="fraction of Val_Folder allowed to be flagged"
+    add_training_data(
+        parser, "another LViT root whose Train_Folder the model also trained on (repeatable); statistics only"
     )
     parser.add_argument(
-        "--extra-train",
-        type=Path,
-        action="append",
-        default=[],
-        metavar="ROOT",
-        help="another LViT root whose Train_Folder the model also trained on (repeatable); statistics only",
+        "--false-alarms", type=float, default=DEFAULT_FALSE_ALARMS, help="fraction of Val_Folder allowed to be flagged"
     )
     parser.add_argument("--shrinkage", type=float, default=DEFAULT_SHRINKAGE, help="covariance shrinkage (0..1)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")

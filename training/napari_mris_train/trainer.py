@@ -42,6 +42,7 @@ from napari_mris_train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from napari_mris_train.cli import add_training_data
 from napari_mris_train.config import ConfigError, Recipe, decoder_settings, load_recipe
 from napari_mris_train.data import concat_splits, load_split
 from napari_mris_train.encode_cache import cached_encoding
@@ -461,16 +462,8 @@ def validate(run: Run) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, type=Path, help="recipe, e.g. training/configs/default.yaml")
-    parser.add_argument("--data", required=True, type=Path, help="LViT root with Train_Folder and Val_Folder")
+    add_training_data(parser, "another LViT root whose Train_Folder joins the training data (repeatable)")
     parser.add_argument("--out", required=True, type=Path, help="model directory holding the trained tokenizers")
-    parser.add_argument(
-        "--extra-train",
-        type=Path,
-        action="append",
-        default=[],
-        metavar="ROOT",
-        help="another LViT root whose Train_Folder joins the training data (repeatable), e.g. phantoms",
-    )
     parser.add_argument("--resume", action="store_true", help="continue from <run>/checkpoints/last exactly")
     parser.add_argument(
         "--init-from",
