@@ -41,16 +41,7 @@ from napari_mris.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 from napari_mris.tokenizers.patch import PatchMaskTokenizer, PatchMaskTokenizerConfig, fit_codebook
 from napari_mris.tokenizers.preprocess import to_model_image
 from napari_mris.tokenizers.text import TextTokenizer
-from napari_mris_train.checkpoint import (
-    STATE_JSON,
-    STATE_TENSORS,
-    CheckpointError,
-    load_checkpoint,
-    load_optimizer,
-    part,
-    restore_rng,
-    save_checkpoint,
-)
+from napari_mris_train import checkpoint
 from napari_mris_train.config import ConfigError, load_recipe
 from napari_mris_train.data import LViTSplit, load_split
 from napari_mris_train.losses import lesion_loss
@@ -214,13 +205,13 @@ def _batch(data: torch.Tensor, batch_size: int, seed: int, step: int) -> torch.T
 
 def _resume(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> int:
     """Restore `model`, `opt` and the RNGs from a checkpoint folder; returns the step it reached."""
-    tensors, info = load_checkpoint(folder)
-    load_state_checked(model, part(tensors, "model"), folder / STATE_TENSORS)
+    tensors, info = checkpoint.load_checkpoint(folder)
+    load_state_checked(model, checkpoint.part(tensors, "model"), folder / checkpoint.STATE_TENSORS)
     try:
-        load_optimizer(opt, part(tensors, "optim"), info["param_groups"])
+        checkpoint.load_optimizer(opt, checkpoint.part(tensors, "optim"), info["param_groups"])
     except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"{folder}: optimizer state does not match this recipe: {exc}") from exc
-    restore_rng(tensors, info["rng"])
+        raise checkpoint.CheckpointError(f"{folder}: optimizer state does not match this recipe: {exc}") from exc
+    checkpoint.restore_rng(tensors, info["rng"])
     return int(info["step"])
 
 
@@ -248,7 +239,7 @@ def train_stage(
     opt = torch.optim.AdamW(trainable.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=1e-4)
     folder = None if ckpt_dir is None else Path(ckpt_dir) / stage
     start = 0
-    if resume and folder is not None and (folder / STATE_JSON).is_file():
+    if resume and folder is not None and (folder / checkpoint.STATE_JSON).is_file():
         start = _resume(folder, model, opt)  # resumes exactly where it stopped
     model.eval()
     trainable.train()
@@ -265,7 +256,7 @@ def train_stage(
         bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
         done = step + 1
         if folder is not None and (done % checkpoint_every == 0 or done == steps):
-            save_checkpoint(folder, model.state_dict(), opt, None, {"stage": stage, "step": done})
+            checkpoint.save_checkpoint(folder, model.state_dict(), opt, None, {"stage": stage, "step": done})
     bar.close()
     return model.eval()
 
