@@ -75,15 +75,30 @@ def test_segment_button_needs_an_image_and_a_prompt(viewer) -> None:
     widget = make_widget(viewer, prompt="")
     assert not widget.segment_button.isEnabled()
     viewer.add_image(np.zeros((8, 8), np.float32), name="a")
-    assert widget.image_combo.currentText() == "a" and not widget.segment_button.isEnabled()
+    assert widget.image_layer().name == "a" and not widget.segment_button.isEnabled()
     widget.set_prompt("  lung \n")
     assert widget.segment_button.isEnabled() and not widget.stop_button.isEnabled()
     viewer.add_image(np.zeros((8, 8), np.float32), name="b")
-    assert [widget.image_combo.itemText(i) for i in range(widget.image_combo.count())] == ["a", "b"]
+    assert [layer.name for layer in widget.image_picker.choices] == ["a", "b"]
+    assert widget.image_layer().name == "a"  # a new layer leaves the choice alone
     viewer.layers.remove("a")
     viewer.layers.remove("b")
-    assert widget.image_combo.count() == 0 and not widget.segment_button.isEnabled()
+    assert widget.image_picker.choices == () and widget.image_layer() is None
+    assert not widget.segment_button.isEnabled()
     assert widget.pipeline is None  # nothing was loaded by constructing the widget
+
+
+def test_image_picker_follows_the_viewer_s_layers(viewer) -> None:
+    """The magicgui layer picker: images only, a renamed one by its new name; a removed choice falls to the newest."""
+    widget = make_widget(viewer)
+    for name in ("a", "b", "c"):
+        viewer.add_image(np.zeros((8, 8), np.float32), name=name)
+    viewer.add_labels(np.zeros((8, 8), np.uint16), name="not an image")
+    assert widget.image_layer().name == "a"
+    viewer.layers["b"].name = "b2"
+    assert sorted(layer.name for layer in widget.image_picker.choices) == ["a", "b2", "c"]
+    viewer.layers.remove("a")
+    assert widget.image_layer() is viewer.layers["c"]
 
 
 def test_scripted_segmentation_fills_one_label_as_one_undo_step(viewer, image_layer, qtbot) -> None:
@@ -202,7 +217,7 @@ def test_samples_show_an_uncertainty_layer(viewer, image_layer, qtbot) -> None:
     assert pipeline.calls[0]["samples"] == 3 and pipeline.calls[0]["order"] == "raster"
     layer = viewer.layers[UNCERTAINTY_NAME]
     np.testing.assert_array_equal(layer.data, uncertainty)
-    assert widget.image_combo.count() == 1  # the uncertainty layer is not offered as an input image
+    assert [layer.name for layer in widget.image_picker.choices] == ["slice"]  # never the uncertainty layer
 
 
 def test_stack_segments_the_current_plane(viewer, qtbot) -> None:

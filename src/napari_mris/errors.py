@@ -4,6 +4,10 @@ Library errors (pydicom, SimpleITK, torch, ...) are caught where they happen and
 these, with a message that names the file or prompt and says what is wrong in plain words.
 """
 
+import logging
+
+log = logging.getLogger(__name__)
+
 
 class MRISError(Exception):
     """Base class for every error napari-mris reports to a user."""
@@ -31,3 +35,12 @@ class PromptError(MRISError):
 
 class DatasetError(MRISError):
     """A dataset folder is not in the LViT layout, or none of its pairs could be used."""
+
+
+def user_message(exc: BaseException, context: str) -> str:
+    """The line a user sees for an error from a worker: an MRISError's own message; anything else is a bug,
+    logged with its traceback and shown with `context`, its type and its text."""
+    if isinstance(exc, MRISError):
+        return str(exc)
+    log.error("%s", context, exc_info=exc)
+    return f"{context}: {type(exc).__name__}: {exc}"
