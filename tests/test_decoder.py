@@ -14,12 +14,8 @@ from safetensors.torch import save_file
 from napari_mris.adapters import adapter_dir, adapters_folder, adapters_root, list_adapters, save_adapter
 from napari_mris.errors import ModelDirectoryError
 from napari_mris.model import modeldir
-from napari_mris.model.decoder import (
-    MRISDecoder,
-    load_decoder,
-    lora_target_modules,
-    save_decoder,
-)
+from napari_mris.model.decoder import MRISDecoder, lora_target_modules
+from napari_mris.model.decoder_files import load_decoder, save_decoder
 from napari_mris.model.sequence import build_training_sequence, collate
 
 LAYOUT = TINY_LAYOUT

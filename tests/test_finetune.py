@@ -10,7 +10,7 @@ import torch
 
 from napari_mris.adapters import adapters_folder, list_adapters, save_adapter
 from napari_mris.errors import ModelDirectoryError
-from napari_mris.model.decoder import load_decoder
+from napari_mris.model.decoder_files import load_decoder
 from napari_mris.model.modeldir import file_sha256, model_hash
 from napari_mris_train.cli import main
 from napari_mris_train.finetune import finetune, train_adapter

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from napari_mris.errors import ModelDirectoryError
-from napari_mris.model.decoder import load_decoder
+from napari_mris.model.decoder_files import load_decoder
 from napari_mris.model.modeldir import (
     MANIFEST_NAME,
     model_files,

@@ -9,7 +9,8 @@ import pytest
 import torch
 from _tiny_decoder import TINY_LAYOUT, one_torch_thread, tiny_decoder_config  # noqa: F401
 
-from napari_mris.model.decoder import DecoderConfig, MRISDecoder, load_decoder, save_decoder
+from napari_mris.model.decoder import DecoderConfig, MRISDecoder
+from napari_mris.model.decoder_files import load_decoder, save_decoder
 from napari_mris.model.generate import autoregressive_infer, mask_code_tokens
 from napari_mris.model.pixel_stem import PixelStem
 from napari_mris.model.sequence import (

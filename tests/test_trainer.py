@@ -377,7 +377,7 @@ def test_export_writes_the_last_weights_and_nothing_else(tiny_model_dir, tmp_pat
 
 def test_export_of_the_best_weights_in_half_precision(tiny_model_dir, tmp_path) -> None:  # noqa: F811
     """--weights best ships model.safetensors (kept by the selection score) and --float16 halves it."""
-    from napari_mris.model.decoder import load_decoder
+    from napari_mris.model.decoder_files import load_decoder
     from napari_mris.model.modeldir import read_config
     from napari_mris_train.cli import main
 

@@ -26,7 +26,7 @@ from napari_mris.errors import ModelDirectoryError, MRISError, UnsupportedImageE
 from napari_mris.export import software_versions
 from napari_mris.findings import check_findings
 from napari_mris.lesion_snap import snap_to_lesion_map
-from napari_mris.model.decoder import load_decoder
+from napari_mris.model.decoder_files import load_decoder
 from napari_mris.model.generate import ImagePrefill, autoregressive_infer, prefill_image
 from napari_mris.model.modeldir import read_config, verify_model_dir
 from napari_mris.model.sequence import image_block_ids, prefix_ids

@@ -25,7 +25,7 @@ import torch
 from napari_mris.domain import DomainGuard, stem_digest, stem_features
 from napari_mris.errors import MRISError
 from napari_mris.io import read_slice
-from napari_mris.model.decoder import load_decoder
+from napari_mris.model.decoder_files import load_decoder
 from napari_mris.model.modeldir import read_config
 from napari_mris.tokenizers.preprocess import to_model_image
 from napari_mris_train.cli import add_training_data

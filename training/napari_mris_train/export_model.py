@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from napari_mris.errors import MRISError
-from napari_mris.model.decoder import load_decoder, save_decoder
+from napari_mris.model.decoder_files import load_decoder, save_decoder
 from napari_mris.model.modeldir import MANIFEST_NAME, update_config, write_manifest
 from napari_mris_train.checkpoint import load_checkpoint, part
 

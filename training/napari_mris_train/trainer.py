@@ -28,7 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from napari_mris.errors import MRISError
-from napari_mris.model.decoder import DecoderConfig, MRISDecoder, save_decoder
+from napari_mris.model.decoder import DecoderConfig, MRISDecoder
+from napari_mris.model.decoder_files import save_decoder
 from napari_mris.model.modeldir import load_state_checked, load_weights, read_config
 from napari_mris.model.sequence import HEADER_LENGTH
 from napari_mris.model.vocab import VocabLayout
