@@ -16,7 +16,7 @@ import skimage.io
 import tifffile
 
 from napari_mris.errors import ImageReadError, UnsupportedImageError
-from napari_mris.io.slice import Slice, check_finite, identity_geometry
+from napari_mris.io.slice import Slice, file_slice, identity_geometry
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 LUMA_WEIGHTS = np.array([0.2125, 0.7154, 0.0721], dtype=np.float64)
@@ -36,18 +36,7 @@ def read_raster(path: Path) -> Slice:
         array = to_gray(array, path)
     if array.ndim not in (2, 3):
         raise UnsupportedImageError(f"{path}: cannot use an image of shape {array.shape}; expected (H, W) or (Z, H, W)")
-    pixels = array.astype(np.float32)
-    check_finite(pixels, path)  # float TIFFs can hold NaN/inf
-    spacing, origin, direction = identity_geometry(array.shape)
-    return Slice(
-        pixels=pixels,
-        spacing=spacing,
-        origin=origin,
-        direction=direction,
-        window=None,
-        source_path=path,
-        name=path.stem,
-    )
+    return file_slice(array, path, identity_geometry(array.shape), path.stem)  # float TIFFs can hold NaN/inf
 
 
 def check_file_not_empty(path: Path) -> None:

@@ -112,3 +112,14 @@ def identity_geometry(shape: tuple[int, ...]) -> tuple[tuple[float, ...], tuple[
     """Spacing 1, origin 0, identity direction: the geometry of a file that carries none (PNG, JPEG)."""
     ndim = len(shape)
     return (1.0,) * ndim, (0.0,) * ndim, np.eye(ndim)
+
+
+def file_slice(
+    array: np.ndarray, path: Path, geometry: tuple[tuple[float, ...], tuple[float, ...], np.ndarray], name: str
+) -> Slice:
+    """The Slice of a file's pixels as stored (float32, every pixel finite) with the file's geometry
+    (spacing, origin, direction) and no display window: the last step of every non-DICOM reader."""
+    pixels = array.astype(np.float32)
+    check_finite(pixels, path)
+    spacing, origin, direction = geometry
+    return Slice(pixels, spacing, origin, direction, window=None, source_path=path, name=name)

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from napari_mris.errors import ImageReadError, UnsupportedImageError
 from napari_mris.io.raster import check_file_not_empty, to_gray
-from napari_mris.io.slice import Slice, check_finite
+from napari_mris.io.slice import Slice, check_finite, file_slice
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -55,19 +55,10 @@ def read_volume(path: Path) -> Slice:
     spacing, origin, direction = array_order_geometry(image)
     if array.ndim == 3 and array.shape[0] == 1:
         array, spacing, origin, direction = array[0], spacing[1:], origin[1:], direction[1:, 1:]
-    pixels = array.astype(np.float32)
-    check_finite(pixels, path)
+    image_slice = file_slice(array, path, (spacing, origin, direction), volume_stem(path))
     if path.name.lower().endswith((".nii", ".nii.gz")):
         _check_nifti_voxels_finite(path)
-    return Slice(
-        pixels=pixels,
-        spacing=spacing,
-        origin=origin,
-        direction=direction,
-        window=None,
-        source_path=path,
-        name=volume_stem(path),
-    )
+    return image_slice
 
 
 # NIfTI datatype code -> numpy type of one stored float component (complex types are pairs of floats)
