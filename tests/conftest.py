@@ -18,6 +18,7 @@ if shutil.which("Xvfb") is None and not os.environ.get("DISPLAY"):
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+os.environ.pop("NAPARI_MRIS_MODEL", None)  # "default" is the shipped model in every test, not a site's own
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -26,6 +27,8 @@ def user_adapters_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("user_adapters")
     os.environ["NAPARI_MRIS_ADAPTERS"] = str(folder)  # also inherited by adaptation child processes
     return folder
+
+
 SHARED_DATA = Path(os.environ.get("MRIS_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
@@ -37,20 +40,22 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def _data_folder(shared_data: Path, name: str) -> Path:
+    """One data set of the real data folder; skips when that one is missing."""
+    root = shared_data / name
+    if not root.is_dir():
+        pytest.skip(f"{name} not found at {root}")
+    return root
+
+
 @pytest.fixture(scope="session")
 def qata_root(shared_data: Path) -> Path:
-    root = shared_data / "QaTa-COV19"
-    if not root.is_dir():
-        pytest.skip(f"QaTa-COV19 not found at {root}")
-    return root
+    return _data_folder(shared_data, "QaTa-COV19")
 
 
 @pytest.fixture(scope="session")
 def ct_3slice(shared_data: Path) -> Path:
-    root = shared_data / "ct-3slice"
-    if not root.is_dir():
-        pytest.skip(f"ct-3slice not found at {root}")
-    return root
+    return _data_folder(shared_data, "ct-3slice")
 
 
 # The tiny model for the pipeline, widget and CLI tests: defined here so that pytest builds it once per run.
