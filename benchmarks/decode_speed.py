@@ -32,19 +32,9 @@ SCALES = (1, 2, 3, 4, 6, 8, 10, 14)
 
 
 def default_decoder(seed: int = 0) -> MRISDecoder:
+    """`DecoderConfig`'s default size (6 layers, 256 wide, 16 NkTP heads) over `LAYOUT`, without dropout."""
     torch.manual_seed(seed)
-    config = DecoderConfig(
-        vocab_size=LAYOUT.vocab_size,
-        hidden_size=256,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        intermediate_size=704,
-        max_position_embeddings=1024,
-        dropout=0.0,
-        nktp_k=16,
-        n_scales=len(SCALES),
-    )
+    config = DecoderConfig(vocab_size=LAYOUT.vocab_size, dropout=0.0, n_scales=len(SCALES))
     return MRISDecoder(config).eval()
 
 
