@@ -1,6 +1,6 @@
 """Patch-codebook mask tokenizer: every p x p patch of the mask is replaced by its nearest codebook patch.
 
-Why a patch codebook rather than a learned VQ autoencoder (removed; docs/tokenizers.md): the language model has to *predict* mask
+Why not a learned VQ autoencoder (removed, docs/tokenizers.md): the language model has to *predict* mask
 codes, and a convolutional VQ encoder sees each patch's neighbourhood, so the same empty patch gets
 hundreds of different codes depending on what lies around it. On QaTa-COV19 the default 1,024-code VQ
 tokenizer spreads the 95 % empty-or-full patches over 443 codes for 90 % of all tokens (measured), and a
