@@ -63,7 +63,7 @@ class DecoderConfig:
     pixel_channels: list[int] = field(default_factory=list)  # stride-2 stages of the pixel stem; [] = none
     text_slots: int = 0  # RoPE positions given to the text whatever its length (sequence.position_shift); 0 = plain
     cell_features: bool = False  # add the stem feature of its own cell to each mask position (sequence.code_cells)
-    pixel_decoder_channels: list[int] = field(default_factory=list)  # U-Net up-stages of the stem (its lesion map); [] = none
+    pixel_decoder_channels: list[int] = field(default_factory=list)  # U-Net up-stages of the stem; [] = no lesion map
     cell_positions: bool = False  # add each cell's (row, column) code to its cell feature (cell_position_codes)
 
     def __post_init__(self) -> None:
