@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from napari_mris.model.decoder import DecoderConfig, MRISDecoder, cache_keyword
-from napari_mris.model.generate import autoregressive_infer, mask_code_tokens
-from napari_mris.model.sequence import mask_header, prefix_ids
+from napari_mris.model.generate import autoregressive_infer
+from napari_mris.model.orders import PlainCodes, decoding_order
+from napari_mris.model.sequence import prefix_ids
 from napari_mris.model.vocab import SOV, VocabLayout
 
 LAYOUT = VocabLayout(n_text=1000, n_image=1000, n_mask={"raster": 1024, "scale": 1024})
@@ -55,7 +56,7 @@ def force_present(decoder: MRISDecoder, prefix: torch.Tensor) -> None:
 def timed_decode(decoder, prefix, order, scales, **kwargs):
     start = time.perf_counter()
     first = None
-    for step in autoregressive_infer(decoder, LAYOUT, prefix, order, scales, **kwargs):
+    for step in autoregressive_infer(decoder, decoding_order(order, LAYOUT, PlainCodes(scales)), prefix, **kwargs):
         first = first if first is not None else time.perf_counter() - start
         last = step
     return time.perf_counter() - start, first, last
@@ -63,7 +64,8 @@ def timed_decode(decoder, prefix, order, scales, **kwargs):
 
 def timed_generate(decoder, prefix):
     """transformers generate() on the same Llama, greedy, restricted to the raster mask codes."""
-    header = torch.tensor(mask_header(LAYOUT, "raster", MASK_GRID))
+    raster = decoding_order("raster", LAYOUT, PlainCodes((MASK_GRID,)))
+    header = torch.tensor(raster.header())
     input_ids = torch.cat([prefix, header])[None]
     n = MASK_GRID * MASK_GRID
     start = time.perf_counter()
@@ -74,7 +76,7 @@ def timed_generate(decoder, prefix):
         min_new_tokens=n,
         do_sample=False,
         num_beams=1,
-        logits_processor=[mask_code_tokens(LAYOUT, "raster")],
+        logits_processor=[raster.legal_tokens()],
         eos_token_id=None,
         pad_token_id=0,
         use_cache=True,
@@ -158,7 +160,11 @@ def main() -> None:
 
     with torch.no_grad():
         passes = count_passes(decoder)
-        list(autoregressive_infer(decoder, LAYOUT, prefix, "raster", (MASK_GRID,), speculative=True))
+        list(
+            autoregressive_infer(
+                decoder, decoding_order("raster", LAYOUT, PlainCodes((MASK_GRID,))), prefix, speculative=True
+            )
+        )
         print(f"speculative with random heads: {passes[0] - 2} verify passes for {n_raster} tokens")
         del decoder.forward
         for threads in args.threads:

@@ -21,8 +21,7 @@ import time
 import numpy as np
 import torch
 
-from napari_mris.model.generate import mask_code_tokens
-from napari_mris.model.sequence import mask_header, prefix_ids
+from napari_mris.model.sequence import prefix_ids
 from napari_mris.phantom import make_phantom
 from napari_mris.pipeline import MRISPipeline
 
@@ -41,21 +40,21 @@ def time_stream(pipeline: MRISPipeline, image: np.ndarray, prompt: str, order: s
 
 def time_generate(pipeline: MRISPipeline, image: np.ndarray, prompt: str) -> float:
     """Raster mask through `LlamaForCausalLM.generate()`: the same prefix, forced header, legal codes."""
-    scales = pipeline.tokenizers.masks["raster"].scales
+    raster = pipeline.decoding_orders["raster"]
     start = time.perf_counter()
     text_ids, _ = pipeline._encode_prompt(prompt)
     _, codes = pipeline._model_input(image, None)  # generate() runs the bare Llama: no pixel stem
     prefix = prefix_ids(pipeline.layout, codes, text_ids, int(pipeline.tokenizers.image.grid)).to(pipeline.device)
-    header = torch.tensor(mask_header(pipeline.layout, "raster", scales[-1]), device=prefix.device)
+    header = torch.tensor(raster.header(), device=prefix.device)
     ids = torch.cat([prefix, header])[None]
     with torch.inference_mode():
         pipeline.decoder.llama.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            max_new_tokens=scales[-1] ** 2,
-            min_new_tokens=scales[-1] ** 2,
+            max_new_tokens=raster.n_codes,
+            min_new_tokens=raster.n_codes,
             do_sample=False,
-            logits_processor=[mask_code_tokens(pipeline.layout, "raster")],
+            logits_processor=[raster.legal_tokens()],
             pad_token_id=0,
         )
     return time.perf_counter() - start

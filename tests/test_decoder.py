@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from _orders import order_for
 from _tiny_decoder import TINY_LAYOUT, one_torch_thread, tiny_decoder_config  # noqa: F401
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
@@ -29,7 +30,7 @@ def tiny_decoder(seed: int = 0, **overrides) -> MRISDecoder:
 
 def scale_batch(last_scale_codes: torch.Tensor):
     codes = [torch.tensor([2]), torch.tensor([0, 1, 2, 3]), last_scale_codes]
-    seq = build_training_sequence(LAYOUT, torch.arange(4), [3, 4, 5], 2, "scale", codes, (1, 2, 4))
+    seq = build_training_sequence(order_for(LAYOUT, "scale", (1, 2, 4)), torch.arange(4), [3, 4, 5], 2, codes)
     return seq, collate([seq])
 
 
@@ -79,7 +80,7 @@ def test_custom_block_mask_is_honoured():
 def test_padding_rows_give_finite_logits():
     decoder = tiny_decoder()
     seq, _ = scale_batch(torch.zeros(16, dtype=torch.long))
-    short = build_training_sequence(LAYOUT, torch.arange(4), [3], 2, "raster", None, (2,))
+    short = build_training_sequence(order_for(LAYOUT, "raster", (2,)), torch.arange(4), [3], 2, None)
     batch = collate([seq, short])
     with torch.no_grad():
         padded = decoder(batch["input_ids"], scale_ids=batch["scale_ids"], attention_mask=batch["attention_mask"])

@@ -9,15 +9,11 @@ import torch.nn.functional as F
 from _tiny_decoder import TINY_LAYOUT, one_torch_thread, tiny_decoder_config  # noqa: F401
 
 from napari_mris.model.decoder import DecoderConfig, MRISDecoder
-from napari_mris.model.generate import (
-    autoregressive_infer,
-    image_block_length,
-    mask_code_tokens,
-    prefill_image,
-    raster_beam_search,
-    raster_tokens,
-)
-from napari_mris.model.sequence import build_training_sequence, collate, mask_header, prefix_ids
+from _orders import legal_codes, order_for
+
+from napari_mris.model.generate import autoregressive_infer, image_block_length, prefill_image
+from napari_mris.model.orders import Feed, Picker, raster_beam_search, raster_tokens
+from napari_mris.model.sequence import build_training_sequence, collate, prefix_ids
 from napari_mris.model.vocab import REJ, SOV, VocabLayout
 
 LAYOUT = TINY_LAYOUT
@@ -52,7 +48,7 @@ PREFIX = prefix_ids(LAYOUT, IMAGE, TEXT, 2)
 def final(decoder, order, scales=None, **kwargs):
     steps = list(
         autoregressive_infer(
-            decoder, LAYOUT, PREFIX, order, scales or (RASTER if order == "raster" else SCALES), **kwargs
+            decoder, order_for(LAYOUT, order, scales or (RASTER if order == "raster" else SCALES)), PREFIX, **kwargs
         )
     )
     assert steps[-1].finished and all(not s.finished for s in steps[:-1])
@@ -110,7 +106,7 @@ def test_rejection_path():
     model = tiny_decoder(seed=1)
     force_decision(model, REJ)
     for order, scales in (("raster", RASTER), ("scale", SCALES)):
-        steps = list(autoregressive_infer(model, LAYOUT, PREFIX, order, scales, samples=3, temperature=1.0))
+        steps = list(autoregressive_infer(model, order_for(LAYOUT, order, scales), PREFIX, samples=3, temperature=1.0))
         assert len(steps) == 1
         assert steps[0].rejected and steps[0].finished and steps[0].tokens_done == 0
         assert steps[0].reject_probability > 0.5
@@ -121,11 +117,11 @@ def test_cached_decoding_agrees_with_the_training_layout(decoder):
     for order, scales in (("raster", RASTER), ("scale", SCALES)):
         codes = final(decoder, order, scales)[-1].codes
         codes = [codes[0]] if order == "raster" else [c[0] for c in codes]
-        seq = build_training_sequence(LAYOUT, IMAGE, TEXT, 2, order, codes, scales)
+        seq = build_training_sequence(order_for(LAYOUT, order, scales), IMAGE, TEXT, 2, codes)
         batch = collate([seq])
         with torch.no_grad():
             logits = decoder(batch["input_ids"], batch["scale_ids"], batch["attention_mask"]).logits[0]
-        legal = mask_code_tokens(LAYOUT, order)
+        legal = legal_codes(LAYOUT, order)
         predicted = legal(None, logits[seq.mask_positions]).argmax(-1)
         assert torch.equal(predicted, seq.labels[seq.mask_positions]), order
 
@@ -194,39 +190,40 @@ def _count_forward_calls(model: MRISDecoder) -> list[int]:
 
 
 def _decode_start(model):
-    """The cache and logits right after the header, as autoregressive_infer has them."""
+    """The feed (cache after the header) and the header's output, as autoregressive_infer has them."""
+    order = order_for(LAYOUT, "raster", (4,))
     cache = model(PREFIX[None], use_cache=True).past_key_values
-    header = torch.tensor([mask_header(LAYOUT, "raster", 4)])
-    return model(header, past_key_values=cache, use_cache=True), cache
+    feed = Feed(model, cache, order.placement(len(PREFIX), 0, 0), None)
+    return feed(torch.tensor([order.header()])), feed
 
 
 def _sequence_logprob(model, ids: torch.Tensor) -> float:
     """log p(ids) under the model, restricted to the legal codes, without a cache."""
-    full = torch.cat([PREFIX, torch.tensor(mask_header(LAYOUT, "raster", 4)), ids])[None]
-    logits = mask_code_tokens(LAYOUT, "raster")(None, model(full).logits[0, -len(ids) - 1 : -1])
+    full = torch.cat([PREFIX, torch.tensor(order_for(LAYOUT, "raster", (4,)).header()), ids])[None]
+    logits = legal_codes(LAYOUT, "raster")(None, model(full).logits[0, -len(ids) - 1 : -1])
     return float(F.log_softmax(logits, -1).gather(-1, ids[:, None]).sum())
 
 
 def test_beam_search(decoder):
-    legal = mask_code_tokens(LAYOUT, "raster")
+    legal = legal_codes(LAYOUT, "raster")
     with torch.no_grad():
-        out, cache = _decode_start(decoder)
-        greedy = list(raster_tokens(decoder, legal, out.logits[:, -1], cache, 5, 0.0, None, None))[-1]
-        out, cache = _decode_start(decoder)
-        width_one = list(raster_beam_search(decoder, legal, out.logits[:, -1], cache, 5, 1))[-1][0]
+        out, feed = _decode_start(decoder)
+        greedy = list(raster_tokens(feed, Picker(legal), out.logits[:, -1], 5))[-1]
+        out, feed = _decode_start(decoder)
+        width_one = list(raster_beam_search(feed, Picker(legal, beam=1), out.logits[:, -1], 5))[-1][0]
         assert torch.equal(width_one, greedy)
 
         # two tokens, six codes: a beam of 6 keeps every first token, so it finds the exact best pair
-        out, cache = _decode_start(decoder)
-        best, scores = list(raster_beam_search(decoder, legal, out.logits[:, -1], cache, 2, 6))[-1]
+        out, feed = _decode_start(decoder)
+        best, scores = list(raster_beam_search(feed, Picker(legal, beam=6), out.logits[:, -1], 2))[-1]
         start = LAYOUT.mask_range("raster")[0]
         pairs = torch.cartesian_prod(torch.arange(6), torch.arange(6)) + start
         exact = max(pairs, key=lambda p: _sequence_logprob(decoder, p))
         assert torch.equal(best[0], exact)
 
         # the reported score of the best beam of a longer search is its true log-probability (cache reordering)
-        out, cache = _decode_start(decoder)
-        best, scores = list(raster_beam_search(decoder, legal, out.logits[:, -1], cache, 6, 4))[-1]
+        out, feed = _decode_start(decoder)
+        best, scores = list(raster_beam_search(feed, Picker(legal, beam=4), out.logits[:, -1], 6))[-1]
         assert scores[0] == pytest.approx(_sequence_logprob(decoder, best[0]), abs=1e-4)
         assert scores[0] >= scores[1:].max()
 
@@ -234,7 +231,7 @@ def test_beam_search(decoder):
 def test_decoding_runs_in_eval_mode_and_restores_the_callers_mode(decoder):
     decoder.train()
     try:
-        stream = autoregressive_infer(decoder, LAYOUT, PREFIX, "raster", RASTER)
+        stream = autoregressive_infer(decoder, order_for(LAYOUT, "raster", RASTER), PREFIX)
         next(stream)
         assert not decoder.training  # no dropout while decoding
         stream.close()  # the user pressed Stop
@@ -245,7 +242,7 @@ def test_decoding_runs_in_eval_mode_and_restores_the_callers_mode(decoder):
 
 def test_invalid_arguments_are_refused(decoder):
     def run(order="raster", scales=RASTER, **kwargs):
-        return list(autoregressive_infer(decoder, LAYOUT, PREFIX, order, scales, **kwargs))
+        return list(autoregressive_infer(decoder, order_for(LAYOUT, order, scales), PREFIX, **kwargs))
 
     with pytest.raises(ValueError, match="beam search is for raster order"):
         run("scale", SCALES, beam=2)
@@ -260,14 +257,14 @@ def test_invalid_arguments_are_refused(decoder):
     with pytest.raises(ValueError, match="more than the decoder's 128"):
         run(scales=(12,))
     with pytest.raises(ValueError, match="prefix ids must lie in"):
-        list(autoregressive_infer(decoder, LAYOUT, PREFIX + 1000, "raster", RASTER))
+        list(autoregressive_infer(decoder, order_for(LAYOUT, "raster", RASTER), PREFIX + 1000))
     only_raster = VocabLayout(n_text=12, n_image=8, n_mask={"raster": 6})
     with pytest.raises(ValueError, match="ids but the vocabulary"):
-        list(autoregressive_infer(decoder, only_raster, PREFIX, "raster", RASTER))
+        list(autoregressive_infer(decoder, order_for(only_raster, "raster", RASTER), PREFIX))
 
 
 def test_expected_patch_decides_on_pixels_not_on_the_single_likeliest_code() -> None:
-    from napari_mris.model.generate import ExpectedPatch
+    from napari_mris.tokenizers.patch import ExpectedPatch
 
     patches = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]])
     choose = ExpectedPatch(patches, slice(10, 14))  # mask codes are vocabulary ids 10..13
@@ -291,17 +288,17 @@ def test_cached_decoding_with_fixed_text_positions_agrees_with_the_training_layo
             head.linear.weight.normal_(std=0.5)
     force_decision(decoder, SOV)
     for order, scales in (("raster", RASTER), ("scale", SCALES)):
-        steps = list(autoregressive_infer(decoder, LAYOUT, PREFIX, order, scales, speculative=speculative))
+        steps = list(autoregressive_infer(decoder, order_for(LAYOUT, order, scales), PREFIX, speculative=speculative))
         codes = steps[-1].codes
         codes = [codes[0]] if order == "raster" else [c[0] for c in codes]
-        seq = build_training_sequence(LAYOUT, IMAGE, TEXT, 2, order, codes, scales, text_slots=8)
+        seq = build_training_sequence(order_for(LAYOUT, order, scales), IMAGE, TEXT, 2, codes, text_slots=8)
         batch = collate([seq])
         with torch.no_grad():
             shifted = decoder(
                 batch["input_ids"], batch["scale_ids"], batch["attention_mask"], position_ids=batch["position_ids"]
             ).logits[0]
             plain = decoder(batch["input_ids"], batch["scale_ids"], batch["attention_mask"]).logits[0]
-        legal = mask_code_tokens(LAYOUT, order)
+        legal = legal_codes(LAYOUT, order)
         predicted = legal(None, shifted[seq.mask_positions]).argmax(-1)
         assert torch.equal(predicted, seq.labels[seq.mask_positions]), order
         assert not torch.allclose(shifted[seq.mask_positions], plain[seq.mask_positions])  # the shift matters
@@ -330,16 +327,17 @@ def test_a_shared_image_prefill_gives_each_text_its_own_answer(decoder, order):
     image = prefill_image(decoder, PREFIX[: image_block_length(PREFIX)])
     length = image.cache.get_seq_length()
     shared = [
-        _outcome(autoregressive_infer(decoder, LAYOUT, p, order, scales, image=image)) for p in (PREFIX, other, PREFIX)
+        _outcome(autoregressive_infer(decoder, order_for(LAYOUT, order, scales), p, image=image))
+        for p in (PREFIX, other, PREFIX)
     ]
     assert image.cache.get_seq_length() == length  # decoding worked on copies
-    separate = [_outcome(autoregressive_infer(decoder, LAYOUT, p, order, scales)) for p in (PREFIX, other)]
+    separate = [_outcome(autoregressive_infer(decoder, order_for(LAYOUT, order, scales), p)) for p in (PREFIX, other)]
     assert shared[:2] == separate and shared[2] == shared[0]
     assert shared[0][1] != shared[1][1]  # p([REJ]) differs: the texts are told apart
     with pytest.raises(ValueError, match="image block"):
         next(
             autoregressive_infer(
-                decoder, LAYOUT, prefix_ids(LAYOUT, IMAGE.flip(0), TEXT, 2), order, scales, image=image
+                decoder, order_for(LAYOUT, order, scales), prefix_ids(LAYOUT, IMAGE.flip(0), TEXT, 2), image=image
             )
         )
 

@@ -9,6 +9,8 @@ import torch
 from _tiny_decoder import TINY_LAYOUT, tiny_decoder_config
 
 from napari_mris.model.decoder import MRISDecoder
+from _orders import order_for
+
 from napari_mris.model.sequence import build_training_sequence, collate
 from napari_mris.model.vocab import REJ, SOV, VocabLayout
 from napari_mris_train.het_memory import HETMemory, sample_key
@@ -187,10 +189,14 @@ def test_losses_from_hidden_states_equal_losses_from_full_logits():
     decoder = MRISDecoder(tiny_decoder_config(nktp_k=3)).eval()
     seqs = [
         build_training_sequence(
-            TINY_LAYOUT, torch.arange(4), [3, 4, 5], 2, "raster", [torch.tensor([1, 0, 5, 2])], (2,)
+            order_for(TINY_LAYOUT, "raster", (2,)), torch.arange(4), [3, 4, 5], 2, [torch.tensor([1, 0, 5, 2])]
         ),
         build_training_sequence(
-            TINY_LAYOUT, torch.arange(4), [6], 2, "scale", [torch.tensor([2]), torch.tensor([0, 1, 2, 3])], (1, 2)
+            order_for(TINY_LAYOUT, "scale", (1, 2)),
+            torch.arange(4),
+            [6],
+            2,
+            [torch.tensor([2]), torch.tensor([0, 1, 2, 3])],
         ),
     ]
     batch = collate(seqs)

@@ -7,21 +7,15 @@ from dataclasses import replace
 
 import pytest
 import torch
+from _orders import legal_codes, order_for
 from _tiny_decoder import TINY_LAYOUT, one_torch_thread, tiny_decoder_config  # noqa: F401
 
 from napari_mris.model.decoder import DecoderConfig, MRISDecoder
 from napari_mris.model.decoder_files import load_decoder, save_decoder
-from napari_mris.model.generate import autoregressive_infer, mask_code_tokens
+from napari_mris.model.generate import autoregressive_infer
+from napari_mris.model.orders import cell_offset, code_cells, grid_of_cell
 from napari_mris.model.pixel_stem import PixelStem
-from napari_mris.model.sequence import (
-    IMAGE_START,
-    build_training_sequence,
-    cell_offset,
-    code_cells,
-    collate,
-    grid_of_cell,
-    prefix_ids,
-)
+from napari_mris.model.sequence import IMAGE_START, build_training_sequence, collate, prefix_ids
 from napari_mris.model.vocab import SOV
 
 LAYOUT = TINY_LAYOUT
@@ -109,8 +103,8 @@ def test_a_token_only_decoder_ignores_pixels():
 
 def test_collate_stacks_pixels_all_or_none():
     codes = [torch.tensor([2]), torch.tensor([0, 1, 2, 3]), torch.arange(16) % 6]
-    with_px = build_training_sequence(LAYOUT, IMAGE, TEXT, 2, "scale", codes, SCALES, pixels=pixels(0))
-    without = build_training_sequence(LAYOUT, IMAGE, TEXT, 2, "scale", codes, SCALES)
+    with_px = build_training_sequence(order_for(LAYOUT, "scale", SCALES), IMAGE, TEXT, 2, codes, pixels=pixels(0))
+    without = build_training_sequence(order_for(LAYOUT, "scale", SCALES), IMAGE, TEXT, 2, codes)
     batch = collate([with_px, with_px])
     assert batch["pixel_values"].shape == (2, 1, 16, 16)
     assert "pixel_values" not in collate([without])
@@ -124,20 +118,20 @@ def test_cached_decoding_with_pixels_agrees_with_teacher_forcing(order, scales):
     with torch.no_grad():  # make sure the model decides "present", so there is a mask to compare
         hidden = decoder(PREFIX[None], pixel_values=pixels(5)[None]).hidden_states[0, -1]
         decoder.llama.lm_head.weight[SOV] = hidden * 10
-    steps = list(autoregressive_infer(decoder, LAYOUT, PREFIX, order, scales, pixels=pixels(5)))
+    steps = list(autoregressive_infer(decoder, order_for(LAYOUT, order, scales), PREFIX, pixels=pixels(5)))
     assert steps[-1].finished and not steps[-1].rejected
     codes = steps[-1].codes
     codes = [codes[0]] if order == "raster" else [c[0] for c in codes]
-    seq = build_training_sequence(LAYOUT, IMAGE, TEXT, 2, order, codes, scales, pixels=pixels(5))
+    seq = build_training_sequence(order_for(LAYOUT, order, scales), IMAGE, TEXT, 2, codes, pixels=pixels(5))
     batch = collate([seq])
     with torch.no_grad():
         logits = decoder(
             batch["input_ids"], batch["scale_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"]
         ).logits[0]
-    predicted = mask_code_tokens(LAYOUT, order)(None, logits[seq.mask_positions]).argmax(-1)
+    predicted = legal_codes(LAYOUT, order)(None, logits[seq.mask_positions]).argmax(-1)
     assert torch.equal(predicted, seq.labels[seq.mask_positions])
     with pytest.raises(ValueError, match="pass pixel_values"):
-        list(autoregressive_infer(decoder, LAYOUT, PREFIX, order, scales))
+        list(autoregressive_infer(decoder, order_for(LAYOUT, order, scales), PREFIX))
 
 
 def test_stem_weights_and_config_survive_save_and_load(tmp_path):
@@ -158,7 +152,7 @@ def test_lesion_target_trains_the_stem_directly():
 
     decoder = stem_decoder(decoder_channels=(8,))
     codes = [torch.tensor([2]), torch.tensor([0, 1, 2, 3]), torch.arange(16) % 6]
-    seq = build_training_sequence(LAYOUT, IMAGE, TEXT, 2, "scale", codes, SCALES, pixels=pixels(0))
+    seq = build_training_sequence(order_for(LAYOUT, "scale", SCALES), IMAGE, TEXT, 2, codes, pixels=pixels(0))
     batch = collate([seq])
     batch["lesion"] = torch.zeros(1, 1, 16, 16)
     batch["lesion"][0, 0, :2, 8:] = 1.0
@@ -234,7 +228,7 @@ def test_code_cells_index_one_table_of_every_grid():
 
 def test_cell_features_reach_mask_positions_only_and_need_a_stem():
     codes = [torch.tensor([2]), torch.tensor([0, 1, 2, 3]), torch.arange(16) % 6]
-    seq = build_training_sequence(LAYOUT, IMAGE, TEXT, 2, "scale", codes, SCALES, pixels=pixels(0))
+    seq = build_training_sequence(order_for(LAYOUT, "scale", SCALES), IMAGE, TEXT, 2, codes, pixels=pixels(0))
     assert torch.equal(seq.slot_cells[seq.mask_positions], code_cells(SCALES))
     assert (seq.slot_cells >= 0).sum() == seq.mask_positions.numel()
     batch = collate([seq])
@@ -251,7 +245,7 @@ def test_cell_features_reach_mask_positions_only_and_need_a_stem():
 
 def teacher_forced(decoder, order, scales, codes):
     """(the training sequence of `codes`, its logits with pixels and cells as training computes them)."""
-    seq = build_training_sequence(LAYOUT, IMAGE, TEXT, 2, order, codes, scales, pixels=pixels(6))
+    seq = build_training_sequence(order_for(LAYOUT, order, scales), IMAGE, TEXT, 2, codes, pixels=pixels(6))
     batch = collate([seq])
     with torch.no_grad():
         logits = decoder(
@@ -261,7 +255,7 @@ def teacher_forced(decoder, order, scales, codes):
             pixel_values=batch["pixel_values"],
             slot_cells=batch["slot_cells"],
         ).logits[0]
-    return seq, mask_code_tokens(LAYOUT, order)(None, logits[seq.mask_positions])
+    return seq, legal_codes(LAYOUT, order)(None, logits[seq.mask_positions])
 
 
 @pytest.mark.parametrize("decoder_channels", [(), (8,)], ids=["linear", "unet"])
@@ -273,7 +267,7 @@ def test_cached_decoding_with_cell_features_agrees_with_teacher_forcing(order, s
     """Every decoding loop hands each fed token the cell of the code it predicts, as training does (also
     the patch of a U-Net stem's lesion map, which only the prefill computes)."""
     decoder = cell_decoder(decoder_channels)
-    steps = list(autoregressive_infer(decoder, LAYOUT, PREFIX, order, scales, pixels=pixels(6), **options))
+    steps = list(autoregressive_infer(decoder, order_for(LAYOUT, order, scales), PREFIX, pixels=pixels(6), **options))
     assert steps[-1].finished and not steps[-1].rejected
     codes = steps[-1].codes
     codes = [codes[0]] if order == "raster" else [c[0] for c in codes]
@@ -288,8 +282,12 @@ def test_beam_search_with_cell_features_scores_as_teacher_forcing():
         seq, logits = teacher_forced(decoder, "raster", (4,), [codes])
         return float(logits.log_softmax(-1).gather(1, seq.labels[seq.mask_positions][:, None]).sum())
 
-    greedy = list(autoregressive_infer(decoder, LAYOUT, PREFIX, "raster", (4,), pixels=pixels(6)))[-1].codes[0]
-    beam = list(autoregressive_infer(decoder, LAYOUT, PREFIX, "raster", (4,), pixels=pixels(6), beam=4))[-1].codes[0]
+    greedy = list(autoregressive_infer(decoder, order_for(LAYOUT, "raster", (4,)), PREFIX, pixels=pixels(6)))[-1].codes[
+        0
+    ]
+    beam = list(autoregressive_infer(decoder, order_for(LAYOUT, "raster", (4,)), PREFIX, pixels=pixels(6), beam=4))[
+        -1
+    ].codes[0]
     assert log_prob(beam) >= log_prob(greedy) - 1e-4
 
 
@@ -329,7 +327,7 @@ def test_cell_positions_start_at_zero_and_reach_the_mask_positions_in_every_deco
         positioned.cell_position_proj.weight.normal_(std=1.0)
     assert not torch.allclose(teacher_forced(positioned, "raster", (4,), mask_codes)[1], before)
     for order, scales in (("raster", (4,)), ("scale", SCALES)):
-        steps = list(autoregressive_infer(positioned, LAYOUT, PREFIX, order, scales, pixels=pixels(6)))
+        steps = list(autoregressive_infer(positioned, order_for(LAYOUT, order, scales), PREFIX, pixels=pixels(6)))
         codes_out = steps[-1].codes
         codes_out = [codes_out[0]] if order == "raster" else [c[0] for c in codes_out]
         seq, logits = teacher_forced(positioned, order, scales, codes_out)

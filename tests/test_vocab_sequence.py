@@ -7,14 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from napari_mris.errors import PromptError
-from napari_mris.model.sequence import (
-    IGNORE,
-    build_training_sequence,
-    collate,
-    mask_header,
-    prefix_ids,
-    scale_slots,
-)
+from _orders import order_for
+
+from napari_mris.model.orders import IGNORE
+from napari_mris.model.sequence import build_training_sequence, collate, prefix_ids
 from napari_mris.model.vocab import BOS, EOS, EOV, PAD, RASTER, REJ, SCALE, SOT, SOV, VocabLayout
 
 LAYOUT = VocabLayout(n_text=10, n_image=6, n_mask={"scale": 5, "raster": 4})
@@ -69,7 +65,7 @@ def test_prefix_and_header():
     assert names(prefix) == [
         "[BOS]", "[SOV]", "[G2]", "[G2]", "[SOT]", "img:0", "img:1", "img:2", "img:3", "[EOV]", "text:7", "text:8",
     ]  # fmt: skip
-    assert mask_header(LAYOUT, "scale", 4) == [SOV, SCALE, LAYOUT.grid_token(4), LAYOUT.grid_token(4), SOT]
+    assert order_for(LAYOUT, "scale", (1, 2, 4)).header() == [SOV, SCALE, LAYOUT.grid_token(4), LAYOUT.grid_token(4), SOT]
     with pytest.raises(ValueError, match="4 codes for a 3x3 grid"):
         prefix_ids(LAYOUT, IMAGE, TEXT, 3)
     with pytest.raises(PromptError):
@@ -78,7 +74,7 @@ def test_prefix_and_header():
 
 def test_raster_sequence_and_labels():
     mask = torch.tensor([3, 0, 1, 2])
-    seq = build_training_sequence(LAYOUT, IMAGE, TEXT, 2, "raster", [mask], (2,))
+    seq = build_training_sequence(order_for(LAYOUT, "raster", (2,)), IMAGE, TEXT, 2, [mask])
     assert names(seq.input_ids)[12:] == [
         "[SOV]", "[RASTER]", "[G2]", "[G2]", "[SOT]", "raster:3", "raster:0", "raster:1", "raster:2", "[EOV]", "[EOS]",
     ]  # fmt: skip
@@ -93,7 +89,7 @@ def test_raster_sequence_and_labels():
 
 
 def test_rejection_sequence():
-    seq = build_training_sequence(LAYOUT, IMAGE, TEXT, 2, "raster", None, (2,))
+    seq = build_training_sequence(order_for(LAYOUT, "raster", (2,)), IMAGE, TEXT, 2, None)
     assert names(seq.input_ids)[-3:] == ["text:8", "[REJ]", "[EOS]"]
     assert (seq.labels != IGNORE).nonzero().flatten().tolist() == [11]
     assert int(seq.labels[11]) == REJ
@@ -102,7 +98,7 @@ def test_rejection_sequence():
 
 def test_next_scale_sequence_slots_labels_and_blocks():
     codes = [torch.tensor([4]), torch.tensor([0, 1, 2, 3]), torch.arange(16) % 5]
-    seq = build_training_sequence(LAYOUT, IMAGE, TEXT, 2, "scale", codes, (1, 2, 4))
+    seq = build_training_sequence(order_for(LAYOUT, "scale", (1, 2, 4)), IMAGE, TEXT, 2, codes)
     sot = 16
     assert names(seq.input_ids)[12:17] == ["[SOV]", "[SCALE]", "[G4]", "[G4]", "[SOT]"]
     # scale-2 slots hold scale 1's code upsampled; scale-3 slots hold scale 2's codes upsampled 2x
@@ -122,12 +118,13 @@ def test_next_scale_sequence_slots_labels_and_blocks():
 
 
 def test_scale_slots_match_torch_nearest_interpolation():
+    order = order_for(LAYOUT, "scale", (1, 3, 8))
     prev = torch.randint(0, 5, (2, 9))
-    ours = LAYOUT.mask_codes("scale", scale_slots(LAYOUT, prev, 3, 8))
+    ours = LAYOUT.mask_codes("scale", order.slots(prev, 2))
     ref = F.interpolate(prev.reshape(2, 1, 3, 3).float(), size=(8, 8), mode="nearest").long().reshape(2, 64)
     assert torch.equal(ours, ref)
     with pytest.raises(ValueError, match=r"must be \[B, 9\]"):
-        scale_slots(LAYOUT, prev[:, :4], 3, 8)
+        order.slots(prev[:, :4], 2)
 
 
 @pytest.mark.parametrize(
@@ -143,14 +140,14 @@ def test_scale_slots_match_torch_nearest_interpolation():
 def test_bad_mask_codes_are_refused(order, codes, scales, message):
     codes = [c.long() for c in codes]
     with pytest.raises(ValueError, match=message):
-        build_training_sequence(LAYOUT, IMAGE, TEXT, 2, order, codes, scales)
+        build_training_sequence(order_for(LAYOUT, order, scales), IMAGE, TEXT, 2, codes)
 
 
 def test_collate_pads_and_builds_the_block_causal_mask():
     scale_seq = build_training_sequence(
-        LAYOUT, IMAGE, TEXT, 2, "scale", [torch.tensor([1]), torch.tensor([0, 1, 2, 3])], (1, 2)
+        order_for(LAYOUT, "scale", (1, 2)), IMAGE, TEXT, 2, [torch.tensor([1]), torch.tensor([0, 1, 2, 3])]
     )
-    rej_seq = build_training_sequence(LAYOUT, IMAGE, TEXT, 2, "scale", None, (1, 2))
+    rej_seq = build_training_sequence(order_for(LAYOUT, "scale", (1, 2)), IMAGE, TEXT, 2, None)
     batch = collate([scale_seq, rej_seq])
     length = len(scale_seq)
     assert length == 21 and len(rej_seq) == 14
@@ -174,19 +171,19 @@ def test_collate_pads_and_builds_the_block_causal_mask():
 
 def test_text_slots_put_the_mask_at_the_same_positions_for_any_prompt_length():
     mask = torch.tensor([1, 0, 2, 3])
-    short = build_training_sequence(LAYOUT, IMAGE, [3], 2, "raster", [mask], (2,), text_slots=6)
-    long = build_training_sequence(LAYOUT, IMAGE, [3, 4, 5, 6], 2, "raster", [mask], (2,), text_slots=6)
+    short = build_training_sequence(order_for(LAYOUT, "raster", (2,)), IMAGE, [3], 2, [mask], text_slots=6)
+    long = build_training_sequence(order_for(LAYOUT, "raster", (2,)), IMAGE, [3, 4, 5, 6], 2, [mask], text_slots=6)
     for seq, n_text in ((short, 1), (long, 4)):
         n = 5 + 4 + 1 + n_text  # the prefix
         assert torch.equal(seq.position_ids[:n], torch.arange(n))  # image and text keep plain positions
         assert int(seq.position_ids[n]) == 5 + 4 + 1 + 6  # [SOV] always right after the 6 text slots
     assert torch.equal(short.position_ids[-4:], long.position_ids[-4:])
-    plain = build_training_sequence(LAYOUT, IMAGE, [3], 2, "raster", [mask], (2,))
+    plain = build_training_sequence(order_for(LAYOUT, "raster", (2,)), IMAGE, [3], 2, [mask])
     assert torch.equal(plain.position_ids, torch.arange(len(plain)))
-    rejected = build_training_sequence(LAYOUT, IMAGE, [3], 2, "raster", None, (2,), text_slots=6)
+    rejected = build_training_sequence(order_for(LAYOUT, "raster", (2,)), IMAGE, [3], 2, None, text_slots=6)
     assert rejected.position_ids.tolist()[-2:] == [16, 17]
     batch = collate([short, long])
     assert torch.equal(batch["position_ids"][1, : len(long)], long.position_ids)
     assert batch["position_ids"][0, len(short) :].min() > short.position_ids.max()  # padding, past the end
     with pytest.raises(ValueError, match="do not fit"):
-        build_training_sequence(LAYOUT, IMAGE, [3] * 7, 2, "raster", [mask], (2,), text_slots=6)
+        build_training_sequence(order_for(LAYOUT, "raster", (2,)), IMAGE, [3] * 7, 2, [mask], text_slots=6)

@@ -29,6 +29,7 @@ from napari_mris.lesion_snap import snap_to_lesion_map
 from napari_mris.model.decoder_files import load_decoder
 from napari_mris.model.generate import ImagePrefill, autoregressive_infer, prefill_image
 from napari_mris.model.modeldir import read_config, verify_model_dir
+from napari_mris.model.orders import DecodingOrder, decoding_order
 from napari_mris.model.sequence import image_block_ids, prefix_ids
 from napari_mris.model_location import DEFAULT_MODEL_DIR, resolve_model_dir  # noqa: F401 (callers' name)
 from napari_mris.prompt_check import PromptCheck, PromptVocabulary
@@ -171,7 +172,11 @@ class MRISPipeline:
         self.adapter = adapter
         self.model_hash = weights_hash  # covers every file of the model directory (modeldir.model_files)
         self.weights_verified = weights_verified  # True when the files matched the directory's SHA256SUMS
-        self._background_codes: dict[str, int] = {}
+        self.decoding_orders = {  # the model's orders that have a mask tokenizer, in the layout's order
+            name: decoding_order(name, layout, tokenizers.masks[name])
+            for name in layout.orders
+            if name in tokenizers.masks
+        }
         # Optional files of the model directory: no file, no check (domain.py, prompt_check.py).
         self.domain_guard = DomainGuard.load(model_dir, getattr(decoder, "pixel_stem", None))
         self.vocabulary = PromptVocabulary.load(model_dir)
@@ -206,7 +211,7 @@ class MRISPipeline:
 
     @property
     def orders(self) -> tuple[str, ...]:
-        return tuple(order for order in self.layout.orders if order in self.tokenizers.masks)
+        return tuple(self.decoding_orders)
 
     @property
     def default_order(self) -> str:
@@ -262,7 +267,7 @@ class MRISPipeline:
             raise MRISError(f"beam must be at least 1, got {beam}")
         if int(beam) > 1 and (int(samples) > 1 or float(temperature) > 0):
             raise MRISError("Beam search is deterministic: use beam > 1 with one sample and temperature 0")
-        if int(beam) > 1 and order != "raster":
+        if int(beam) > 1 and not self.decoding_orders[order].beam_search:
             raise MRISError("Beam search works in raster order only (coarse-to-fine writes a whole scale per step)")
         if float(temperature) < 0:
             raise MRISError(f"temperature must be >= 0, got {temperature}")
@@ -394,35 +399,31 @@ class MRISPipeline:
         if domain is not None and domain.out_of_domain:
             notes = (domain.message(), *notes)
         timings = {"preprocess_s": time.perf_counter() - start}
-        mask_tokenizer = self.tokenizers.masks[settings.order]
-        scales = tuple(mask_tokenizer.scales)
-        throttle = _Throttle(settings.order, scales)
+        order = self.decoding_orders[settings.order]
         steps = autoregressive_infer(
             self.decoder,
-            self.layout,
+            order,
             prefix,
-            settings.order,
-            scales,
             samples=settings.samples,
             temperature=settings.temperature,
             top_k=settings.top_k,
             beam=settings.beam,
             generator=self._generator(settings.seed),
-            update_every=scales[-1] if settings.order == "raster" else None,
-            code_patches=getattr(mask_tokenizer, "codebook", None),  # patch codebooks: expected-patch greedy
             image=image.prefill,
         )
-        decode_time = 0.0
+        decode_time, shown = 0.0, 0  # shown: the order's preview mark of the last partial mask drawn
         while not should_stop():
             with torch.inference_mode():
                 step = next(steps, None)
             if step is None:
                 return
             rejected = _rejected_fraction(step.rejected) > 0.5
-            if not (step.finished or rejected or throttle.due(step)):
+            mark = order.preview_mark(step.codes, step.tokens_done)  # a new scale or a new raster row
+            if not (step.finished or rejected or mark > shown):
                 continue
+            shown = mark
             tick = time.perf_counter()
-            probs = None if rejected else self._probabilities(step, settings.order)
+            probs = None if rejected else self._probabilities(step, order)
             lesion = None
             if step.finished and probs is not None and settings.snap:
                 lesion = lesion_probability(step.lesion_logits, pixels.shape)
@@ -504,16 +505,14 @@ class MRISPipeline:
             return None
         return torch.Generator(device=self.device).manual_seed(int(seed))
 
-    def _probabilities(self, step, order: str) -> np.ndarray:
+    def _probabilities(self, step, order: DecodingOrder) -> np.ndarray:
         """Per-sample probabilities (B, S, S) of the codes so far; rejected samples count as empty masks."""
-        codes = [c.detach().to("cpu") for c in step.codes] if isinstance(step.codes, list) else [step.codes.cpu()]
-        tokenizer = self.tokenizers.masks[order]
-        if order == "raster":
-            codes = [_pad_raster(codes[-1] if codes else None, tokenizer, self._background_code(order))]
-        if not codes:
+        tokenizer = self.tokenizers.masks[order.name]
+        grids = order.preview_grids(step.codes)
+        if not grids:
             return np.zeros((1, tokenizer.image_size, tokenizer.image_size), np.float32)
         with torch.inference_mode():
-            probs = tokenizer.decode(codes)[:, 0].float().numpy()
+            probs = tokenizer.decode([g.cpu() for g in grids])[:, 0].float().numpy()
         rejected = np.broadcast_to(np.asarray(_as_bool_array(step.rejected)), (probs.shape[0],))
         probs[rejected] = 0.0
         return probs
@@ -550,16 +549,6 @@ class MRISPipeline:
             finished=bool(step.finished),
         )
 
-    def _background_code(self, order: str) -> int:
-        """The code an empty mask patch gets: fills the not-yet-decoded rows of a raster preview."""
-        if order not in self._background_codes:
-            tokenizer = self.tokenizers.masks[order]
-            size = tokenizer.image_size
-            with torch.inference_mode():
-                codes = tokenizer.encode(torch.zeros(1, 1, size, size))[-1]
-            self._background_codes[order] = int(torch.mode(codes.flatten()).values)
-        return self._background_codes[order]
-
 
 @dataclass
 class _ImagePart:
@@ -571,38 +560,12 @@ class _ImagePart:
     prefill: ImagePrefill
 
 
-class _Throttle:
-    """Decides when a partial mask is worth decoding: a new scale, or a new completed raster row."""
-
-    def __init__(self, order: str, scales: tuple[int, ...]) -> None:
-        self.order = order
-        self.row = scales[-1]
-        self.seen = 0
-
-    def due(self, step) -> bool:
-        done = len(step.codes) if self.order == "scale" else int(step.tokens_done) // self.row
-        if done > self.seen:
-            self.seen = done
-            return True
-        return False
-
-
 def lesion_probability(lesion_logits: torch.Tensor | None, shape: tuple[int, int]) -> np.ndarray | None:
     """A U-Net stem's (1, 1, h, w) lesion-map logits as a probability at the image's `shape`; None for a
     decoder without a map (no stem, or a linear per-patch read-out of shape (1, g*g))."""
     if lesion_logits is None or lesion_logits.dim() != 4:
         return None
     return resize_probability(torch.sigmoid(lesion_logits.float())[0, 0].cpu().numpy(), shape)
-
-
-def _pad_raster(codes: torch.Tensor | None, tokenizer, background: int) -> torch.Tensor:
-    """Raster codes done so far (B, n) completed with the empty-patch code to the full grid (B, s*s)."""
-    total = tokenizer.scales[-1] ** 2
-    if codes is None:
-        return torch.full((1, total), background, dtype=torch.long)
-    padded = torch.full((codes.shape[0], total), background, dtype=torch.long)
-    padded[:, : codes.shape[1]] = codes[:, :total]
-    return padded
 
 
 def _as_bool_array(rejected) -> np.ndarray:

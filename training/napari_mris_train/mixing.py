@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from napari_mris.model.orders import decoding_order
 from napari_mris.model.sequence import TrainingSequence, build_training_sequence
 from napari_mris.model.vocab import VocabLayout
 from napari_mris_train.config import ConfigError, TrainRecipe
@@ -55,7 +56,8 @@ class SequenceMixer:
             raise ConfigError("the training split is empty")
         self.data, self.tokenizers, self.layout, self.recipe = data, tokenizers, layout, recipe
         self.orders = tuple(recipe.orders)
-        self.text_slots = text_slots  # the decoder's fixed text positions (sequence.position_shift)
+        self.decoding_orders = {name: decoding_order(name, layout, tokenizers.masks[name]) for name in self.orders}
+        self.text_slots = text_slots  # the decoder's fixed text positions (orders.position_shift)
         self.grid = int(tokenizers.image.grid)
         self._permutations: dict[int, np.ndarray] = {}
 
@@ -100,13 +102,11 @@ class SequenceMixer:
         text, codes = built
         ids = self.data.text_ids[index] if kind == "full" and not flip else self.tokenizers.text.encode(text)
         sequence = build_training_sequence(
-            self.layout,
+            self.decoding_orders[order],
             self.data.image_codes[index, int(flip)],
             ids,
             self.grid,
-            order,
             codes,
-            self.tokenizers.masks[order].scales,
             pixels=self.pixels(index, flip),
             text_slots=self.text_slots,
         )

@@ -31,7 +31,7 @@ from napari_mris.errors import MRISError
 from napari_mris.model.decoder import DecoderConfig, MRISDecoder
 from napari_mris.model.decoder_files import save_decoder
 from napari_mris.model.modeldir import load_state_checked, load_weights, read_config
-from napari_mris.model.sequence import HEADER_LENGTH
+from napari_mris.model.orders import HEADER_LENGTH, decoding_order
 from napari_mris.model.vocab import VocabLayout
 from napari_mris.pipeline import MRISPipeline
 from napari_mris.tokenizers import load_tokenizers
@@ -74,26 +74,22 @@ def vocab_layout(tokenizers) -> VocabLayout:
     )
 
 
-def max_sequence_length(tokenizers) -> int:
-    """Longest training sequence, rounded up to 64: prefix + mask header + mask block + [EOV] [EOS]."""
+def max_sequence_length(tokenizers, layout: VocabLayout) -> int:
+    """Longest training sequence, rounded up to 64: prefix + mask header + the longest order's mask block."""
     prefix = 5 + tokenizers.image.grid**2 + 1 + tokenizers.text.max_length
-    blocks = [
-        tok.scales[-1] ** 2 + 2 if order == "raster" else sum(s * s for s in tok.scales[1:])
-        for order, tok in tokenizers.masks.items()
-    ]
+    blocks = [decoding_order(name, layout, tok).block_length for name, tok in tokenizers.masks.items()]
     return 64 * math.ceil((prefix + HEADER_LENGTH + max(blocks)) / 64)
 
 
 def build_decoder(recipe: Recipe, tokenizers, layout: VocabLayout) -> MRISDecoder:
-    scale = tokenizers.masks.get("scale")
     slots, max_text = recipe.decoder["text_slots"], tokenizers.text.max_length
     if 0 < slots < max_text:
         raise ConfigError(f"decoder.text_slots {slots} is shorter than the text tokenizer's max_length {max_text}")
     try:
         config = DecoderConfig(
             vocab_size=layout.vocab_size,
-            max_position_embeddings=max_sequence_length(tokenizers) + max(0, slots - max_text),
-            n_scales=len(scale.scales) if scale is not None else 0,
+            max_position_embeddings=max_sequence_length(tokenizers, layout) + max(0, slots - max_text),
+            n_scales=max(decoding_order(name, layout, tok).n_scale_ids for name, tok in tokenizers.masks.items()),
             **recipe.decoder,
         )
     except ValueError as exc:  # DecoderConfig's cross-field rules (e.g. cell_features needs pixel_channels)

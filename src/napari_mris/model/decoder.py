@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from napari_mris.model.orders import grid_of_cell
 from napari_mris.model.pixel_stem import PixelStem
-from napari_mris.model.sequence import IMAGE_START, grid_of_cell
+from napari_mris.model.sequence import IMAGE_START
 from napari_mris.model.vocab import BOS, EOS, PAD
 
 CELL_POSITION_FREQUENCIES = 4  # octaves of the (row, column) code: half the image down to 1/16 of it

@@ -21,6 +21,7 @@ LM trained on the codes stays valid (`napari-mris-train tokenizers --refine-deco
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -125,6 +126,20 @@ class PatchMaskTokenizer(nn.Module):
     def image_size(self) -> int:
         return self.config.image_size
 
+    @property
+    def empty_code(self) -> int:
+        """The code of an empty patch: fills the cells a raster preview has not reached yet."""
+        return EMPTY
+
+    def greedy_rule(self, mask_slice: slice) -> ExpectedPatch:
+        """How greedy decoding picks a code from vocabulary scores whose mask codes are `mask_slice`."""
+        return ExpectedPatch(self.codebook, mask_slice)
+
+    def next_scale_inputs(self, codes: torch.Tensor, size: int) -> torch.Tensor:
+        """Codes [B, s*s] of one scale, nearest-upsampled to the next scale's [B, size*size] (the next-scale
+        slots of coarse-to-fine decoding): a coarse patch code stands for every finer cell it covers."""
+        return upsample_codes(codes, size)
+
     def patches(self, masks: torch.Tensor, scale: int) -> torch.Tensor:
         """(B, 1, H, W) masks -> (B, s*s, p*p) patches of the mask area-resized to s*p pixels."""
         if masks.ndim != 4 or masks.shape[1] != 1:
@@ -173,6 +188,39 @@ class PatchMaskTokenizer(nn.Module):
         if prob.shape[-2:] != size:
             prob = F.interpolate(prob, size=size, mode="bilinear", align_corners=False)
         return prob.clamp(0, 1)
+
+
+class ExpectedPatch:
+    """Greedy choice for patch-codebook masks: the code closest to the probability-weighted mean patch.
+
+    With hundreds of lesion-border codes, argmax picks "empty" wherever p(empty) is the largest single
+    probability, even when most of the mass says "lesion" (spread over many similar border codes), so a
+    greedily decoded mask comes out empty. Choosing the code nearest (L2) to the expected patch decides on
+    the pixels instead: the minimum expected squared error choice among the codes.
+    """
+
+    def __init__(self, patches: torch.Tensor, mask_slice: slice) -> None:
+        self.patches = patches.float()  # (K, p*p), row k = the patch of mask code k
+        self.norms = self.patches.pow(2).sum(1)
+        self.mask_slice = mask_slice
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        """Vocabulary scores [..., V] -> the chosen vocabulary ids [...]."""
+        if self.patches.device != scores.device:
+            self.patches, self.norms = self.patches.to(scores.device), self.norms.to(scores.device)
+        probs = scores[..., self.mask_slice].float().softmax(-1)
+        expected = probs @ self.patches
+        return (self.norms - 2 * expected @ self.patches.T).argmin(-1) + self.mask_slice.start
+
+
+def upsample_codes(codes: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, s*s] codes of an s x s grid -> [B, size*size], each cell taking the code of the coarse cell it lies
+    in (torch's 'nearest' index rule, floor(i * s / size))."""
+    side = math.isqrt(codes.shape[-1])
+    if codes.dim() != 2 or side * side != codes.shape[-1]:
+        raise ValueError(f"codes must be [B, s*s] for a square grid, got {tuple(codes.shape)}")
+    source = (torch.arange(size, device=codes.device) * side) // size
+    return codes[:, (source[:, None] * side + source[None, :]).reshape(-1)]
 
 
 def fit_codebook(
