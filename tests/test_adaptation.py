@@ -65,8 +65,8 @@ def test_save_adapt_switch_and_switch_back(make_napari_viewer, qtbot, model_copy
     widget = MRISWidget(viewer)
     viewer.window.add_dock_widget(widget, name="MRIS")
     widget.set_pipeline(MRISPipeline.from_pretrained(model_copy, device="cpu"))
-    widget.corrections_root = tmp_path / "corrections"
-    widget.adapt_steps = 3
+    widget.corrections.root = tmp_path / "corrections"
+    widget.corrections.steps = 3
     base_hash = model_hash(model_copy)
 
     for value, prompt in enumerate(("Unilateral pulmonary infection, lower left lung.", "upper right lung"), 1):
@@ -81,7 +81,7 @@ def test_save_adapt_switch_and_switch_back(make_napari_viewer, qtbot, model_copy
         labels.data_setitem(np.nonzero(corrected), value)  # the radiologist's correction
         labels.selected_label = value
         assert widget.save_example() is not None
-    assert len(CorrectionsStore(widget.corrections_root)) == 2
+    assert len(CorrectionsStore(widget.corrections.root)) == 2
 
     widget.adapt()
     assert widget.is_running and not widget.segment_button.isEnabled()
@@ -113,8 +113,8 @@ def test_stopping_an_adaptation_leaves_the_model_unchanged(make_napari_viewer, q
     mask = np.zeros((32, 32), bool)
     mask[4:12, 4:12] = True
     store.add(np.arange(32 * 32, dtype=np.float32).reshape(32, 32), "lower left lung", mask)
-    widget.corrections_root = store.root
-    widget.adapt_steps = 100_000
+    widget.corrections.root = store.root
+    widget.corrections.steps = 100_000
     widget.adapt()
     qtbot.waitUntil(lambda: widget.status_label.text().startswith("Adapting: step"), timeout=WAIT_MS)
     widget.stop()

@@ -51,7 +51,7 @@ def test_plugin_widget_saves_the_model_s_prediction(make_napari_viewer, qtbot, t
     predicted = np.zeros((40, 50), bool)
     predicted[5:25, 10:30] = True
     widget = docked_widget(viewer, [predicted], "lower left lung")
-    widget.corrections_root = tmp_path / "corrections"
+    widget.corrections.root = tmp_path / "corrections"
     segment(qtbot, widget)
     labels = viewer.layers[LABELS_NAME]
     labels.data_setitem(np.nonzero(np.pad(np.ones((5, 20), bool), ((25, 10), (10, 20)))), 1)  # the correction

@@ -273,7 +273,7 @@ def test_save_as_training_example(viewer, image_layer, qtbot, tmp_path) -> None:
     shape = image_layer.data.shape
     predicted = box(shape, slice(5, 25), slice(10, 30))
     widget = make_widget(viewer, ScriptedPipeline([predicted]))
-    widget.corrections_root = tmp_path / "corrections"
+    widget.corrections.root = tmp_path / "corrections"
     run(qtbot, widget)
     labels = viewer.layers[LABELS_NAME]
     labels.data_setitem(np.nonzero(box(shape, slice(25, 30), slice(10, 30))), 1)  # the radiologist's correction

@@ -202,33 +202,6 @@ class MRISWidget(QWidget):
     def is_running(self) -> bool:
         return self._canceller.worker is not None or self._loader is not None or self.corrections.busy
 
-    @property
-    def corrections_root(self) -> Path | None:
-        """The corrections store ('Save as training example'); None: the default one (~/.napari-mris/corrections)."""
-        return self.corrections.root
-
-    @corrections_root.setter
-    def corrections_root(self, root: Path | None) -> None:
-        self.corrections.root = root
-
-    @property
-    def adapt_steps(self) -> int:
-        """LoRA steps of 'Adapt model to my corrections'."""
-        return self.corrections.steps
-
-    @adapt_steps.setter
-    def adapt_steps(self, steps: int) -> None:
-        self.corrections.steps = steps
-
-    @property
-    def replay_data(self) -> Path | None:
-        """The LViT root replayed while adapting; None: synthetic phantoms."""
-        return self.corrections.replay_data
-
-    @replay_data.setter
-    def replay_data(self, root: Path | None) -> None:
-        self.corrections.replay_data = root
-
     def prompt(self) -> str:
         return " ".join(self.prompt_edit.toPlainText().split())
 
