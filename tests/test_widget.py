@@ -71,6 +71,16 @@ def test_widget_selects_the_model_s_preferred_order(viewer, tmp_path) -> None:
     assert widget.order_combo.currentData() == "scale"
 
 
+def test_choosing_a_folder_that_is_not_a_model_says_so_at_once(viewer, tmp_path, monkeypatch) -> None:
+    from napari_mris import _widget
+
+    widget = MRISWidget(viewer)
+    monkeypatch.setattr(_widget.QFileDialog, "getExistingDirectory", lambda *a: str(tmp_path))
+    widget.model_button.click()
+    assert widget.model == tmp_path and widget.pipeline is None
+    assert "is not a napari-mris model directory: it has no config.json" in widget.status_label.text()
+
+
 def test_segment_button_needs_an_image_and_a_prompt(viewer) -> None:
     widget = make_widget(viewer, prompt="")
     assert not widget.segment_button.isEnabled()
