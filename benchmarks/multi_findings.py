@@ -3,13 +3,14 @@
     python benchmarks/multi_findings.py [--model DIR] [--image FILE] [--repeats N] [--threads 1]
 
 `MRISPipeline.segment_findings` runs the image part (preprocessing, image tokens, the domain check, the pixel
-stem and the image block's KV cache) once and then decodes finding after finding on it. For each order this
-prints, over N calls with four findings (after one warm-up call):
+stem and the image block's KV cache) once and decodes the greedy findings together, one batch row each.
+For each order this prints medians over N calls (after one warm-up call):
 
-- first finding: from the call to its finished mask (the image part included);
-- later findings: each one's own time, from the end of the one before to its finished mask;
-- the ratio later / first (issue 18's target: <= 40 %), and the same four findings as four separate
-  `segment` calls, for comparison.
+- one finding: `segment_findings` with the first finding alone (the same work as `segment`);
+- F = 2 and 4 findings in one call, and what each later finding adds: (time(F) - time(1)) / (F - 1), as a
+  share of one finding (issue 18's target: <= 40 %);
+- the widget's path, `stream_findings` (findings streamed one after the other, each one's own time after
+  the first), and the four findings as four separate `segment` calls, for comparison.
 
 The presence decision is pinned to [SOV] (every finding draws a whole mask), so the figures do not depend
 on which prompts the model answers "not present". Default image: a QaTa-COV19 validation X-ray from
@@ -24,9 +25,9 @@ import time
 from pathlib import Path
 
 import torch
+from latency import force_present  # one owner of the pin (benchmarks/latency.py)
 
 from napari_mris.io import read_slice
-from napari_mris.model.vocab import SOV
 from napari_mris.pipeline import MRISPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,17 +40,15 @@ FINDINGS = [
 ]
 
 
-def pin_present(pipeline: MRISPipeline) -> None:
-    def hook(module, inputs, output):
-        output = output.clone()
-        output[..., SOV] += 1e4  # [SOV] is legal only at the decision position
-        return output
-
-    pipeline.decoder.lm_head.register_forward_hook(hook)
+def together(pipeline: MRISPipeline, image, order: str, findings: list[str]) -> float:
+    """Seconds for one segment_findings call."""
+    start = time.perf_counter()
+    pipeline.segment_findings(image.pixels, findings, order=order, window=image.window)
+    return time.perf_counter() - start
 
 
-def one_call(pipeline: MRISPipeline, image, order: str) -> list[float]:
-    """Seconds per finding of one segment_findings-style stream: the first from the call, the rest each its own."""
+def streamed(pipeline: MRISPipeline, image, order: str) -> list[float]:
+    """Seconds per finding of one stream_findings call: the first from the call, the rest each its own."""
     times, mark = [], time.perf_counter()
     for _, update in pipeline.stream_findings(image.pixels, FINDINGS, order=order, window=image.window):
         if update.finished:
@@ -77,20 +76,29 @@ def main() -> None:
     path = args.image or (QATA_IMAGE if QATA_IMAGE.is_file() else ROOT / "sample_data/img/phantom_07.png")
     image = read_slice(path, expect_2d=True)
     pipeline = MRISPipeline.from_pretrained(args.model, device="cpu")
-    pin_present(pipeline)
+    force_present(pipeline)
     print(f"model {pipeline.model_id} ({pipeline.model_hash}), image {path.name} {image.pixels.shape}")
     print(f"torch threads {torch.get_num_threads()}, {len(FINDINGS)} findings per call, {args.repeats} calls")
     for order in pipeline.orders:
-        one_call(pipeline, image, order)  # warm-up
-        calls = [one_call(pipeline, image, order) for _ in range(args.repeats)]
+        together(pipeline, image, order, FINDINGS)  # warm-up
+
+        def median(findings: list[str], order: str = order) -> float:
+            return statistics.median(together(pipeline, image, order, findings) for _ in range(args.repeats))
+
+        one = median(FINDINGS[:1])
+        line = f"{order:7s} one finding {one * 1000:6.1f} ms"
+        for count in (2, len(FINDINGS)):
+            many = median(FINDINGS[:count])
+            later = (many - one) / (count - 1)
+            line += f" | {count} together {many * 1000:6.1f} ms, each later {later * 1000:6.1f} ms = {later / one:5.1%}"
+        calls = [streamed(pipeline, image, order) for _ in range(args.repeats)]
         first = statistics.median(c[0] for c in calls)
-        later = statistics.median(t for c in calls for t in c[1:])
-        together = statistics.median(sum(c) for c in calls)
+        after = statistics.median(t for c in calls for t in c[1:])
         apart = statistics.median(separate_calls(pipeline, image, order) for _ in range(args.repeats))
+        print(line)
         print(
-            f"{order:7s} first finding {first * 1000:6.1f} ms   later findings {later * 1000:6.1f} ms median "
-            f"= {later / first:5.1%} of the first   all {len(FINDINGS)}: {together * 1000:6.1f} ms in one call, "
-            f"{apart * 1000:6.1f} ms as separate calls"
+            f"{'':7s} streamed one after the other: first {first * 1000:6.1f} ms, later {after * 1000:6.1f} ms "
+            f"= {after / first:5.1%}; {len(FINDINGS)} separate segment calls {apart * 1000:6.1f} ms"
         )
 
 

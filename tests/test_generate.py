@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _orders import legal_codes, order_for
 from _tiny_decoder import TINY_LAYOUT, one_torch_thread, tiny_decoder_config  # noqa: F401
 
 from napari_mris.model.decoder import DecoderConfig, MRISDecoder
-from _orders import legal_codes, order_for
-
-from napari_mris.model.generate import autoregressive_infer, image_block_length, prefill_image
+from napari_mris.model.generate import autoregressive_infer, image_block_length, infer_findings, prefill_image
 from napari_mris.model.orders import Feed, Picker, raster_beam_search, raster_tokens
 from napari_mris.model.sequence import build_training_sequence, collate, prefix_ids
 from napari_mris.model.vocab import REJ, SOV, VocabLayout
@@ -347,3 +346,30 @@ def _outcome(steps) -> tuple[bool, float, list[list[int]]]:
     last = list(steps)[-1]
     codes = last.codes if isinstance(last.codes, list) else [last.codes]
     return last.rejected, last.reject_probability, [c.tolist() for c in codes]
+
+
+@pytest.mark.parametrize("text_slots", [0, 8])
+@pytest.mark.parametrize("order", ["raster", "scale"])
+def test_findings_decoded_together_equal_each_decoded_alone(order, text_slots):
+    """One batch row per finding: texts of different lengths (left-padded, the padding masked), some answered
+    "not present" (they leave the batch), the rest drawn with the positions each has alone."""
+    torch.manual_seed(0)
+    decoder = MRISDecoder(DecoderConfig(**{**tiny_decoder().config.to_dict(), "text_slots": text_slots})).eval()
+    with torch.no_grad():
+        decoder.llama.lm_head.weight.normal_(std=1.0)
+        for head in decoder.nktp_heads:  # drafts the rows disagree on: the batch keeps what all accepted
+            head.linear.weight.normal_(std=0.5)
+    scales = RASTER if order == "raster" else SCALES
+    texts = [[3, 9, 4], [8, 2, 2, 6, 1], [5], [9, 3, 8], [2, 6], [9, 9, 9, 4, 4, 1]]
+    prefixes = [prefix_ids(LAYOUT, IMAGE, text, 2) for text in texts]
+    alone = [_outcome(autoregressive_infer(decoder, order_for(LAYOUT, order, scales), p)) for p in prefixes]
+    assert {rejected for rejected, _, _ in alone} == {True, False}  # both answers occur among the findings
+
+    image = prefill_image(decoder, PREFIX[: image_block_length(PREFIX)])
+    steps = list(
+        infer_findings(decoder, order_for(LAYOUT, order, scales), image, [p[len(image.ids) :] for p in prefixes])
+    )
+    together = [_outcome([step]) for step in steps[-1]]
+    assert all(step.finished for step in steps[-1])
+    for (rej_a, p_a, codes_a), (rej_b, p_b, codes_b) in zip(alone, together, strict=True):
+        assert rej_a == rej_b and p_a == pytest.approx(p_b, abs=1e-5) and codes_a == codes_b

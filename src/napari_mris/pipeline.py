@@ -27,7 +27,7 @@ from napari_mris.export import software_versions
 from napari_mris.findings import check_findings
 from napari_mris.lesion_snap import snap_to_lesion_map
 from napari_mris.model.decoder_files import load_decoder
-from napari_mris.model.generate import ImagePrefill, autoregressive_infer, prefill_image
+from napari_mris.model.generate import DecodeStep, ImagePrefill, autoregressive_infer, infer_findings, prefill_image
 from napari_mris.model.modeldir import read_config, verify_model_dir
 from napari_mris.model.orders import DecodingOrder, decoding_order
 from napari_mris.model.sequence import image_block_ids, prefix_ids
@@ -333,10 +333,15 @@ class MRISPipeline:
         return results[0]
 
     def segment_findings(self, image: np.ndarray, prompts: Sequence[str], **options: Any) -> list[SegmentationResult]:
-        """`stream_findings` run to its end: one result per finding, in the order given (fewer when stopped)."""
+        """One result per finding, in the order given (fewer when stopped). Several greedy findings are decoded
+        together as one batch (the later ones then cost a fraction of the first); otherwise this is
+        `stream_findings` run to its end."""
         names = ("order", "samples", "temperature", "beam", "top_k", "seed", "snap")
         settings = self.settings(**{k: options[k] for k in names if k in options})
         prompts = check_findings(prompts)
+        if len(prompts) > 1 and settings.samples == 1 and settings.beam == 1 and settings.temperature == 0:
+            stop = options.get("should_stop") or (lambda: False)
+            return self._segment_together(as_plane(image), prompts, settings, options.get("window"), stop)
         last: dict[int, StreamUpdate] = {}
         for index, update in self.stream_findings(image, prompts, **options):
             last[index] = update
@@ -395,9 +400,8 @@ class MRISPipeline:
     ) -> Iterator[StreamUpdate]:
         """One finding's stream on the shared image part; `start` is when this finding's work began."""
         prefix = prefix_ids(self.layout, image.codes, text_ids, int(self.tokenizers.image.grid)).to(self.device)
-        domain = image.domain
-        if domain is not None and domain.out_of_domain:
-            notes = (domain.message(), *notes)
+        if image.domain is not None and image.domain.out_of_domain:
+            notes = (image.domain.message(), *notes)
         timings = {"preprocess_s": time.perf_counter() - start}
         order = self.decoding_orders[settings.order]
         steps = autoregressive_infer(
@@ -411,7 +415,7 @@ class MRISPipeline:
             generator=self._generator(settings.seed),
             image=image.prefill,
         )
-        decode_time, shown = 0.0, 0  # shown: the order's preview mark of the last partial mask drawn
+        shown = 0  # the order's preview mark of the last partial mask drawn
         while not should_stop():
             with torch.inference_mode():
                 step = next(steps, None)
@@ -422,24 +426,76 @@ class MRISPipeline:
             if not (step.finished or rejected or mark > shown):
                 continue
             shown = mark
-            tick = time.perf_counter()
-            probs = None if rejected else self._probabilities(step, order)
-            lesion = None
-            if step.finished and probs is not None and settings.snap:
-                lesion = lesion_probability(step.lesion_logits, pixels.shape)
-            decode_time += time.perf_counter() - tick
-            update = self._update(step, probs, pixels.shape, several=settings.samples > 1, lesion=lesion)
-            elapsed = time.perf_counter() - start
-            timings.setdefault("first_update_s", elapsed)
-            timings.update(mask_decode_s=decode_time, total_s=elapsed)
-            timings["tokens_per_s"] = step.tokens_done / max(elapsed - timings["preprocess_s"], 1e-9)
-            update.timings = dict(timings)
-            update.warnings = notes
-            if domain is not None:
-                update.domain_score, update.out_of_domain = domain.score, domain.out_of_domain
+            update = self._stream_update(step, order, pixels, settings, image.domain, notes, timings, start)
             yield update
             if update.finished:
                 return
+
+    def _stream_update(
+        self,
+        step: DecodeStep,
+        order: DecodingOrder,
+        pixels: np.ndarray,
+        settings: DecodingSettings,
+        domain: DomainCheck | None,
+        notes: tuple[str, ...],
+        timings: dict[str, float],
+        start: float,
+    ) -> StreamUpdate:
+        """A decoding step as the mask at the image's size, with its timings (updated in place), the notes
+        for the status line and the domain check."""
+        tick = time.perf_counter()
+        rejected = _rejected_fraction(step.rejected) > 0.5
+        probs = None if rejected else self._probabilities(step, order)
+        lesion = None
+        if step.finished and probs is not None and settings.snap:
+            lesion = lesion_probability(step.lesion_logits, pixels.shape)
+        timings["mask_decode_s"] = timings.get("mask_decode_s", 0.0) + time.perf_counter() - tick
+        update = self._update(step, probs, pixels.shape, several=settings.samples > 1, lesion=lesion)
+        elapsed = time.perf_counter() - start
+        timings.setdefault("first_update_s", elapsed)
+        timings["total_s"] = elapsed
+        timings["tokens_per_s"] = step.tokens_done / max(elapsed - timings["preprocess_s"], 1e-9)
+        update.timings = dict(timings)
+        update.warnings = notes
+        if domain is not None:
+            update.domain_score, update.out_of_domain = domain.score, domain.out_of_domain
+        return update
+
+    def _segment_together(
+        self,
+        pixels: np.ndarray,
+        prompts: Sequence[str],
+        settings: DecodingSettings,
+        window: tuple[float, float] | None,
+        should_stop: Callable[[], bool],
+    ) -> list[SegmentationResult]:
+        """Greedy masks of several findings decoded as one batch (`generate.infer_findings`); every result
+        carries the time of the whole call. Stopped: no result."""
+        start = time.perf_counter()
+        encoded = [self._encode_prompt(prompt) for prompt in prompts]  # every prompt checked before any work
+        image = self._image_part(pixels, window)
+        order = self.decoding_orders[settings.order]
+        texts = [self.layout.text_ids(torch.as_tensor(ids, dtype=torch.long)) for ids, _ in encoded]
+        timings = {"preprocess_s": time.perf_counter() - start}
+        steps = infer_findings(self.decoder, order, image.prefill, texts)
+        last = None
+        while not should_stop():
+            with torch.inference_mode():
+                now = next(steps, None)
+            if now is None:
+                break
+            last = now
+        if last is None or not all(step.finished for step in last):
+            return []
+        results = []
+        for prompt, (_, notes), step in zip(prompts, encoded, last, strict=True):
+            notes = (
+                (image.domain.message(), *notes) if image.domain is not None and image.domain.out_of_domain else notes
+            )
+            update = self._stream_update(step, order, pixels, settings, image.domain, notes, dict(timings), start)
+            results.append(self._result(prompt, settings, update))
+        return results
 
     # ------------------------------------------------------------------ helpers
 

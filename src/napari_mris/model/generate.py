@@ -20,7 +20,7 @@ mask is the same whether it was asked alone or among others.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from napari_mris.model.decoder import MRISDecoder
-from napari_mris.model.orders import DecodingOrder, Feed, LegalTokens, Picker
+from napari_mris.model.orders import DecodingOrder, Feed, LegalTokens, Picker, Placement, position_shift
 from napari_mris.model.sequence import count_text_tokens
-from napari_mris.model.vocab import EOV, REJ, SOV
+from napari_mris.model.vocab import EOV, PAD, REJ, SOV
 
 
 @dataclass
@@ -151,6 +151,78 @@ def autoregressive_infer(
             if done - last_yield >= every or done == total:
                 last_yield = done
                 yield DecodeStep(order.name, codes, done, total, False, done == total, p_reject, image.lesion_logits)
+
+
+@torch.no_grad()
+def infer_findings(
+    decoder: MRISDecoder,
+    order: DecodingOrder,
+    image: ImagePrefill,
+    texts: Sequence[torch.Tensor],
+    *,
+    speculative: bool = True,
+) -> Iterator[list[DecodeStep]]:
+    """Greedy masks for several findings of one image decoded together, one batch row per finding: yields
+    one `DecodeStep` per finding (in the order given) after every step of the order's loop.
+
+    `texts` are the findings' text ids (vocabulary ids, what `prefix_ids` puts after the image block).
+    Shorter texts are left-padded inside the text block; the padding is masked out of every attention and
+    each row gets the positions it would have alone (`Placement.shift` per row), so each finding is decoded
+    as `autoregressive_infer` decodes it, up to the rounding of batched float arithmetic. A finding the
+    model answers "not present" leaves the batch. Why: on a CPU one forward pass of F rows costs little more
+    than one of a single row, so the later findings of an image come almost free (docs/results.md).
+    """
+    if not texts:
+        raise ValueError("infer_findings needs at least one finding")
+    device = image.ids.device
+    total, n_image = order.n_codes, image.ids.numel()
+    lengths = torch.tensor([len(t) for t in texts], device=device)
+    width = int(lengths.max())
+    ids = torch.full((len(texts), width), PAD, dtype=torch.long, device=device)
+    text_valid = torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]  # left padding
+    for row, text in enumerate(texts):
+        ids[row, width - len(text) :] = text.to(device)
+    key_valid = torch.cat([torch.ones(len(texts), n_image, dtype=torch.bool, device=device), text_valid], 1)
+    pick = Picker(order.legal_tokens(), greedy=order.greedy_rule(), speculative=speculative)
+
+    with eval_mode(decoder):
+        # 1. The texts on copies of the image block's cache, then one presence decision per finding.
+        cache = copy.deepcopy(image.cache)
+        cache.batch_repeat_interleave(len(texts))
+        text_feed = Feed(decoder, cache, Placement(n_image, 0, order.cells), None, key_valid)
+        positions = (n_image + (torch.cumsum(text_valid, 1) - 1).clamp(min=0)).long()
+        out = decoder(
+            ids,
+            past_key_values=cache,
+            use_cache=True,
+            position_ids=positions,
+            attention_mask=text_feed.attention(torch.arange(n_image, n_image + width, device=device), False),
+            logits_to_keep=1,
+        )
+        decision = LegalTokens(order.layout.vocab_size, [SOV, REJ])(None, out.logits[:, -1]).float().softmax(-1)
+        p_reject = decision[:, REJ].tolist()
+        present = torch.nonzero(decision[:, SOV] >= decision[:, REJ])[:, 0]
+        steps = [DecodeStep(order.name, order.no_codes(), 0, total, True, True, p) for p in p_reject]
+        if not len(present):
+            yield steps
+            return
+
+        # 2. The findings that are present: header and mask, each row at its own positions after its text.
+        shifts = torch.tensor([position_shift(len(t), decoder.config.text_slots) for t in texts], device=device)
+        placement = Placement(n_image + width, (shifts + lengths - width)[:, None], order.cells)
+        cell_table = None
+        if decoder.config.cell_features:
+            cell_table = decoder.cell_table(image.pixel_features, order.grid, image.lesion_logits)
+        feed = Feed(decoder, cache, placement, cell_table, key_valid)
+        feed.select(present)
+        out = feed(torch.tensor(order.header(), device=device).expand(len(present), -1))
+        for codes, done in order.write(feed, out.logits[:, -1], out.hidden_states, pick):
+            for k, row in enumerate(present.tolist()):
+                mine = [c[k : k + 1] for c in codes] if isinstance(codes, list) else codes[k : k + 1]
+                steps[row] = DecodeStep(
+                    order.name, mine, done, total, False, done == total, p_reject[row], image.lesion_logits
+                )
+            yield list(steps)
 
 
 @contextmanager

@@ -89,7 +89,7 @@ class Placement:
     sequence index. Training asks for every index at once; decoding for the indices it feeds next."""
 
     prefix_length: int  # tokens up to and including the text
-    shift: int  # position_shift of the text: added to every index after the prefix
+    shift: int | torch.Tensor  # added to every index after the prefix: position_shift, or [B, 1] one per row
     cells: torch.Tensor  # code_cells of the order: cell of the i-th mask code
 
     @property
@@ -98,7 +98,9 @@ class Placement:
         return self.prefix_length + HEADER_LENGTH - 1
 
     def position_ids(self, index: torch.Tensor) -> torch.Tensor:
-        return index + self.shift * (index >= self.prefix_length)
+        """[n] indices -> [n] positions, or [B, n] with one shift per row."""
+        shift = self.shift.to(index.device) if isinstance(self.shift, torch.Tensor) else self.shift
+        return index + shift * (index >= self.prefix_length)
 
     def slot_cells(self, index: torch.Tensor) -> torch.Tensor:
         """Cell of the mask code the output at `index` predicts; -1 where it predicts no mask code."""
@@ -253,7 +255,7 @@ class RasterOrder(DecodingOrder):
     def write(self, feed: Feed, logits: torch.Tensor, hidden: torch.Tensor, pick: Picker) -> Iterator[Any]:
         if pick.beam > 1:
             tokens = (best for best, _ in raster_beam_search(feed, pick, logits, self.n_codes))
-        elif pick.speculative and pick.temperature == 0 and logits.shape[0] == 1 and feed.decoder.config.nktp_k > 1:
+        elif pick.speculative and pick.temperature == 0 and feed.decoder.config.nktp_k > 1:
             tokens = raster_speculative(feed, pick, logits, hidden[:, -1], self.n_codes, self.mask_slice)
         else:
             tokens = raster_tokens(feed, pick, logits, self.n_codes)
@@ -360,10 +362,22 @@ def decoding_order(name: str, layout: VocabLayout, tokenizer: MaskCodes) -> Deco
 
 class Feed:
     """Feeds tokens after the prefix to the decoder on one KV cache, each with the RoPE position and the
-    cell feature training gave it (`Placement`): the decode loops only say which ids come next."""
+    cell feature training gave it (`Placement`): the decode loops only say which ids come next.
 
-    def __init__(self, decoder, cache, placement: Placement, cell_table: torch.Tensor | None) -> None:
+    `key_valid` [B, P] marks the real entries among the first P of the cache when rows were padded (several
+    findings decoded together); every later query is kept from the padding. None = no padding.
+    """
+
+    def __init__(
+        self,
+        decoder,
+        cache,
+        placement: Placement,
+        cell_table: torch.Tensor | None,
+        key_valid: torch.Tensor | None = None,
+    ) -> None:
         self.decoder, self.cache, self.placement, self.cell_table = decoder, cache, placement, cell_table
+        self.key_valid = key_valid
 
     def __call__(self, ids: torch.Tensor, *, scale_ids: torch.Tensor | None = None, block: bool = False):
         """Run ids [B, n] after the cache; `block=True` lets them see each other (one next-scale block)."""
@@ -373,7 +387,9 @@ class Feed:
         extra: dict[str, Any] = {}
         if self.cell_table is not None:
             extra.update(slot_cells=self.placement.slot_cells(index).expand(batch, -1), cell_table=self.cell_table)
-        if block:
+        if self.key_valid is not None:
+            extra["attention_mask"] = self.attention(index, block)
+        elif block:
             extra["attention_mask"] = torch.zeros(batch, 1, n, past + n, device=ids.device)
         return self.decoder(
             ids,
@@ -383,6 +399,24 @@ class Feed:
             scale_ids=scale_ids,
             **extra,
         )
+
+    def attention(self, index: torch.Tensor, block: bool) -> torch.Tensor:
+        """Additive [B, 1, n, past + n] mask for queries at cache `index`: causal (or the whole block), never
+        a padded key."""
+        keys = torch.arange(int(index[-1]) + 1, device=index.device)
+        allowed = keys[None, :] <= (index[-1] if block else index)[..., None]  # [n, K] (or [1, K] for a block)
+        valid = torch.ones(self.key_valid.shape[0], len(keys), dtype=torch.bool, device=index.device)
+        valid[:, : self.key_valid.shape[1]] = self.key_valid
+        allowed = allowed[None] & valid[:, None, :]  # [B, n, K]
+        mask = torch.zeros(allowed.shape, device=index.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        return mask[:, None].expand(-1, -1, len(index), -1)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` of the batch (findings answered "not present" leave the decode)."""
+        self.cache.batch_select_indices(rows)
+        self.key_valid = self.key_valid[rows] if self.key_valid is not None else None
+        if isinstance(self.placement.shift, torch.Tensor):
+            self.placement = Placement(self.placement.prefix_length, self.placement.shift[rows], self.placement.cells)
 
 
 class LegalTokens(LogitsProcessor):
@@ -444,10 +478,11 @@ def raster_speculative(
     [nxt, d_2, ..., d_k] gives the greedy token after each; drafts are kept while they equal it, and the
     greedy token after the last kept one comes for free. Every kept token is the greedy token, so the
     output is the plain greedy output; only the number of forward passes changes. The drafts are the
-    heads' argmax guesses whatever the greedy rule.
+    heads' argmax guesses whatever the greedy rule. With several rows (findings decoded together), a pass
+    keeps the drafts that every row accepted.
     """
     decoder = feed.decoder
-    tokens = torch.empty(1, n_tokens, dtype=torch.long, device=logits.device)
+    tokens = torch.empty(logits.shape[0], n_tokens, dtype=torch.long, device=logits.device)
     tokens[:, 0] = pick(logits)
     done = 1
     yield tokens[:, :done].clone()
@@ -457,10 +492,10 @@ def raster_speculative(
         drafts = torch.stack(
             [decoder.nktp_logits(hidden, j, mask_slice).argmax(-1) + mask_slice.start for j in range(2, n_draft + 2)],
             dim=-1,
-        )  # [1, n_draft]: guesses for tokens[done : done + n_draft]
+        )  # [B, n_draft]: guesses for tokens[done : done + n_draft]
         out = feed(torch.cat([tokens[:, done - 1 : done], drafts], 1))
-        chosen = pick(out.logits)  # [1, n_draft + 1]: the greedy token after each fed token
-        accepted = int((drafts == chosen[:, :n_draft]).long().cumprod(-1).sum())
+        chosen = pick(out.logits)  # [B, n_draft + 1]: the greedy token after each fed token
+        accepted = int((drafts == chosen[:, :n_draft]).long().cumprod(-1).sum(-1).min())
         new = chosen[:, : accepted + 1][:, : n_tokens - done]  # the kept drafts (== greedy) and one more
         tokens[:, done : done + new.shape[1]] = new
         done += new.shape[1]
