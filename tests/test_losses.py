@@ -6,11 +6,10 @@ import math
 
 import pytest
 import torch
+from _orders import order_for
 from _tiny_decoder import TINY_LAYOUT, tiny_decoder_config
 
 from napari_mris.model.decoder import MRISDecoder
-from _orders import order_for
-
 from napari_mris.model.sequence import build_training_sequence, collate
 from napari_mris.model.vocab import REJ, SOV, VocabLayout
 from napari_mris_train.het_memory import HETMemory, sample_key

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from napari_mris.errors import PromptError
 from _orders import order_for
 
+from napari_mris.errors import PromptError
 from napari_mris.model.orders import IGNORE
 from napari_mris.model.sequence import build_training_sequence, collate, prefix_ids
 from napari_mris.model.vocab import BOS, EOS, EOV, PAD, RASTER, REJ, SCALE, SOT, SOV, VocabLayout
@@ -65,7 +64,8 @@ def test_prefix_and_header():
     assert names(prefix) == [
         "[BOS]", "[SOV]", "[G2]", "[G2]", "[SOT]", "img:0", "img:1", "img:2", "img:3", "[EOV]", "text:7", "text:8",
     ]  # fmt: skip
-    assert order_for(LAYOUT, "scale", (1, 2, 4)).header() == [SOV, SCALE, LAYOUT.grid_token(4), LAYOUT.grid_token(4), SOT]
+    grid = LAYOUT.grid_token(4)
+    assert order_for(LAYOUT, "scale", (1, 2, 4)).header() == [SOV, SCALE, grid, grid, SOT]
     with pytest.raises(ValueError, match="4 codes for a 3x3 grid"):
         prefix_ids(LAYOUT, IMAGE, TEXT, 3)
     with pytest.raises(PromptError):

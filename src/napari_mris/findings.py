@@ -34,6 +34,11 @@ _COUNT = re.compile(
 EIGHT_CONNECTED = np.ones((3, 3), bool)
 
 
+def finding_key(prompt: str) -> str:
+    """What makes two findings the same: their words, whatever the case and spacing."""
+    return " ".join(prompt.split()).casefold()
+
+
 def check_findings(prompts: Sequence[str]) -> list[str]:
     """The findings as a list, or a PromptError naming the problem: none, an empty one, a repeated one (each
     finding gets its own label, so a repeat would be two labels for one thing), or more than MAX_FINDINGS."""
@@ -55,7 +60,7 @@ def check_findings(prompts: Sequence[str]) -> list[str]:
             raise PromptError(
                 f"Finding {number} of {len(prompts)} is empty; remove the empty line or describe the finding"
             )
-        key = " ".join(prompt.split()).casefold()
+        key = finding_key(prompt)
         if key in seen:
             raise PromptError(
                 f"Finding {number} repeats finding {seen[key]} ({prompt.strip()!r}); give each finding once, "

@@ -275,29 +275,14 @@ class MRISPipeline:
             temperature = SAMPLING_TEMPERATURE
         return DecodingSettings(order, int(samples), float(temperature), int(beam), top_k, seed, bool(snap))
 
-    def stream(
-        self,
-        image: np.ndarray,
-        prompt: str,
-        order: str | None = None,
-        samples: int = 1,
-        temperature: float = 0.0,
-        beam: int = 1,
-        window: tuple[float, float] | None = None,
-        *,
-        top_k: int | None = None,
-        seed: int | None = None,
-        snap: bool = True,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> Iterator[StreamUpdate]:
-        """Yield the growing mask for `prompt` on the 2D `image`; the last update has finished=True.
+    def stream(self, image: np.ndarray, prompt: str, *args: Any, **options: Any) -> Iterator[StreamUpdate]:
+        """Yield the growing mask for `prompt` on the 2D `image`; the last update has finished=True. The
+        one-finding case of `stream_findings`, with the same options.
 
         `should_stop` is polled between decoding steps; when it returns True the stream ends without a
         finished update (the caller keeps the last partial mask or discards it).
         """
-        settings = self.settings(order, samples, temperature, beam, top_k, seed, snap)
-        updates = self._stream(as_plane(image), [prompt], settings, window, should_stop or (lambda: False))
-        return (update for _, update in updates)
+        return (update for _, update in self.stream_findings(image, [prompt], *args, **options))
 
     def stream_findings(
         self,

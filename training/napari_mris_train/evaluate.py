@@ -1,7 +1,8 @@
 """`napari-mris-train eval`: the referring benchmark on an LViT split (Val_Folder for every reported figure).
 
-Every prompt is decoded through `MRISPipeline.segment`, the same path as the widget and the CLI, and
-scored at its mask's own resolution. The sets (`referring.py`) ask whether the mask follows the text:
+Every prompt is decoded through `MRISPipeline.segment_findings` (an image's prompts together, each with the
+mask `segment` gives it alone), the same path as the CLI, and scored at its mask's own resolution. The
+sets (`referring.py`) ask whether the mask follows the text:
 
 - `full`: Dice / mIoU on the image's own description, and the false-rejection rate (a present finding
   answered "not present");
@@ -28,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from napari_mris.errors import MRISError
+from napari_mris.findings import MAX_FINDINGS, finding_key
 from napari_mris.io.atomic import write_text_atomic
 from napari_mris.pipeline import MRISPipeline
 from napari_mris_train.data import load_split
@@ -64,14 +66,16 @@ def evaluate_split(
         example = split[index]
         rng = np.random.default_rng([seed, index])  # per image: a --limit run is a prefix of the full run
         other = other_description(descriptions, index, rng) if "other" in sets else None
-        full = pipeline.segment(example.image, example.description, order=order, beam=beam, snap=snap)
-        for prompt in referring_prompts(example.mask, example.description, other, rng, ("full", *sets)):
-            if prompt.set == "full" and "full" not in sets:
-                continue
-            result = full if prompt.set == "full" else pipeline.segment(
-                example.image, prompt.text, order=order, beam=beam, snap=snap
-            )
-            rows.append(score_prompt(example.name, prompt, result, full.mask))
+        prompts = [
+            prompt
+            for prompt in referring_prompts(example.mask, example.description, other, rng, ("full", *sets))
+            if prompt.set != "full" or "full" in sets
+        ]
+        answers = answer_prompts(
+            pipeline, example.image, [example.description, *(p.text for p in prompts)], order, beam, snap
+        )
+        for prompt in prompts:
+            rows.append(score_prompt(example.name, prompt, answers[prompt.text], answers[example.description].mask))
     return {
         "order": order,
         "snap": snap,
@@ -81,6 +85,18 @@ def evaluate_split(
         **summarise(rows),
         "per_prompt": rows,
     }
+
+
+def answer_prompts(pipeline, image, texts: list[str], order: str, beam: int, snap: bool) -> dict[str, Any]:
+    """Each distinct prompt's result on one image; several are decoded together (`segment_findings`, the
+    same masks as one at a time), in runs of at most MAX_FINDINGS."""
+    distinct = list({finding_key(text): text for text in reversed(texts)}.values())[::-1]
+    results = {}
+    for start in range(0, len(distinct), MAX_FINDINGS):
+        batch = distinct[start : start + MAX_FINDINGS]
+        answers = pipeline.segment_findings(image, batch, order=order, beam=beam, snap=snap)
+        results.update(zip(map(finding_key, batch), answers, strict=True))
+    return {text: results[finding_key(text)] for text in texts}
 
 
 def score_prompt(name: str, prompt, result, full_mask: np.ndarray) -> dict[str, Any]:
