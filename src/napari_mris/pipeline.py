@@ -325,8 +325,7 @@ class MRISPipeline:
         settings = self.settings(**{k: options[k] for k in names if k in options})
         prompts = check_findings(prompts)
         if len(prompts) > 1 and settings.samples == 1 and settings.beam == 1 and settings.temperature == 0:
-            stop = options.get("should_stop") or (lambda: False)
-            return self._segment_together(as_plane(image), prompts, settings, options.get("window"), stop)
+            return self._segment_together(as_plane(image), prompts, settings, **options)
         last: dict[int, StreamUpdate] = {}
         for index, update in self.stream_findings(image, prompts, **options):
             last[index] = update
@@ -448,15 +447,11 @@ class MRISPipeline:
         return update
 
     def _segment_together(
-        self,
-        pixels: np.ndarray,
-        prompts: Sequence[str],
-        settings: DecodingSettings,
-        window: tuple[float, float] | None,
-        should_stop: Callable[[], bool],
+        self, pixels: np.ndarray, prompts: list[str], settings: DecodingSettings, **options: Any
     ) -> list[SegmentationResult]:
         """Greedy masks of several findings decoded as one batch (`generate.infer_findings`); every result
-        carries the time of the whole call. Stopped: no result."""
+        carries the time of the whole call. Stopped (`should_stop`): no result."""
+        window, should_stop = options.get("window"), options.get("should_stop") or (lambda: False)
         start = time.perf_counter()
         encoded = [self._encode_prompt(prompt) for prompt in prompts]  # every prompt checked before any work
         image = self._image_part(pixels, window)
