@@ -14,7 +14,7 @@ sized by `DecoderConfig` to train on a CPU and scaled up by config on a GPU. Aro
   self-speculative decoding. `nktp_logits` can slice the unembedding to the mask codes, so 15 heads cost
   15 x (hidden x K) rather than 15 x (hidden x vocab).
 - `cell_features` (optional, needs the stem): the position that predicts mask code i also gets the stem's
-  feature of that code's cell added to its input (`slot_cells`, see `sequence.code_cells`), so a mask
+  feature of that code's cell added to its input (`slot_cells`, see `orders.code_cells`), so a mask
   position reads its own patch of the image instead of having to find it by attention; with a lesion map,
   also that cell's patch of lesion probabilities (`cell_patch_proj`).
 
@@ -62,8 +62,8 @@ class DecoderConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     pixel_channels: list[int] = field(default_factory=list)  # stride-2 stages of the pixel stem; [] = none
-    text_slots: int = 0  # RoPE positions given to the text whatever its length (sequence.position_shift); 0 = plain
-    cell_features: bool = False  # add the stem feature of its own cell to each mask position (sequence.code_cells)
+    text_slots: int = 0  # RoPE positions given to the text whatever its length (orders.position_shift); 0 = plain
+    cell_features: bool = False  # add the stem feature of its own cell to each mask position (orders.code_cells)
     pixel_decoder_channels: list[int] = field(default_factory=list)  # U-Net up-stages of the stem; [] = no lesion map
     cell_positions: bool = False  # add each cell's (row, column) code to its cell feature (cell_position_codes)
 
@@ -240,7 +240,7 @@ class MRISDecoder(nn.Module):
 
     def cell_table(self, features: torch.Tensor, largest: int, lesion_map: torch.Tensor | None = None) -> torch.Tensor:
         """(B, g*g, H) stem features -> (B, cells, H): the features area-pooled to every grid 1x1 .. GxG in
-        turn (`sequence.code_cells`), G = max(`largest`, g); with `cell_patch_proj`, plus each cell's patch
+        turn (`orders.code_cells`), G = max(`largest`, g); with `cell_patch_proj`, plus each cell's patch
         of the (B, 1, g*u, g*u) lesion map's probabilities, area-pooled to u x u (u = map_upsample)."""
         batch, n, hidden = features.shape
         grid = math.isqrt(n)
