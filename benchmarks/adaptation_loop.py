@@ -1,13 +1,27 @@
-"""Does correcting N cases and adapting help on the cases after them? The correction loop, simulated.
+"""Does correcting N cases and adapting help on other cases? The correction loop, simulated on real data.
 
-The first N images of QaTa-COV19 Val_Folder play the radiologist's corrected cases: each goes into a
-corrections store with its ground-truth mask as the "correction" and its description as the prompt,
-exactly as "Save as training example" would write it. A LoRA adapter is then fine-tuned on the store
-(with replay of the first 256 Train_Folder pairs, as the widget does when given replay data), and Dice is measured on a
-fixed set of later validation images (never among the corrected ones) before and after, for each N.
+Val_Folder's annotators draw differently from Train_Folder's (smaller masks: 8.9 % of the image on
+average against 11.4 % on train's BIMCV cases and 15.4 % on its covid_* cases), so val cases play a new
+site's radiologist. Val_Folder holds BIMCV subjects sorted by subject; the benchmark splits it by subject:
 
-    python benchmarks/adaptation_loop.py --model src/napari_mris/models/default \\
-        --data ../shared/data/QaTa-COV19 --n 10 50 200 --json runs/adaptation_loop.json
+- the correction pool: the first `--pool` val cases. N = 10 / 50 / 200 takes the first N of them, each
+  saved into a corrections store with its ground-truth mask as the "correction" and its description as
+  the prompt, exactly as "Save as training example" writes it;
+- the scored val cases: `--eval-count` cases spread evenly over the rest of Val_Folder, none of a pool
+  subject; scored on the referring sets `--sets` (full descriptions, side, absent ...: evaluate.py);
+- the forgetting slice: `--train-count` Train_Folder cases spread evenly over it (the model trained on
+  them), full descriptions; the replayed training pairs (`--replay-count`, also spread evenly) are
+  other training cases.
+
+An adapter is fine-tuned for each N with `napari-mris-train finetune`'s function and the recipe given
+here, timed end to end (loading, encoding, the steps, saving), and every set is scored before and after.
+
+`--tune` is for choosing the recipe without looking at the scored cases: it trains on the first N pool
+cases and scores on pool cases of OTHER subjects (`--eval-count` of them, from the end of the pool) and
+on a different training slice. The scored cases are never read in that mode.
+
+    python benchmarks/adaptation_loop.py --data ../shared/data/QaTa-COV19 --n 10 50 200 \\
+        --json runs/adaptation_loop.json
 
 Adapters go to a temporary per-user adapters folder (`NAPARI_MRIS_ADAPTERS`, napari_mris.adapters), so the
 benchmark leaves neither the model directory nor the user's own adapters touched.
@@ -16,54 +30,105 @@ benchmark leaves neither the model directory nor the user's own adapters touched
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from napari_mris.corrections import CorrectionsStore
+from napari_mris.model.modeldir import model_hash
 from napari_mris.phantom import write_text_table
 from napari_mris.pipeline import MRISPipeline, resolve_model_dir
 from napari_mris_train.data import load_split
-from napari_mris_train.evaluate import evaluate_split
+from napari_mris_train.evaluate import evaluate_split, parse_sets
 from napari_mris_train.finetune import finetune
 
+REPORTED = ("full", "side", "zone", "absent", "other")
 
-class Subset:
-    """Pairs [start, stop) of a split, with the split's interface (what evaluate_split needs)."""
 
-    def __init__(self, split, start: int, stop: int) -> None:
-        self.split, self.start, self.stop = split, start, min(stop, len(split))
+class Picked:
+    """Chosen pairs of a split, with the split's interface (what evaluate_split needs)."""
+
+    def __init__(self, split, indices: list[int]) -> None:
+        self.split, self.indices = split, list(indices)
         self.folder = split.folder
-        self.descriptions = split.descriptions[self.start : self.stop]
+        self.pairs = [split.pairs[i] for i in self.indices]
+        self.descriptions = [p[3] for p in self.pairs]
+        self.names = [p[0] for p in self.pairs]
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return len(self.indices)
 
     def __getitem__(self, index: int):
-        return self.split[self.start + index]
+        return self.split[self.indices[index]]
 
 
-def write_corrections(split, count: int, root: Path) -> CorrectionsStore:
-    """The first `count` validation cases, saved as a radiologist's corrections (ground truth as the fix)."""
+def subject(name: str) -> str:
+    """BIMCV names start with the subject (`sub-S11228_ses-...`); other names are their own subject."""
+    return name.split("_ses-")[0] if name.startswith("sub-") else name
+
+
+def spread(candidates: list[int], count: int) -> list[int]:
+    """`count` of `candidates` evenly spaced over them (all of them when there are fewer)."""
+    if count >= len(candidates):
+        return list(candidates)
+    return [candidates[int(i)] for i in np.linspace(0, len(candidates) - 1, count).round().astype(int)]
+
+
+def choose_cases(val, train, args) -> dict[str, Picked]:
+    """The correction pool, the scored val cases, the forgetting slice and the replayed training pairs."""
+    names = val.names
+    pool = list(range(min(args.pool, len(val))))
+    if max(args.n) > len(pool):
+        raise SystemExit(f"N = {max(args.n)} needs a pool of at least that many cases (--pool {args.pool})")
+    pool_subjects = {subject(names[i]) for i in pool}
+    train_indices = list(range(len(train)))
+    if args.tune:  # held-back pool cases: subjects none of the largest N's corrections belongs to
+        taught = {subject(names[i]) for i in range(max(args.n))}
+        held = [i for i in pool if subject(names[i]) not in taught]
+        scored = held[-args.eval_count :]
+        forgetting = spread(train_indices[1::2], args.train_count)  # the other half of train than the final run
+    else:
+        rest = [i for i in range(len(val)) if subject(names[i]) not in pool_subjects]
+        scored = spread(rest, args.eval_count)
+        forgetting = spread(train_indices[::2], args.train_count)
+    taken = set(forgetting)
+    replay = spread(
+        [i for i in train_indices if i not in taken and i % 2 == (0 if args.tune else 1)], args.replay_count
+    )
+    if not scored:
+        raise SystemExit("no val cases left to score: lower --pool or the largest --n")
+    return {
+        "pool": Picked(val, pool),
+        "scored": Picked(val, scored),
+        "forgetting": Picked(train, forgetting),
+        "replay": Picked(train, replay),
+    }
+
+
+def write_corrections(cases: Picked, count: int, root: Path) -> CorrectionsStore:
+    """The first `count` cases, saved as a radiologist's corrections (ground truth as the fix)."""
     store = CorrectionsStore(root)
     for index in range(count):
-        example = split[index]
+        example = cases[index]
         store.add(example.image, example.description, example.mask, model_id="benchmark")
     return store
 
 
-def write_replay(split, count: int, root: Path) -> Path:
-    """The first `count` training pairs as a small LViT split (encoding all 5,716 would dominate the run)."""
+def write_replay(cases: Picked, root: Path) -> Path:
+    """The replayed training pairs as a small LViT split (encoding all 5,716 would dominate the run)."""
     folder = root / "Train_Folder"
     (folder / "img").mkdir(parents=True)
     (folder / "labelcol").mkdir()
     rows = []
-    for _name, image_path, mask_path, description in split.pairs[:count]:
+    for _name, image_path, mask_path, description in cases.pairs:
         shutil.copy2(image_path, folder / "img" / image_path.name)
         shutil.copy2(mask_path, folder / "labelcol" / mask_path.name)
         rows.append((mask_path.name, description))
@@ -71,10 +136,95 @@ def write_replay(split, count: int, root: Path) -> Path:
     return root
 
 
-def dice_on(model_dir: Path, adapter: str | None, cases, order: str) -> tuple[float, float]:
-    pipeline = MRISPipeline.from_pretrained(model_dir, device="cpu", adapter=adapter)
-    report = evaluate_split(pipeline, cases, order=order, sets=("full",), progress=False)
-    return report["dice"], report["seconds"]
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """Per set: prompts, mean Dice (N-Acc for `absent`), pooled Dice and each prompt's Dice / answer, in
+    the cases' order (so two models can be compared case by case)."""
+    sets = {}
+    for name, s in report["sets"].items():
+        rows = [r for r in report["per_prompt"] if r["set"] == name]
+        sets[name] = {
+            "n": s["n"],
+            "not_present": s["not_present"],
+            "each_not_present": [r["not_present"] for r in rows],
+        }
+        if "dice" in s:
+            sets[name] |= {"dice": s["dice"], "pooled_dice": s["pooled_dice"], "each_dice": [r["dice"] for r in rows]}
+            drawn, true = sum(r["counts"][1] for r in rows), sum(r["counts"][2] for r in rows)
+            sets[name]["area_ratio"] = drawn / max(true, 1)  # pixels drawn per true pixel: over- or under-drawing
+    return {"n_images": report["n_images"], "seconds": report["seconds"], "sets": sets}
+
+
+def score(pipeline: MRISPipeline, cases: Picked, order: str, sets: tuple[str, ...]) -> dict[str, Any]:
+    return summary(evaluate_split(pipeline, cases, order=order, sets=sets, progress=False))
+
+
+def cached_base(model_dir: Path, cases: dict[str, Picked], args, cache: Path | None) -> dict[str, Any]:
+    """The base model's scores (they do not depend on the recipe: cached by model, cases, sets and order)."""
+    key = hashlib.sha256(
+        json.dumps(
+            [model_hash(model_dir), args.order, list(args.sets)] + [cases["scored"].names, cases["forgetting"].names]
+        ).encode()
+    ).hexdigest()[:16]
+    path = cache / f"base_{key}.json" if cache is not None else None
+    if path is not None and path.is_file():
+        return json.loads(path.read_text())
+    base = MRISPipeline.from_pretrained(model_dir, device="cpu")
+    result = {
+        "scored": score(base, cases["scored"], args.order, args.sets),
+        "forgetting": score(base, cases["forgetting"], args.order, ("full",)),
+    }
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def recipe_of(args) -> dict[str, Any]:
+    """The fine-tuning options (finetune.train_adapter's keywords) this run uses."""
+    recipe = {
+        "rank": args.rank,
+        "alpha": args.alpha,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "replay_fraction": args.replay_fraction,
+        "seed": args.seed,
+    }
+    if args.targets:
+        recipe["targets"] = args.targets.split(",")
+    return recipe
+
+
+def headline(result: dict[str, Any]) -> dict[str, float | None]:
+    """The figures the table shows: full / side Dice and absent N-Acc on val, full Dice on train (in %)."""
+    sets = result["scored"]["sets"]
+    pick = {
+        "val_full": sets.get("full", {}).get("dice"),
+        "val_side": sets.get("side", {}).get("dice"),
+        "val_zone": sets.get("zone", {}).get("dice"),
+        "val_absent_nacc": sets.get("absent", {}).get("not_present"),
+        "train_full": result["forgetting"]["sets"]["full"]["dice"],
+    }
+    return {k: (None if v is None else 100 * v) for k, v in pick.items()}
+
+
+def print_table(base: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    before = headline(base)
+    shown = [k for k, v in before.items() if v is not None]
+    labels = {
+        "val_full": "val full Dice",
+        "val_side": "val side Dice",
+        "val_zone": "val zone Dice",
+        "val_absent_nacc": "val absent N-Acc",
+        "train_full": "train full Dice",
+    }
+    print("\n| N | " + " | ".join(labels[k] for k in shown) + " | minutes to adapt (CPU minutes) |")
+    print("|---:|" + "---:|" * (len(shown) + 1))
+    print("| base | " + " | ".join(f"{before[k]:.2f}" for k in shown) + " | |")
+    for row in rows:
+        after = headline(row)
+        cells = [f"{after[k]:.2f} ({after[k] - before[k]:+.2f})" for k in shown]
+        minutes = f"{row['adapt_seconds'] / 60:.1f} ({row['adapt_cpu_seconds'] / 60:.1f})"
+        print(f"| {row['n']} | " + " | ".join(cells) + f" | {minutes} |")
 
 
 def main() -> None:
@@ -82,44 +232,80 @@ def main() -> None:
     parser.add_argument("--model", default="default", help="model directory (never modified)")
     parser.add_argument("--data", type=Path, required=True, help="LViT root with Train_Folder and Val_Folder")
     parser.add_argument("--n", type=int, nargs="+", default=[10, 50, 200], help="numbers of corrected cases")
-    parser.add_argument("--eval-count", type=int, default=300, help="later validation cases scored (after max N)")
-    parser.add_argument("--steps", type=int, default=100, help="LoRA steps per adaptation (the widget uses 200)")
-    parser.add_argument("--replay-count", type=int, default=256, help="training pairs replayed while adapting")
-    parser.add_argument("--order", default="scale", choices=("scale", "raster"))
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", type=Path, help="write the table here as JSON")
+    parser.add_argument("--pool", type=int, default=200, help="the first POOL val cases are the correction pool")
+    parser.add_argument("--eval-count", type=int, default=80, help="val cases scored (other subjects than the pool)")
+    parser.add_argument("--train-count", type=int, default=60, help="training cases scored for forgetting")
+    parser.add_argument("--sets", type=parse_sets, default=("full", "side", "absent"), help="referring sets on val")
+    parser.add_argument("--order", default=None, choices=("scale", "raster"), help="default: the model's")
+    parser.add_argument("--tune", action="store_true", help="score held-back pool cases, not the scored cases")
+    recipe = parser.add_argument_group("recipe (napari-mris-train finetune's options)")
+    recipe.add_argument("--steps", type=int, default=100)
+    recipe.add_argument("--rank", type=int, default=8)
+    recipe.add_argument("--alpha", type=int, default=16)
+    recipe.add_argument("--targets", help="comma-separated LoRA target modules (default: finetune's)")
+    recipe.add_argument("--lr", type=float, default=2e-4)
+    recipe.add_argument("--batch-size", type=int, default=4)
+    recipe.add_argument("--replay-count", type=int, default=256, help="training pairs replayed while adapting")
+    recipe.add_argument("--replay-fraction", type=float, default=0.5)
+    recipe.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the timing's CPU budget)")
+    parser.add_argument("--cache", type=Path, default=Path("runs/adaptation_cache"), help="base scores cache")
+    parser.add_argument("--json", type=Path, help="write the table (and the case lists) here as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    model_dir = resolve_model_dir(args.model)
     val = load_split(args.data, split="val")
-    first_eval = max(args.n)
-    cases = Subset(val, first_eval, first_eval + args.eval_count)
+    train = load_split(args.data, split="train")
+    cases = choose_cases(val, train, args)
+    args.order = args.order or MRISPipeline.from_pretrained(model_dir, device="cpu").default_order
+    print(
+        f"pool val[0:{len(cases['pool'])}], scored {len(cases['scored'])} val cases "
+        f"({'tuning' if args.tune else 'final'}), "
+        f"forgetting {len(cases['forgetting'])} train cases, replay {len(cases['replay'])}, order {args.order}",
+        flush=True,
+    )
+    base = cached_base(model_dir, cases, args, args.cache)
+    print("base:", json.dumps(headline(base)), flush=True)
+    rows = []
     with tempfile.TemporaryDirectory(prefix="mris-adapt-bench-") as scratch:
         os.environ["NAPARI_MRIS_ADAPTERS"] = str(Path(scratch) / "adapters")
-        model_dir = resolve_model_dir(args.model)
-        replay = write_replay(load_split(args.data, split="train"), args.replay_count, Path(scratch) / "replay")
-        before, eval_seconds = dice_on(model_dir, None, cases, args.order)
-        print(f"base model: Dice {100 * before:.2f} % on val[{first_eval}:{cases.stop}] ({eval_seconds:.0f} s)")
-        rows = []
+        replay = write_replay(cases["replay"], Path(scratch) / "replay") if args.replay_count else None
         for n in args.n:
-            store = write_corrections(val, n, Path(scratch) / f"corrections_{n}")
-            start = time.perf_counter()
-            finetune(model_dir, store.root, f"n{n}", args.steps, replay_data=replay, seed=0)
-            adapt_seconds = time.perf_counter() - start
-            after, _ = dice_on(model_dir, f"n{n}", cases, args.order)
-            rows.append({"n": n, "dice_before": before, "dice_after": after, "adapt_seconds": adapt_seconds})
-            print(f"N={n:4d}: Dice {100 * before:.2f} -> {100 * after:.2f} %, adaptation {adapt_seconds:.0f} s")
-    print("\n| corrected cases N | Dice before | Dice after | change | adaptation time |")
-    print("|---:|---:|---:|---:|---:|")
-    for r in rows:
-        change = 100 * (r["dice_after"] - r["dice_before"])
-        print(
-            f"| {r['n']} | {100 * r['dice_before']:.2f} % | {100 * r['dice_after']:.2f} % | {change:+.2f} | "
-            f"{r['adapt_seconds']:.0f} s |"
-        )
+            store = write_corrections(cases["pool"], n, Path(scratch) / f"corrections_{n}")
+            start, cpu_start = time.perf_counter(), time.process_time()
+            finetune(model_dir, store.root, f"n{n}", args.steps, replay_data=replay, **recipe_of(args))
+            adapt_seconds, adapt_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+            adapted = MRISPipeline.from_pretrained(model_dir, device="cpu", adapter=f"n{n}")
+            row = {
+                "n": n,
+                "adapt_seconds": adapt_seconds,  # wall clock, on a CPU other jobs may share
+                "adapt_cpu_seconds": adapt_cpu_seconds,  # this process's CPU time: the cost on an idle core
+                "scored": score(adapted, cases["scored"], args.order, args.sets),
+                "forgetting": score(adapted, cases["forgetting"], args.order, ("full",)),
+            }
+            rows.append(row)
+            print(
+                f"N={n}: {json.dumps(headline(row))}, adaptation {adapt_seconds:.0f} s ({adapt_cpu_seconds:.0f} s CPU)",
+                flush=True,
+            )
+    print_table(base, rows)
     if args.json:
-        summary = {"eval_cases": [first_eval, cases.stop], "steps": args.steps, "order": args.order, "rows": rows}
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        out = {
+            "model": str(model_dir),
+            "mode": "tune" if args.tune else "final",
+            "order": args.order,
+            "sets": list(args.sets),
+            "threads": args.threads,
+            "steps": args.steps,
+            "recipe": recipe_of(args) | {"replay_count": len(cases["replay"]), "steps": args.steps},
+            "cases": {k: v.names for k, v in cases.items()},
+            "base": base,
+            "rows": rows,
+            "headline": {"base": headline(base)} | {str(r["n"]): headline(r) for r in rows},
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":
