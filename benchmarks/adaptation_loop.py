@@ -44,8 +44,9 @@ import torch
 
 from napari_mris.corrections import CorrectionsStore
 from napari_mris.model.modeldir import model_hash
+from napari_mris.model_location import resolve_model_dir
 from napari_mris.phantom import write_text_table
-from napari_mris.pipeline import MRISPipeline, resolve_model_dir
+from napari_mris.pipeline import MRISPipeline
 from napari_mris_train.data import load_split
 from napari_mris_train.evaluate import evaluate_split, parse_sets
 from napari_mris_train.finetune import finetune

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from napari_mris.model.decoder_files import load_decoder
-from napari_mris.pipeline import resolve_model_dir
+from napari_mris.model_location import resolve_model_dir
 from napari_mris.tokenizers.preprocess import to_model_image
 from napari_mris_train.data import load_split
 from napari_mris_train.metrics import dice_iou

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from napari_mris.io import read_slice
-from napari_mris.pipeline import DEFAULT_MODEL_DIR, MRISPipeline
+from napari_mris.model_location import DEFAULT_MODEL_DIR
+from napari_mris.pipeline import MRISPipeline
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
 

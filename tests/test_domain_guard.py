@@ -21,8 +21,9 @@ from napari_mris.domain import DOMAIN_FILE, DomainGuard, stem_digest
 from napari_mris.errors import ModelDirectoryError
 from napari_mris.io import read_slice
 from napari_mris.model.decoder_files import load_decoder
+from napari_mris.model_location import DEFAULT_MODEL_DIR
 from napari_mris.phantom import write_lvit_dataset
-from napari_mris.pipeline import DEFAULT_MODEL_DIR, MRISPipeline
+from napari_mris.pipeline import MRISPipeline
 from napari_mris_train.cli import main as train_main
 from napari_mris_train.domain import calibrate_threshold
 

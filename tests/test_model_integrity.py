@@ -23,7 +23,8 @@ from napari_mris.model.modeldir import (
     verify_model_dir,
     write_manifest,
 )
-from napari_mris.pipeline import DEFAULT_MODEL_DIR, MRISPipeline
+from napari_mris.model_location import DEFAULT_MODEL_DIR
+from napari_mris.pipeline import MRISPipeline
 from napari_mris.tokenizers import load_tokenizers
 
 RUNTIME_FILES = [

@@ -11,8 +11,9 @@ import pytest
 
 from napari_mris.errors import ModelDirectoryError, PromptError
 from napari_mris.io import read_slice
+from napari_mris.model_location import DEFAULT_MODEL_DIR
 from napari_mris.phantom import describe
-from napari_mris.pipeline import DEFAULT_MODEL_DIR, MRISPipeline
+from napari_mris.pipeline import MRISPipeline
 from napari_mris.prompt_check import VOCABULARY_FILE, PromptVocabulary, prompt_words
 from napari_mris_train.cli import main as train_main
 from napari_mris_train.vocabulary import build_vocabulary

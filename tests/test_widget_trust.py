@@ -11,7 +11,7 @@ import pytest
 from _model_fixtures import ScriptedPipeline
 
 from napari_mris._widget import LABELS_NAME, MRISWidget
-from napari_mris.pipeline import DEFAULT_MODEL_DIR
+from napari_mris.model_location import DEFAULT_MODEL_DIR
 from napari_mris.prompt_check import PromptVocabulary
 
 WAIT_MS = 30_000

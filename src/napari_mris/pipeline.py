@@ -31,7 +31,7 @@ from napari_mris.model.generate import DecodeStep, ImagePrefill, autoregressive_
 from napari_mris.model.modeldir import read_config, verify_model_dir
 from napari_mris.model.orders import DecodingOrder, decoding_order
 from napari_mris.model.sequence import image_block_ids, prefix_ids
-from napari_mris.model_location import DEFAULT_MODEL_DIR, resolve_model_dir  # noqa: F401 (callers' name)
+from napari_mris.model_location import resolve_model_dir
 from napari_mris.prompt_check import PromptCheck, PromptVocabulary
 from napari_mris.tokenizers import load_tokenizers
 from napari_mris.tokenizers.preprocess import resize_probability, to_model_image

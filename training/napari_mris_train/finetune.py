@@ -24,8 +24,9 @@ from napari_mris.adapters import adapter_dir, save_adapter
 from napari_mris.errors import DatasetError, MRISError
 from napari_mris.model.decoder import lora_target_modules
 from napari_mris.model.decoder_files import load_decoder
+from napari_mris.model_location import resolve_model_dir
 from napari_mris.phantom import write_lvit_dataset
-from napari_mris.pipeline import resolve_device, resolve_model_dir
+from napari_mris.pipeline import resolve_device
 from napari_mris.tokenizers import load_tokenizers
 from napari_mris_train.config import TrainRecipe
 from napari_mris_train.data import load_split
