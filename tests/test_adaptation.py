@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _model_fixtures import force_drawing
+from qtpy.QtCore import Qt
 
 from napari_mris._widget import LABELS_NAME, MRISWidget
 from napari_mris.adaptation import (
@@ -86,11 +88,17 @@ def test_save_adapt_switch_and_switch_back(make_napari_viewer, qtbot, model_copy
     widget.adapt()
     assert widget.is_running and not widget.segment_button.isEnabled()
     qtbot.waitUntil(lambda: not widget.is_running, timeout=WAIT_MS)
-    assert widget.adapter is not None and widget.adapter.startswith("corrections-"), widget.status_label.text()
-    assert (adapters_folder(model_copy) / widget.adapter / "adapter_model.safetensors").is_file()
+    new = widget.new_adapter
+    assert new is not None and new.startswith("corrections-"), widget.status_label.text()
+    assert widget.adapter is None  # listed with its effect; the user switches to it
+    assert (adapters_folder(model_copy) / new / "adapter_model.safetensors").is_file()
     assert not (model_copy / "adapters").exists()  # the model directory is never written
-    assert widget.adapter_combo.findData(widget.adapter) >= 0  # the widget lists this model's adapters
-    assert widget.adapter in widget.model_label.text()
+    index = widget.adapter_combo.findData(new)
+    assert index >= 0  # the widget lists this model's adapters
+    assert "not compared with the base model" in widget.adapter_effect.text()  # two corrections: none held back
+    widget.adapter_combo.setCurrentIndex(index)
+    widget.adapter_combo.activated.emit(index)  # the user picks it
+    assert widget.adapter == new and new in widget.model_label.text()
     assert model_hash(model_copy) == base_hash  # the base weights were not touched
 
     widget.set_prompt("lower left lung")
@@ -238,3 +246,43 @@ def test_the_job_asks_for_held_back_cases_and_reports_their_scoring(model_copy: 
         (1, 2, 0.25, "held-back"),
         (2, 2, 0.25, "held-back"),
     ]
+
+
+def _fake_adapter(model_dir: Path, name: str, comparison: HeldOutComparison | None) -> None:
+    """An adapter folder as list_adapters sees it (the widget only lists it and reads its comparison)."""
+    folder = adapters_folder(model_dir) / name
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    if comparison is not None:
+        (folder / "evaluation.json").write_text(json.dumps(comparison.to_json()))
+
+
+@needs_display
+def test_the_widget_shows_an_adapters_effect_before_the_user_switches(make_napari_viewer, model_copy: Path) -> None:
+    better = HeldOutComparison(["a", "b"], base_dice=[0.5, 0.6], adapter_dice=[0.7, 0.8])
+    _fake_adapter(model_copy, "corrections-1", better)
+    _fake_adapter(model_copy, "corrections-2", None)
+    widget = MRISWidget(make_napari_viewer(), model=model_copy)
+    assert widget.adapter is None and not widget.adapter_effect.isVisibleTo(widget)  # base model: nothing to show
+    first, second = (widget.adapter_combo.findData(n) for n in ("corrections-1", "corrections-2"))
+    expected = "On 2 held-back corrections: Dice 75.0 % with this adapter, 55.0 % with the base model (+20.0 points)"
+    assert widget.adapter_combo.itemData(first, Qt.ToolTipRole) == f"corrections-1: {expected}"
+    assert "not compared with the base model" in widget.adapter_combo.itemData(second, Qt.ToolTipRole)
+
+    widget.adapter_combo.highlighted.emit(first)  # the pointer on it in the open list: not switched yet
+    assert widget.adapter is None and widget.adapter_effect.text() == f"corrections-1: {expected}"
+    assert widget.adapter_effect.isVisibleTo(widget)
+    widget.adapter_combo.highlighted.emit(second)
+    assert "corrections-2: not compared" in widget.adapter_effect.text()
+
+    widget.corrections.adapted.emit("corrections-1")  # as when an adaptation has just saved it
+    assert widget.adapter is None and widget.new_adapter == "corrections-1"
+    assert widget.adapter_effect.text() == f"corrections-1: {expected}"
+    assert "choose it under Adapter" in widget.status_label.text()
+    widget.adapter_combo.setCurrentIndex(first)
+    widget.adapter_combo.activated.emit(first)
+    assert widget.adapter == "corrections-1" and widget.adapter_effect.text() == f"corrections-1: {expected}"
+    none = widget.adapter_combo.findData(None)
+    widget.adapter_combo.setCurrentIndex(none)
+    widget.adapter_combo.activated.emit(none)  # back to the base model: no adapter, no figure
+    assert widget.adapter is None and not widget.adapter_effect.isVisibleTo(widget)

@@ -38,7 +38,7 @@ class CorrectionsPanel(QWidget):
     failed = Signal(str)  # an error for the status label and a notification
     progress = Signal(int)  # 0..100, for the dock's progress bar
     busy_changed = Signal()  # an adaptation started or ended
-    adapted = Signal(str)  # the name of the adapter just trained, for the dock to switch to
+    adapted = Signal(str)  # the name of the adapter just trained, for the dock to list with its effect
 
     def __init__(
         self, viewer: napari.viewer.Viewer, model_dir: Callable[[], Path], image: Callable[[], Image | None]
@@ -140,7 +140,12 @@ class CorrectionsPanel(QWidget):
 
     def _on_progress(self, progress) -> None:
         self.progress.emit(round(100 * progress.step / max(progress.total, 1)))
-        self.status.emit(f"Adapting: step {progress.step}/{progress.total}, loss {progress.loss:.3f}")
+        if progress.phase == "held-back":
+            self.status.emit(
+                f"Adapting: comparing with the base model on held-back corrections, {progress.step}/{progress.total}"
+            )
+        else:
+            self.status.emit(f"Adapting: step {progress.step}/{progress.total}, loss {progress.loss:.3f}")
 
     def _on_adapted(self, name: str) -> None:
         self._job = None  # before `adapted`: the dock switches models only when nothing runs

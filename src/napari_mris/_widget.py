@@ -91,6 +91,7 @@ class MRISWidget(QWidget):
         self.viewer = napari_viewer
         self.model: str | Path = model
         self.adapter: str | None = None
+        self.new_adapter: str | None = None  # the adapter trained last, shown until the user picks an adapter
         self.controller = LabelsController(napari_viewer)
         self.corrections = CorrectionsPanel(
             napari_viewer, model_dir=lambda: model_path(self.model), image=self.image_layer
@@ -113,6 +114,8 @@ class MRISWidget(QWidget):
         self.model_button.setToolTip("Choose a model directory (config.json + safetensors files)")
         self.adapter_combo = QComboBox()
         self.adapter_combo.setToolTip("LoRA adapters of this model, from your corrections (your adapters folder)")
+        self.adapter_effect = QLabel()  # the adapter's Dice against the base model's on held-back corrections
+        self.adapter_effect.setWordWrap(True)
         # magicgui's napari layer type: a picker of Image layers, its choices from `_image_choices`
         self.image_picker = create_widget(annotation=Image, label="Image")
         self.image_picker.choices = self._image_choices
@@ -156,6 +159,7 @@ class MRISWidget(QWidget):
         run_row.addWidget(self.stop_button)
         form = QFormLayout()
         form.addRow("Adapter", self.adapter_combo)
+        form.addRow("", self.adapter_effect)
         form.addRow("Image", self.image_picker.native)
         form.addRow("Prompt", self.prompt_edit)
         form.addRow("History", self.history_combo)
@@ -183,6 +187,7 @@ class MRISWidget(QWidget):
         self.export_button.clicked.connect(self._export_dialog)
         self.model_button.clicked.connect(self._model_dialog)
         self.adapter_combo.activated.connect(self._adapter_chosen)
+        self.adapter_combo.highlighted.connect(self._adapter_highlighted)
         self.history_combo.activated.connect(self._history_chosen)
         self.examples_combo.activated.connect(self._example_chosen)
         self.prompt_edit.textChanged.connect(self._update_buttons)
@@ -268,9 +273,11 @@ class MRISWidget(QWidget):
         self.adapter_combo.addItem("none", None)
         for name in _adapters(self.model):
             self.adapter_combo.addItem(name, name)
+            self.adapter_combo.setItemData(self.adapter_combo.count() - 1, self._effect(name), Qt.ToolTipRole)
         index = self.adapter_combo.findData(self.adapter)
         self.adapter_combo.setCurrentIndex(max(index, 0))
         self.adapter_combo.blockSignals(False)
+        self._show_effect(self.adapter or self.new_adapter)
         self._show_vocabulary()
 
     def _show_vocabulary(self) -> None:
@@ -326,7 +333,22 @@ class MRISWidget(QWidget):
                 self._fail(problem)
 
     def _adapter_chosen(self, index: int) -> None:
+        self.new_adapter = None
         self.set_model(self.model, self.adapter_combo.itemData(index))
+
+    def _adapter_highlighted(self, index: int) -> None:
+        """An adapter under the pointer in the open list: its effect, before the user switches to it."""
+        self._show_effect(self.adapter_combo.itemData(index) or self.adapter or self.new_adapter)
+
+    def _effect(self, name: str) -> str:
+        from napari_mris.adaptation import adapter_effect
+
+        return adapter_effect(model_path(self.model), name)
+
+    def _show_effect(self, name: str | None) -> None:
+        text = self._effect(name) if name else ""
+        self.adapter_effect.setText(text)
+        self.adapter_effect.setVisible(bool(text))
 
     def _history_chosen(self, index: int) -> None:
         if index >= 0:
@@ -524,13 +546,15 @@ class MRISWidget(QWidget):
         return self.corrections.save_example()
 
     def adapt(self) -> None:
-        """Fine-tune a LoRA adapter on the corrections store in a child process, then switch to it."""
+        """Fine-tune a LoRA adapter on the corrections store in a child process; list it with its effect."""
         if not self.is_running:
             self.corrections.adapt()
 
     def _on_adapted(self, name: str) -> None:
-        self.set_model(self.model, name)
-        self._status(f"Adapted: now using adapter {name} (Adapter > none goes back to the base model)")
+        """List the new adapter with its held-back comparison; the user switches to it (or not) under Adapter."""
+        self.new_adapter = name
+        self._show_model()
+        self._status(f"Adapted: new adapter {name}; choose it under Adapter to use it")
 
 
 # ---------------------------------------------------------------------- helpers

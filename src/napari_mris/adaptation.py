@@ -205,3 +205,20 @@ def compare_on_held_out(
     if not names:
         raise AdaptationError("no held-back corrections to compare on")
     return HeldOutComparison(names, base_dice, adapter_dice)
+
+
+def adapter_effect(model_dir: str | Path, name: str) -> str:
+    """One line on what adapter `name` does on the user's held-back corrections (what the widget shows
+    beside the adapter before the user switches to it), or why there is no such figure."""
+    from napari_mris.adapters import adapter_evaluation
+
+    data = adapter_evaluation(model_dir, name)
+    if data is None:
+        return (
+            f"{name}: not compared with the base model (no corrections were held back from its training: "
+            f"that needs {MIN_TO_HOLD_OUT} or more)"
+        )
+    try:
+        return f"{name}: {HeldOutComparison.from_json(data).summary()}"
+    except (KeyError, TypeError, ValueError):
+        return f"{name}: its stored comparison with the base model is unreadable"
