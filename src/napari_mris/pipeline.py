@@ -267,7 +267,7 @@ class MRISPipeline:
             raise MRISError(f"beam must be at least 1, got {beam}")
         if int(beam) > 1 and (int(samples) > 1 or float(temperature) > 0):
             raise MRISError("Beam search is deterministic: use beam > 1 with one sample and temperature 0")
-        if int(beam) > 1 and not self.decoding_orders[order].beam_search:
+        if int(beam) > 1 and not self.decoding_orders[order].one_code_per_step:
             raise MRISError("Beam search works in raster order only (coarse-to-fine writes a whole scale per step)")
         if float(temperature) < 0:
             raise MRISError(f"temperature must be >= 0, got {temperature}")

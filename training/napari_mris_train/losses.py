@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from napari_mris.model.orders import ORDER_CLASSES
 from napari_mris.model.vocab import REJ, SOV, VocabLayout
 from napari_mris_train.het_memory import HETMemory
 
@@ -222,7 +223,7 @@ def compute_losses(
             terms["tcl"] = terms["tcl"] + share * tcl_loss(
                 z, targets.codes, targets.negatives, cfg.focal_alpha, cfg.focal_gamma
             )
-        if cfg.nktp and order == "raster":
+        if cfg.nktp and ORDER_CLASSES[order].one_code_per_step:  # next-k codes exist in a one-code-per-step order
             terms["nktp"] = terms["nktp"] + nktp_loss(decoder, hidden, targets, (start, stop), cfg)
         if cfg.het and memory is not None and sample_keys is not None:
             terms["het"] = terms["het"] + share * het_term(z, targets, sample_keys, memory, cfg, het_active)

@@ -255,7 +255,7 @@ def _check_arguments(decoder, order, prefix, samples, temperature, top_k, beam, 
     if update_every is not None and update_every < 1:
         raise ValueError(f"update_every must be >= 1 or None, got {update_every}")
     if beam > 1:
-        if not order.beam_search:
+        if not order.one_code_per_step:
             raise ValueError(f"beam search is for raster order; {order.name} order writes a whole scale per step")
         if samples > 1 or temperature > 0:
             raise ValueError("beam search is deterministic: use samples=1 and temperature=0 with beam > 1")

@@ -131,7 +131,7 @@ class DecodingOrder:
     """One way of writing the mask after the header; see the module docstring."""
 
     name: ClassVar[str]
-    beam_search: ClassVar[bool] = False
+    one_code_per_step: ClassVar[bool] = False  # a code per forward pass: beam search and NkTP drafts apply
 
     def __init__(self, layout: VocabLayout, tokenizer: MaskCodes) -> None:
         self.layout = layout
@@ -227,7 +227,7 @@ class DecodingOrder:
 
 class RasterOrder(DecodingOrder):
     name = "raster"
-    beam_search = True
+    one_code_per_step = True
 
     @classmethod
     def check_scales(cls, scales: tuple[int, ...]) -> tuple[int, ...]:
