@@ -318,13 +318,13 @@ class MRISPipeline:
         return results[0]
 
     def segment_findings(self, image: np.ndarray, prompts: Sequence[str], **options: Any) -> list[SegmentationResult]:
-        """One result per finding, in the order given (fewer when stopped). Several greedy findings are decoded
-        together as one batch (the later ones then cost a fraction of the first); otherwise this is
-        `stream_findings` run to its end."""
+        """One result per finding, in the order given (fewer when stopped). Greedy findings are decoded together
+        as one batch, without the partial masks a stream draws (the later ones then cost a fraction of the
+        first); otherwise this is `stream_findings` run to its end."""
         names = ("order", "samples", "temperature", "beam", "top_k", "seed", "snap")
         settings = self.settings(**{k: options[k] for k in names if k in options})
         prompts = check_findings(prompts)
-        if len(prompts) > 1 and settings.samples == 1 and settings.beam == 1 and settings.temperature == 0:
+        if settings.samples == 1 and settings.beam == 1 and settings.temperature == 0:
             return self._segment_together(as_plane(image), prompts, settings, **options)
         last: dict[int, StreamUpdate] = {}
         for index, update in self.stream_findings(image, prompts, **options):

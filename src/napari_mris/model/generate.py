@@ -182,7 +182,9 @@ def infer_findings(
     text_valid = torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]  # left padding
     for row, text in enumerate(texts):
         ids[row, width - len(text) :] = text.to(device)
-    key_valid = torch.cat([torch.ones(len(texts), n_image, dtype=torch.bool, device=device), text_valid], 1)
+    key_valid = None  # texts of one length need no padding, so no mask: the plain causal path
+    if not bool(text_valid.all()):
+        key_valid = torch.cat([torch.ones(len(texts), n_image, dtype=torch.bool, device=device), text_valid], 1)
     pick = Picker(order.legal_tokens(), greedy=order.greedy_rule(), speculative=speculative)
 
     with eval_mode(decoder):
@@ -191,13 +193,10 @@ def infer_findings(
         cache.batch_repeat_interleave(len(texts))
         text_feed = Feed(decoder, cache, Placement(n_image, 0, order.cells), None, key_valid)
         positions = (n_image + (torch.cumsum(text_valid, 1) - 1).clamp(min=0)).long()
+        index = torch.arange(n_image, n_image + width, device=device)
+        mask = None if key_valid is None else text_feed.attention(index, False)
         out = decoder(
-            ids,
-            past_key_values=cache,
-            use_cache=True,
-            position_ids=positions,
-            attention_mask=text_feed.attention(torch.arange(n_image, n_image + width, device=device), False),
-            logits_to_keep=1,
+            ids, past_key_values=cache, use_cache=True, position_ids=positions, attention_mask=mask, logits_to_keep=1
         )
         decision = LegalTokens(order.layout.vocab_size, [SOV, REJ])(None, out.logits[:, -1]).float().softmax(-1)
         p_reject = decision[:, REJ].tolist()
