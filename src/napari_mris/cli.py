@@ -209,10 +209,9 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def _seconds(results: list[SegmentationResult], total: float) -> list[float]:
-    """Each finding's own decoding time; the first also carries the image's share (reading, preprocessing,
-    the image part the later findings reuse), so the rows of an image add up to its time."""
-    own = [float(r.timings.get("total_s", 0.0)) for r in results]
-    return [own[0] + max(total - sum(own), 0.0), *own[1:]]
+    """Each finding's equal share of its image's time: greedy findings are decoded together, one batch row
+    each, so no step belongs to one of them alone; the rows of an image add up to its time."""
+    return [total / len(results)] * len(results)
 
 
 @dataclass
