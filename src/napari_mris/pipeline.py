@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -332,21 +332,15 @@ class MRISPipeline:
         return [self._result(prompts[index], settings, update) for index, update in sorted(last.items())]
 
     def _result(self, prompt: str, settings: DecodingSettings, last: StreamUpdate) -> SegmentationResult:
+        """The last update of a finding, with what produced it."""
+        from_update = {f.name: getattr(last, f.name) for f in fields(SegmentationResult) if hasattr(last, f.name)}
         return SegmentationResult(
-            mask=last.mask,
-            probability=last.probability,
-            uncertainty=last.uncertainty,
-            rejected=last.rejected,
-            finished=last.finished,
+            **from_update,
             prompt=prompt,
             settings=settings,
-            timings=last.timings,
             model_id=self.model_id,
             model_hash=self.model_hash,
             adapter=self.adapter,
-            warnings=last.warnings,
-            domain_score=last.domain_score,
-            out_of_domain=last.out_of_domain,
         )
 
     def _stream(
