@@ -26,6 +26,7 @@ from napari_mris.adaptation import (
 )
 from napari_mris.adapters import adapter_evaluation, adapters_folder, list_adapters
 from napari_mris.corrections import CorrectionsStore
+from napari_mris.errors import MRISError
 from napari_mris.model.modeldir import model_hash
 from napari_mris.pipeline import MRISPipeline
 
@@ -286,3 +287,58 @@ def test_the_widget_shows_an_adapters_effect_before_the_user_switches(make_napar
     widget.adapter_combo.setCurrentIndex(none)
     widget.adapter_combo.activated.emit(none)  # back to the base model: no adapter, no figure
     assert widget.adapter is None and not widget.adapter_effect.isVisibleTo(widget)
+
+
+# ---------------------------------------------------------------------- the fine-tuning recipe (issue 19, item 3)
+
+
+def test_the_recipe_adapts_the_models_default_order_with_corrections_as_given(model_copy: Path, tmp_path: Path):
+    import argparse
+
+    from napari_mris.model.decoder_files import load_decoder
+    from napari_mris.model_location import peek_config
+    from napari_mris.tokenizers import load_tokenizers
+    from napari_mris_train.finetune import (
+        NO_MIX,
+        TRAINING_MIX,
+        adaptation_mixers,
+        mix_recipe,
+        parse_mix,
+        training_orders,
+    )
+
+    tokenizers = load_tokenizers(model_copy)
+    _, layout = load_decoder(model_copy)
+    every = tuple(o for o in layout.orders if o in tokenizers.masks)
+    assert len(every) == 2 and training_orders(layout, tokenizers, None, model_copy) == every
+    config = json.loads((model_copy / "config.json").read_text())
+    config["default_order"] = every[1]
+    (model_copy / "config.json").write_text(json.dumps(config))
+    assert peek_config(model_copy)["default_order"] == every[1]
+    assert training_orders(layout, tokenizers, "default", model_copy) == (every[1],)
+    assert training_orders(layout, tokenizers, (every[0],), model_copy) == (every[0],)
+    with pytest.raises(MRISError, match="this model decodes in"):
+        training_orders(layout, tokenizers, ("diagonal",), model_copy)
+
+    store = _store_of(tmp_path / "corrections", 3)
+    own, replayed = adaptation_mixers(tokenizers, layout, store.root, store.root, 0.25, 4, 0, False, orders=(every[1],))
+    assert own[1] == 3 and replayed[1] == 1  # a quarter of each batch replayed
+    assert own[0].orders == replayed[0].orders == (every[1],)
+    assert (own[0].recipe.absent_fraction, own[0].recipe.zone_fraction, own[0].recipe.flip) == (0.0, 0.0, False)
+    assert replayed[0].recipe.zone_fraction == TRAINING_MIX[1] and replayed[0].recipe.flip
+    batch = own[0].batch(0, 3)  # one epoch of the three corrections, each with its own prompt, unflipped
+    assert {s.kind for s in batch} == {"full"} and {s.text for s in batch} == {r.prompt for r in store.records()}
+    assert not mix_recipe(every, NO_MIX, 0).flip and mix_recipe(every, (0.0, 0.2, 0.0), 0).flip
+    assert parse_mix("0.1,0.2,0") == (0.1, 0.2, 0.0)
+    for bad in ("0.5,0.6,0", "1,2", "a,b,c", "-0.1,0,0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_mix(bad)
+
+
+def test_the_job_leaves_the_number_of_steps_to_the_recipe(model_copy: Path, tmp_path: Path) -> None:
+    from napari_mris_train.finetune import DEFAULT_STEPS
+
+    assert "--steps" not in AdaptationJob(model_copy, tmp_path, "x").command()
+    command = AdaptationJob(model_copy, tmp_path, "x", steps=7).command()
+    assert command[command.index("--steps") + 1] == "7"
+    assert DEFAULT_STEPS == 150

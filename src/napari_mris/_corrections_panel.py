@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from napari_mris.corrections import CorrectionRecord
 
-DEFAULT_ADAPT_STEPS = 200
+DEFAULT_ADAPT_STEPS: int | None = None  # None: the fine-tuning recipe's own number of steps
 
 
 class CorrectionsPanel(QWidget):

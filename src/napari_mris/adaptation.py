@@ -32,7 +32,6 @@ from napari_mris.errors import MRISError
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss ([-+0-9.eEnaif]+)$")
 HELD_OUT_LINE = re.compile(r"^held-back (\d+)/(\d+)$")  # after training: the held-back cases scored so far
 ADAPTER_LINE = re.compile(r"^adapter saved: (.+)$")
-DEFAULT_STEPS = 200
 REPLAY_PHANTOMS = 64  # without a replay dataset: synthetic phantoms, part of the default model's training data
 HELD_OUT_FRACTION = 0.2  # of the corrections, scored and not trained on
 MIN_TO_HOLD_OUT = 5  # fewer corrections are all trained on: one held-back case would say nothing
@@ -58,7 +57,7 @@ class AdaptationJob:
     model_dir: Path
     corrections: Path
     name: str
-    steps: int = DEFAULT_STEPS
+    steps: int | None = None  # None: the fine-tuning recipe's own number (napari_mris_train.finetune)
     replay_data: Path | None = None
     device: str = "auto"
     held_out_fraction: float = HELD_OUT_FRACTION
@@ -67,7 +66,8 @@ class AdaptationJob:
 
     def command(self) -> list[str]:
         args = [sys.executable, "-m", "napari_mris_train.cli", "finetune", "--model", str(self.model_dir)]
-        args += ["--data", str(self.corrections), "--out", self.name, "--steps", str(self.steps)]
+        args += ["--data", str(self.corrections), "--out", self.name]
+        args += ["--steps", str(self.steps)] if self.steps is not None else []
         args += ["--device", self.device, "--report-steps", "--hold-out", str(self.held_out_fraction)]
         if self.replay_data is not None:
             args += ["--replay-data", str(self.replay_data)]

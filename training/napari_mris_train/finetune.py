@@ -8,6 +8,12 @@ never written, and a stopped or failed run leaves no adapter folder behind.
 
 Replay: a fraction of every batch can come from the original training data, so that a few dozen
 corrections teach the model without making it forget the rest.
+
+The default recipe (rank 8 on every projection, 150 steps at lr 5e-4, a quarter of each batch replayed,
+the [SOV]/[REJ] decision weighted 16 as in the referring stage, the model's own decoding order only, the
+corrections taught as given) was chosen with `benchmarks/adaptation_loop.py --tune --proxy` on held-back
+correction cases (docs/results.md, "Correction loop"): on cases of a new site's annotators it mostly
+corrects "not present" answers to present findings, at some cost to prompts naming zones without lesion.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from napari_mris.adapters import adapter_dir, save_adapter
 from napari_mris.errors import DatasetError, MRISError
 from napari_mris.model.decoder import lora_target_modules
 from napari_mris.model.decoder_files import load_decoder
-from napari_mris.model_location import resolve_model_dir
+from napari_mris.model_location import peek_config, resolve_model_dir
 from napari_mris.phantom import write_lvit_dataset
 from napari_mris.pipeline import resolve_device
 from napari_mris.tokenizers import load_tokenizers
@@ -59,6 +65,40 @@ def attach_lora(decoder, rank: int, alpha: int, targets: list[str] | None, dropo
     return decoder
 
 
+DEFAULT_STEPS = 150
+NO_MIX = (0.0, 0.0, 0.0)
+TRAINING_MIX = (0.15, 0.25, 0.05)  # TrainRecipe's own (absent, zone, foreign) fractions
+
+
+def mix_recipe(orders: tuple[str, ...], mix: tuple[float, float, float], seed: int) -> TrainRecipe:
+    """A mixing recipe with (absent, zone, foreign) prompt fractions; flips only come with derived prompts,
+    so data taught as given (NO_MIX) is seen exactly as saved."""
+    absent, zone, foreign = mix
+    return TrainRecipe(
+        orders=orders,
+        absent_fraction=absent,
+        zone_fraction=zone,
+        foreign_fraction=foreign,
+        flip=any(f > 0 for f in mix),
+        seed=seed,
+    )
+
+
+def training_orders(layout, tokenizers, orders: str | tuple[str, ...] | None, model_dir: Path) -> tuple[str, ...]:
+    """The decoding orders to adapt: None = every order of the model, "default" = the order it decodes
+    by default (config.json `default_order`; the widget starts there), else the names given."""
+    available = tuple(o for o in layout.orders if o in tokenizers.masks)
+    if orders is None:
+        return available
+    if orders == "default":
+        preferred = peek_config(model_dir).get("default_order")
+        return (preferred,) if preferred in available else available
+    unknown = sorted(set(orders) - set(available))
+    if unknown or not orders:
+        raise MRISError(f"orders {list(orders)}: this model decodes in {list(available)}")
+    return tuple(orders)
+
+
 def adaptation_mixers(
     tokenizers,
     layout,
@@ -69,24 +109,23 @@ def adaptation_mixers(
     seed: int,
     progress: bool,
     text_slots: int = 0,
+    *,
+    orders: tuple[str, ...] | None = None,
+    own_mix: tuple[float, float, float] = NO_MIX,
+    replay_mix: tuple[float, float, float] = TRAINING_MIX,
 ) -> list[tuple[SequenceMixer, int]]:
-    """(mixer, examples per batch) pairs: the new data taught as given, plus replay with the full mix."""
+    """(mixer, examples per batch) pairs: the new data with `own_mix` (as given by default), plus replay
+    with `replay_mix` (the training mix by default)."""
     size = int(tokenizers.image.image_size)
-    orders = tuple(o for o in layout.orders if o in tokenizers.masks)
-    as_given = TrainRecipe(
-        orders=orders, absent_fraction=0.0, zone_fraction=0.0, foreign_fraction=0.0, flip=False, seed=seed
-    )
+    orders = orders or tuple(o for o in layout.orders if o in tokenizers.masks)
     own_data = encode_split(open_dataset(dataset), tokenizers, size, progress=progress)
     n_replay = min(round(batch_size * replay_fraction), batch_size - 1) if replay_data is not None else 0
-    mixers = [(SequenceMixer(own_data, tokenizers, layout, as_given, text_slots), batch_size - n_replay)]
+    own = SequenceMixer(own_data, tokenizers, layout, mix_recipe(orders, own_mix, seed), text_slots)
+    mixers = [(own, batch_size - n_replay)]
     if n_replay:
         replay_split = encode_split(open_dataset(replay_data), tokenizers, size, progress=progress)
-        mixers.append(
-            (
-                SequenceMixer(replay_split, tokenizers, layout, TrainRecipe(orders=orders, seed=seed + 1), text_slots),
-                n_replay,
-            )
-        )
+        replayed = SequenceMixer(replay_split, tokenizers, layout, mix_recipe(orders, replay_mix, seed + 1), text_slots)
+        mixers.append((replayed, n_replay))
     return mixers
 
 
@@ -98,16 +137,24 @@ def train_adapter(
     rank: int = 8,
     alpha: int = 16,
     targets: list[str] | None = None,
-    lr: float = 2e-4,
+    lr: float = 5e-4,
     batch_size: int = 4,
     replay_data: str | Path | None = None,
-    replay_fraction: float = 0.5,
+    replay_fraction: float = 0.25,
+    decision_weight: float = 16.0,
+    orders: str | tuple[str, ...] | None = "default",
+    own_mix: tuple[float, float, float] = NO_MIX,
+    replay_mix: tuple[float, float, float] = TRAINING_MIX,
     seed: int = 0,
     device: str = "cpu",
     progress_callback: ProgressCallback | None = None,
     progress: bool = False,
 ):
-    """The fine-tuning loop; returns (decoder with its peft-wrapped Llama, layout). Nothing is written."""
+    """The fine-tuning loop; returns (decoder with its peft-wrapped Llama, layout). Nothing is written.
+
+    `decision_weight`: the [SOV]/[REJ] token against one mask code in the loss (losses.LossConfig);
+    `orders`: see `training_orders`; `own_mix` / `replay_mix`: (absent, zone, foreign) prompt fractions
+    of the new data and of the replayed data (mixing.SequenceMixer)."""
     if steps < 1:
         raise MRISError(f"fine-tuning needs at least one step, got {steps}")
     if not 0.0 <= replay_fraction < 1.0:
@@ -117,13 +164,24 @@ def train_adapter(
     tokenizers = load_tokenizers(model_dir)
     decoder, layout = load_decoder(model_dir)
     mixers = adaptation_mixers(
-        tokenizers, layout, dataset, replay_data, replay_fraction, batch_size, seed, progress, decoder.config.text_slots
+        tokenizers,
+        layout,
+        dataset,
+        replay_data,
+        replay_fraction,
+        batch_size,
+        seed,
+        progress,
+        decoder.config.text_slots,
+        orders=training_orders(layout, tokenizers, orders, model_dir),
+        own_mix=own_mix,
+        replay_mix=replay_mix,
     )
     attach_lora(decoder, rank, alpha, targets).to(torch_device).train()
     params = [p for p in decoder.parameters() if p.requires_grad]
     optimizer = adamw(params, lr, weight_decay=0.0)
     # No HET (a few hundred steps) and no lesion term: the stem is frozen, the term would only shift the loss
-    objective = Objective(decoder, layout, LossConfig(het=False, lesion_weight=0.0))
+    objective = Objective(decoder, layout, LossConfig(het=False, lesion_weight=0.0, decision_weight=decision_weight))
     for step in tqdm(range(steps), desc="finetune", disable=not progress):
         samples = [s for mixer, n in mixers if n > 0 for s in mixer.batch(step, n)]
         loss = objective(collate_samples(samples, torch_device))["loss"]
@@ -142,7 +200,7 @@ def finetune(
     model_dir: str | Path,
     dataset: str | Path,
     name: str,
-    steps: int = 200,
+    steps: int = DEFAULT_STEPS,
     *,
     held_out_fraction: float = 0.0,
     held_out_progress: Callable[[int, int], None] | None = None,
@@ -178,8 +236,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     parser.add_argument("--alpha", type=int, default=16, help="LoRA alpha (scale = alpha / r)")
     parser.add_argument("--targets", help=f"comma-separated modules (default {','.join(lora_target_modules())})")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--replay-data", type=Path, help="LViT root mixed in to avoid forgetting")
     parser.add_argument(
@@ -189,7 +247,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="without --replay-data: replay N synthetic phantoms (part of the default model's training data)",
     )
-    parser.add_argument("--replay-fraction", type=float, default=0.5)
+    parser.add_argument("--replay-fraction", type=float, default=0.25)
+    parser.add_argument(
+        "--decision-weight", type=float, default=16.0, help="the [SOV]/[REJ] token against one mask code in the loss"
+    )
+    parser.add_argument(
+        "--orders",
+        default="default",
+        help="decoding orders adapted: 'default' (the model's default order), 'all', or a comma list",
+    )
+    parser.add_argument(
+        "--own-mix",
+        type=parse_mix,
+        default=NO_MIX,
+        metavar="A,Z,F",
+        help="absent, zone and foreign prompt fractions made from the new data (default 0,0,0: as given)",
+    )
+    parser.add_argument(
+        "--replay-mix",
+        type=parse_mix,
+        default=TRAINING_MIX,
+        metavar="A,Z,F",
+        help=f"the same for the replayed data (default {','.join(map(str, TRAINING_MIX))}: the training mix)",
+    )
     parser.add_argument(
         "--hold-out",
         type=float,
@@ -202,6 +282,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def parse_mix(text: str) -> tuple[float, float, float]:
+    """'A,Z,F' -> (absent, zone, foreign) fractions, each in [0, 1] and summing to at most 1."""
+    try:
+        mix = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        mix = ()
+    if len(mix) != 3 or min(mix) < 0 or sum(mix) > 1:
+        raise argparse.ArgumentTypeError(f"expected three fractions A,Z,F in [0, 1] summing to <= 1, got {text!r}")
+    return mix
 
 
 def run(args: argparse.Namespace) -> int:
@@ -237,6 +328,10 @@ def finetune_command(args: argparse.Namespace) -> Path:
             batch_size=args.batch_size,
             replay_data=replay,
             replay_fraction=args.replay_fraction,
+            decision_weight=args.decision_weight,
+            orders={"default": "default", "all": None}.get(args.orders, tuple(args.orders.split(","))),
+            own_mix=args.own_mix,
+            replay_mix=args.replay_mix,
             device=args.device,
             seed=args.seed,
             progress=not args.report_steps,
