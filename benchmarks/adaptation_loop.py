@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -56,7 +57,7 @@ from napari_mris.pipeline import MRISPipeline
 from napari_mris_train.data import load_split
 from napari_mris_train.encode_cache import encode_split
 from napari_mris_train.evaluate import evaluate_split, parse_sets
-from napari_mris_train.finetune import finetune, train_adapter
+from napari_mris_train.finetune import DEFAULT_STEPS, finetune, train_adapter
 
 REPORTED = ("full", "side", "zone", "absent", "other")
 PROXY_KINDS = {"full": (0.0, 0.0), "zone": (0.0, 1.0), "absent": (1.0, 0.0)}  # (absent, zone) fractions
@@ -298,8 +299,8 @@ def run_proxy(model_dir: Path, cases: dict[str, Picked], args, replay: Path | No
 
 
 def recipe_of(args) -> dict[str, Any]:
-    """The fine-tuning options (finetune.train_adapter's keywords) this run uses."""
-    recipe = {
+    """The fine-tuning options (finetune.train_adapter's keywords) given here; the rest are the recipe's."""
+    given = {
         "rank": args.rank,
         "alpha": args.alpha,
         "lr": args.lr,
@@ -307,12 +308,24 @@ def recipe_of(args) -> dict[str, Any]:
         "replay_fraction": args.replay_fraction,
         "seed": args.seed,
     }
+    recipe = {key: value for key, value in given.items() if value is not None}
     if args.targets:
         recipe["targets"] = args.targets.split(",")
     for option in args.option or []:  # finetune.train_adapter keywords without a flag here
         key, _, value = option.partition("=")
         recipe[key.replace("-", "_")] = json.loads(value)
     return recipe
+
+
+def effective_recipe(args, replay_count: int) -> dict[str, Any]:
+    """Every recipe setting of this run, the given ones over finetune.train_adapter's defaults (for the JSON)."""
+    skip = {"progress_callback", "progress", "device", "replay_data"}
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(train_adapter).parameters.items()
+        if p.default is not inspect.Parameter.empty and name not in skip
+    }
+    return defaults | recipe_of(args) | {"replay_count": replay_count, "steps": args.steps}
 
 
 def headline(result: dict[str, Any]) -> dict[str, float | None]:
@@ -328,6 +341,29 @@ def headline(result: dict[str, Any]) -> dict[str, float | None]:
     return {k: (None if v is None else 100 * v) for k, v in pick.items()}
 
 
+HEADLINE_SOURCES = {  # headline key -> (part, set, per-prompt list)
+    "val_full": ("scored", "full", "each_dice"),
+    "val_side": ("scored", "side", "each_dice"),
+    "val_zone": ("scored", "zone", "each_dice"),
+    "val_absent_nacc": ("scored", "absent", "each_not_present"),
+    "train_full": ("forgetting", "full", "each_dice"),
+}
+
+
+def paired_se(base: dict[str, Any], adapted: dict[str, Any], key: str) -> float | None:
+    """Standard error (in points) of the mean per-prompt change behind a headline figure; None without the
+    per-prompt lists (the prompts are the same for both models: the same cases, sets and seed)."""
+    part, name, field = HEADLINE_SOURCES[key]
+    try:
+        before = np.asarray(base[part]["sets"][name][field], float)
+        after = np.asarray(adapted[part]["sets"][name][field], float)
+    except KeyError:
+        return None
+    if len(before) != len(after) or len(before) < 2:
+        return None
+    return float(100 * np.std(after - before, ddof=1) / np.sqrt(len(before)))
+
+
 def print_table(base: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     before = headline(base)
     shown = [k for k, v in before.items() if v is not None]
@@ -340,10 +376,14 @@ def print_table(base: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     }
     print("\n| N | " + " | ".join(labels[k] for k in shown) + " | minutes to adapt (CPU minutes) |")
     print("|---:|" + "---:|" * (len(shown) + 1))
-    print("| base | " + " | ".join(f"{before[k]:.2f}" for k in shown) + " | |")
+    counts = [base[HEADLINE_SOURCES[k][0]]["sets"][HEADLINE_SOURCES[k][1]]["n"] for k in shown]  # prompts per column
+    print("| base | " + " | ".join(f"{before[k]:.2f} (n = {c})" for k, c in zip(shown, counts, strict=True)) + " | |")
     for row in rows:
         after = headline(row)
-        cells = [f"{after[k]:.2f} ({after[k] - before[k]:+.2f})" for k in shown]
+        cells = []
+        for k in shown:
+            se = paired_se(base, row, k)
+            cells.append(f"{after[k]:.2f} ({after[k] - before[k]:+.2f}" + (f" ± {se:.2f})" if se is not None else ")"))
         minutes = f"{row['adapt_seconds'] / 60:.1f} ({row['adapt_cpu_seconds'] / 60:.1f})"
         print(f"| {row['n']} | " + " | ".join(cells) + f" | {minutes} |")
 
@@ -359,16 +399,16 @@ def main() -> None:
     parser.add_argument("--sets", type=parse_sets, default=("full", "side", "absent"), help="referring sets on val")
     parser.add_argument("--order", default=None, choices=("scale", "raster"), help="default: the model's")
     parser.add_argument("--tune", action="store_true", help="score held-back pool cases, not the scored cases")
-    recipe = parser.add_argument_group("recipe (napari-mris-train finetune's options)")
-    recipe.add_argument("--steps", type=int, default=100)
-    recipe.add_argument("--rank", type=int, default=8)
-    recipe.add_argument("--alpha", type=int, default=16)
-    recipe.add_argument("--targets", help="comma-separated LoRA target modules (default: finetune's)")
-    recipe.add_argument("--lr", type=float, default=2e-4)
-    recipe.add_argument("--batch-size", type=int, default=4)
+    recipe = parser.add_argument_group("recipe (napari-mris-train finetune's options; unset: its defaults)")
+    recipe.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    recipe.add_argument("--rank", type=int)
+    recipe.add_argument("--alpha", type=int)
+    recipe.add_argument("--targets", help="comma-separated LoRA target modules")
+    recipe.add_argument("--lr", type=float)
+    recipe.add_argument("--batch-size", type=int)
     recipe.add_argument("--replay-count", type=int, default=256, help="training pairs replayed while adapting")
-    recipe.add_argument("--replay-fraction", type=float, default=0.5)
-    recipe.add_argument("--seed", type=int, default=0)
+    recipe.add_argument("--replay-fraction", type=float)
+    recipe.add_argument("--seed", type=int)
     recipe.add_argument(
         "--option", action="append", metavar="KEY=JSON", help="another train_adapter keyword, e.g. stem='\"up\"'"
     )
@@ -398,7 +438,7 @@ def main() -> None:
             result = run_proxy(model_dir, cases, args, replay, Path(scratch))
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            recipe = recipe_of(args) | {"replay_count": len(cases["replay"]), "steps": args.steps}
+            recipe = effective_recipe(args, len(cases["replay"]))
             args.json.write_text(json.dumps({"mode": "proxy", "recipe": recipe, **result}, indent=1) + "\n")
         return
     base = cached_base(model_dir, cases, args, args.cache)
@@ -434,7 +474,7 @@ def main() -> None:
             "sets": list(args.sets),
             "threads": args.threads,
             "steps": args.steps,
-            "recipe": recipe_of(args) | {"replay_count": len(cases["replay"]), "steps": args.steps},
+            "recipe": effective_recipe(args, len(cases["replay"])),
             "cases": {k: v.names for k, v in cases.items()},
             "base": base,
             "rows": rows,
