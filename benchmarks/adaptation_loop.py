@@ -199,7 +199,7 @@ def answer_losses(decoder, layout, tokenizers, cases: Picked, order: str, kinds:
     from napari_mris_train.config import TrainRecipe
     from napari_mris_train.losses import gather_mask_targets, other_targets
     from napari_mris_train.mixing import SequenceMixer
-    from napari_mris_train.objective import collate_samples
+    from napari_mris_train.objective import collate_samples, teacher_forced
 
     data = encode_split(cases, tokenizers, int(tokenizers.image.image_size), progress=False)
     start, stop = layout.mask_range(order)
@@ -219,14 +219,7 @@ def answer_losses(decoder, layout, tokenizers, cases: Picked, order: str, kinds:
                 continue
             batch = collate_samples([sample], "cpu")
             with torch.no_grad():
-                logits = decoder.eval()(
-                    batch["input_ids"],
-                    batch["scale_ids"],
-                    batch["attention_mask"],
-                    position_ids=batch["position_ids"],
-                    pixel_values=batch.get("pixel_values"),
-                    slot_cells=batch["slot_cells"],
-                ).logits.float()
+                logits = teacher_forced(decoder.eval(), batch).logits.float()
             rows, positions, labels = other_targets(batch, layout)
             decision = (labels == SOV) | (labels == REJ)
             pair = logits[rows[decision], positions[decision]][:, [SOV, REJ]]

@@ -34,6 +34,19 @@ def collate_samples(samples: list[Sample], device: torch.device | str) -> dict:
     return batch
 
 
+def teacher_forced(decoder: MRISDecoder, batch: dict, **options):
+    """The decoder on a collated batch, every position at once (the training layout)."""
+    return decoder(
+        batch["input_ids"],
+        batch["scale_ids"],
+        batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        pixel_values=batch.get("pixel_values"),
+        slot_cells=batch["slot_cells"],
+        **options,
+    )
+
+
 class Objective(nn.Module):
     """The decoder's forward pass and its training losses (focal NTP, TCL, NkTP, HET, the stem's lesion map)."""
 
@@ -46,15 +59,8 @@ class Objective(nn.Module):
 
     def forward(self, batch: dict, het_active: bool = False) -> dict[str, Tensor]:
         """`{"loss": total, <term>: value}` for a batch of `collate_samples`; HET reads and updates the memory."""
-        output = self.decoder(
-            batch["input_ids"],
-            batch["scale_ids"],
-            batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            pixel_values=batch.get("pixel_values"),
-            slot_cells=batch["slot_cells"],
-            compute_logits=False,  # the losses project only the positions they read (losses.logits_at)
-        )
+        # compute_logits=False: the losses project only the positions they read (losses.logits_at)
+        output = teacher_forced(self.decoder, batch, compute_logits=False)
         return compute_losses(
             self.decoder,
             output,
