@@ -342,3 +342,17 @@ def test_the_job_leaves_the_number_of_steps_to_the_recipe(model_copy: Path, tmp_
     command = AdaptationJob(model_copy, tmp_path, "x", steps=7).command()
     assert command[command.index("--steps") + 1] == "7"
     assert DEFAULT_STEPS == 150
+
+
+def test_few_corrections_get_fewer_steps(model_copy: Path, tmp_path: Path) -> None:
+    from napari_mris_train.finetune import DEFAULT_STEPS, MAX_PASSES, capped_steps, train_adapter
+
+    assert capped_steps(DEFAULT_STEPS, MAX_PASSES, 50, 3) == DEFAULT_STEPS  # where the recipe was chosen
+    assert capped_steps(DEFAULT_STEPS, MAX_PASSES, 10, 3) == 30  # each correction seen 9 times, not 45
+    assert capped_steps(DEFAULT_STEPS, MAX_PASSES, 200, 3) == DEFAULT_STEPS
+    assert capped_steps(DEFAULT_STEPS, 0, 10, 3) == DEFAULT_STEPS  # no cap
+    assert capped_steps(5, MAX_PASSES, 1, 3) == 3 and capped_steps(5, 0.1, 1, 3) == 1
+    store = _store_of(tmp_path / "corrections", 2)
+    calls = []
+    train_adapter(model_copy, store.root, 100, batch_size=2, max_passes=2, progress_callback=lambda *a: calls.append(a))
+    assert [c[:2] for c in calls] == [(1, 2), (2, 2)]  # two passes over two corrections, two per step
