@@ -68,7 +68,8 @@ def test_raster_streams_rows_and_only_legal_codes(decoder):
         decoder.llama.lm_head.weight[LAYOUT.text_start : LAYOUT.image_start] *= 50
         decoder.llama.lm_head.weight[scale_start:scale_stop] *= 50
         out, _ = _decode_start(decoder)
-        assert LAYOUT.token_name(int(out.logits[0, -1].argmax())).startswith(("text", "scale"))  # the premise
+        premise = decoder.unembed(out.hidden_states[0, -1]).argmax()  # over the whole vocabulary
+        assert LAYOUT.token_name(int(premise)).startswith(("text", "scale"))
     try:
         for kwargs in ({}, {"speculative": False}, {"temperature": 1.5, "samples": 3}, {"beam": 3}):
             steps = final(decoder, "raster", **kwargs)
@@ -192,7 +193,7 @@ def _decode_start(model):
     """The feed (cache after the header) and the header's output, as autoregressive_infer has them."""
     order = order_for(LAYOUT, "raster", (4,))
     cache = model(PREFIX[None], use_cache=True).past_key_values
-    feed = Feed(model, cache, order.placement(len(PREFIX), 0, 0), None)
+    feed = Feed(model, cache, order.placement(len(PREFIX), 0, 0), None, vocab_slice=order.mask_slice)
     return feed(torch.tensor([order.header()])), feed
 
 
@@ -203,18 +204,46 @@ def _sequence_logprob(model, ids: torch.Tensor) -> float:
     return float(F.log_softmax(logits, -1).gather(-1, ids[:, None]).sum())
 
 
-def test_beam_search(decoder):
-    legal = legal_codes(LAYOUT, "raster")
+def test_decode_logits_cover_the_mask_codes_only_and_match_the_whole_head(decoder):
+    """The decode loop projects onto the order's mask codes only (`Feed.vocab_slice`): the same numbers as
+    the whole head's logits at those ids, also when an adapter wraps the head."""
     with torch.no_grad():
         out, feed = _decode_start(decoder)
-        greedy = list(raster_tokens(feed, Picker(legal), out.logits[:, -1], 5))[-1]
+        whole = decoder.unembed(out.hidden_states)
+        assert out.logits.shape[-1] == feed.vocab_slice.stop - feed.vocab_slice.start
+        torch.testing.assert_close(out.logits, whole[..., feed.vocab_slice], rtol=1e-5, atol=1e-5)
+        ids = torch.tensor([3, 7, feed.vocab_slice.start])
+        torch.testing.assert_close(decoder.unembed(out.hidden_states, ids), whole[..., ids], rtol=1e-5, atol=1e-5)
+
+        class Wrapped(torch.nn.Module):  # stands for a peft LoRA layer: not an nn.Linear, its own forward
+            def __init__(self, head):
+                super().__init__()
+                self.head = head
+
+            def forward(self, x):
+                return self.head(x) + 1.0
+
+        head = decoder.llama.lm_head
+        decoder.llama.lm_head = Wrapped(head)
+        try:
+            sliced = decoder.unembed(out.hidden_states, feed.vocab_slice)
+        finally:
+            decoder.llama.lm_head = head
+        torch.testing.assert_close(sliced, whole[..., feed.vocab_slice] + 1.0, rtol=1e-5, atol=1e-5)
+
+
+def test_beam_search(decoder):
+    codes = order_for(LAYOUT, "raster", (4,)).mask_slice
+    with torch.no_grad():
         out, feed = _decode_start(decoder)
-        width_one = list(raster_beam_search(feed, Picker(legal, beam=1), out.logits[:, -1], 5))[-1][0]
+        greedy = list(raster_tokens(feed, Picker(codes), out.logits[:, -1], 5))[-1]
+        out, feed = _decode_start(decoder)
+        width_one = list(raster_beam_search(feed, Picker(codes, beam=1), out.logits[:, -1], 5))[-1][0]
         assert torch.equal(width_one, greedy)
 
         # two tokens, six codes: a beam of 6 keeps every first token, so it finds the exact best pair
         out, feed = _decode_start(decoder)
-        best, scores = list(raster_beam_search(feed, Picker(legal, beam=6), out.logits[:, -1], 2))[-1]
+        best, scores = list(raster_beam_search(feed, Picker(codes, beam=6), out.logits[:, -1], 2))[-1]
         start = LAYOUT.mask_range("raster")[0]
         pairs = torch.cartesian_prod(torch.arange(6), torch.arange(6)) + start
         exact = max(pairs, key=lambda p: _sequence_logprob(decoder, p))
@@ -222,7 +251,7 @@ def test_beam_search(decoder):
 
         # the reported score of the best beam of a longer search is its true log-probability (cache reordering)
         out, feed = _decode_start(decoder)
-        best, scores = list(raster_beam_search(feed, Picker(legal, beam=4), out.logits[:, -1], 6))[-1]
+        best, scores = list(raster_beam_search(feed, Picker(codes, beam=4), out.logits[:, -1], 6))[-1]
         assert scores[0] == pytest.approx(_sequence_logprob(decoder, best[0]), abs=1e-4)
         assert scores[0] >= scores[1:].max()
 
@@ -266,13 +295,13 @@ def test_expected_patch_decides_on_pixels_not_on_the_single_likeliest_code() -> 
     from napari_mris.tokenizers.patch import ExpectedPatch
 
     patches = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]])
-    choose = ExpectedPatch(patches, slice(10, 14))  # mask codes are vocabulary ids 10..13
-    scores = torch.full((2, 16), float("-inf"))
+    choose = ExpectedPatch(patches)
+    scores = torch.empty(2, 4)
     # "empty" is the likeliest single code, but 60 % of the mass says "lesion": expected patch [.6 .6 .6 .3]
-    scores[0, 10:14] = torch.tensor([0.4, 0.3, 0.3, 0.0]).log()
-    scores[1, 10:14] = torch.tensor([0.9, 0.0, 0.05, 0.05]).log()  # clearly empty stays empty
-    assert scores[0].argmax().item() == 10
-    assert choose(scores).tolist() == [12, 10]  # the code nearest the expected patch
+    scores[0] = torch.tensor([0.4, 0.3, 0.3, 0.0]).log()
+    scores[1] = torch.tensor([0.9, 0.0, 0.05, 0.05]).log()  # clearly empty stays empty
+    assert scores[0].argmax().item() == 0
+    assert choose(scores).tolist() == [2, 0]  # the code nearest the expected patch
 
 
 @pytest.mark.parametrize("speculative", [True, False])

@@ -184,7 +184,7 @@ def logits_at(decoder, output, rows: Tensor, positions: Tensor, vocab: tuple[int
     ids = slice(None) if vocab is None else slice(*vocab)
     if output.logits is not None:
         return output.logits[rows, positions, ids]
-    return F.linear(output.hidden_states[rows, positions], decoder.lm_head.weight[ids])
+    return decoder.unembed(output.hidden_states[rows, positions], ids)
 
 
 def compute_losses(

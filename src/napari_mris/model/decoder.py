@@ -188,15 +188,18 @@ class MRISDecoder(nn.Module):
         compute_logits: bool = True,
         slot_cells: torch.Tensor | None = None,
         cell_table: torch.Tensor | None = None,
+        vocab_slice: slice | None = None,
     ) -> DecoderOutput:
         """Logits and final hidden states; `attention_mask` is None (causal) or additive float [B, 1, Q, K].
 
         `pixel_values` (B, 1, S, S), the preprocessed slice, is required by a decoder with a pixel stem on
         every call that starts a sequence (training, or the prefill before the KV cache exists); a decoder
         without one ignores it. `compute_logits=False` skips `lm_head`: training projects only the positions
-        and vocabulary slices its losses read. `slot_cells` [B, Q] (-1 = none) names the cell whose stem
-        feature each position gets (cell_features decoders only; others ignore it); the features come from
-        `pixel_values` or, on cached steps, from the `cell_table` the prefill returned.
+        and vocabulary slices its losses read. `vocab_slice` projects onto those ids only (logit i is id
+        `vocab_slice.start + i`): a decode loop that may emit only mask codes skips the rest of the head.
+        `slot_cells` [B, Q] (-1 = none) names the cell whose stem feature each position gets (cell_features
+        decoders only; others ignore it); the features come from `pixel_values` or, on cached steps, from the
+        `cell_table` the prefill returned.
         """
         llama = self.base_llama()
         embeds = llama.get_input_embeddings()(input_ids)
@@ -234,7 +237,7 @@ class MRISDecoder(nn.Module):
         hidden = out.last_hidden_state
         logits = None
         if compute_logits:
-            logits = llama.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+            logits = self.unembed(hidden[:, -logits_to_keep:] if logits_to_keep else hidden, vocab_slice)
         past = getattr(out, cache_name) if use_cache else None
         return DecoderOutput(logits, hidden, past, lesion_logits, features)
 
@@ -283,8 +286,19 @@ class MRISDecoder(nn.Module):
         """Logits for the token `offset` steps ahead (offset 1 is `lm_head` itself, 2..k are the NkTP heads)."""
         if not 2 <= offset <= self.config.nktp_k:
             raise ValueError(f"NkTP offset must be in 2..{self.config.nktp_k}, got {offset}")
-        weight = self.lm_head.weight if vocab_slice is None else self.lm_head.weight[vocab_slice]
-        return F.linear(self.nktp_heads[offset - 2](hidden_states), weight)
+        return self.unembed(self.nktp_heads[offset - 2](hidden_states), vocab_slice)
+
+    def unembed(self, hidden_states: torch.Tensor, vocab_slice: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """`lm_head` on [..., H] states: logits over the vocabulary, or over the ids `vocab_slice` (a slice or
+        an index tensor) only, computing just those rows of the head (a head wrapped by an adapter runs
+        whole and is sliced after)."""
+        head = self.lm_head
+        if vocab_slice is None:
+            return head(hidden_states)
+        if type(head) is not nn.Linear:  # e.g. a LoRA-wrapped head: its weight alone is not the whole map
+            return head(hidden_states)[..., vocab_slice]
+        bias = None if head.bias is None else head.bias[vocab_slice]
+        return F.linear(hidden_states, head.weight[vocab_slice], bias)
 
 
 def cell_position_codes(sizes: range) -> torch.Tensor:

@@ -9,7 +9,8 @@
   each other), so a 1x1 preview comes first and every later scale refines it.
 
 What follows the header is the decoding order's (`orders.py`: its layout, positions, cells and loop); only
-legal tokens are ever emitted (`orders.LegalTokens` sets every other logit to -inf before any choice).
+legal tokens are ever emitted: the presence decision is read among `[SOV]`/`[REJ]` only (`orders.LegalTokens`),
+and the mask loop's logits cover the order's mask codes only (`orders.Feed`).
 
 The prefix is run in two parts: the image block `[BOS] ... image [EOV]` (`prefill_image`, which also runs the
 pixel stem) and then the text on a copy of its cache. The image block does not depend on the prompt, so
@@ -117,7 +118,7 @@ def autoregressive_infer(
     device = next(decoder.parameters()).device
     total = order.n_codes
     greedy = order.greedy_rule() if temperature == 0 else None
-    pick = Picker(order.legal_tokens(), temperature, top_k, generator, greedy, beam, speculative)
+    pick = Picker(order.mask_slice, temperature, top_k, generator, greedy, beam, speculative)
 
     with eval_mode(decoder):  # no dropout while decoding; the caller's mode comes back even after Stop
         # 1. The prefix into the KV cache: the image block (shared by the findings of one image), then the
@@ -142,7 +143,7 @@ def autoregressive_infer(
         cell_table = None
         if decoder.config.cell_features:
             cell_table = decoder.cell_table(image.pixel_features, order.grid, image.lesion_logits)
-        feed = Feed(decoder, cache, placement, cell_table)
+        feed = Feed(decoder, cache, placement, cell_table, vocab_slice=order.mask_slice)
         out = feed(torch.tensor(order.header(), device=device).expand(batch, -1))
 
         # 3. The order's own loop, streamed every `update_every` tokens (default: a raster row, a scale).
@@ -185,7 +186,7 @@ def infer_findings(
     key_valid = None  # texts of one length need no padding, so no mask: the plain causal path
     if not bool(text_valid.all()):
         key_valid = torch.cat([torch.ones(len(texts), n_image, dtype=torch.bool, device=device), text_valid], 1)
-    pick = Picker(order.legal_tokens(), greedy=order.greedy_rule(), speculative=speculative)
+    pick = Picker(order.mask_slice, greedy=order.greedy_rule(), speculative=speculative)
 
     with eval_mode(decoder):
         # 1. The texts on copies of the image block's cache, then one presence decision per finding.
@@ -212,7 +213,7 @@ def infer_findings(
         cell_table = None
         if decoder.config.cell_features:
             cell_table = decoder.cell_table(image.pixel_features, order.grid, image.lesion_logits)
-        feed = Feed(decoder, cache, placement, cell_table, key_valid)
+        feed = Feed(decoder, cache, placement, cell_table, key_valid, order.mask_slice)
         feed.select(present)
         out = feed(torch.tensor(order.header(), device=device).expand(len(present), -1))
         for codes, done in order.write(feed, out.logits[:, -1], out.hidden_states, pick):

@@ -38,7 +38,7 @@ class MaskCodes(Protocol):
     scales: Sequence[int]
     empty_code: int
 
-    def greedy_rule(self, mask_slice: slice) -> Callable[[torch.Tensor], torch.Tensor] | None: ...
+    def greedy_rule(self) -> Callable[[torch.Tensor], torch.Tensor] | None: ...
 
     def next_scale_inputs(self, codes: torch.Tensor, size: int) -> torch.Tensor: ...
 
@@ -184,7 +184,8 @@ class DecodingOrder:
         return self.layout.mask_codes(self.name, ids)
 
     def greedy_rule(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        return self.tokenizer.greedy_rule(self.mask_slice)
+        """Scores [..., K] of the mask codes -> codes [...] (None: argmax)."""
+        return self.tokenizer.greedy_rule()
 
     def code_grids(self, mask_codes: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
         """Validated flat code grids, one per scale."""
@@ -256,7 +257,7 @@ class RasterOrder(DecodingOrder):
         if pick.beam > 1:
             tokens = (best for best, _ in raster_beam_search(feed, pick, logits, self.n_codes))
         elif pick.speculative and pick.temperature == 0 and feed.decoder.config.nktp_k > 1:
-            tokens = raster_speculative(feed, pick, logits, hidden[:, -1], self.n_codes, self.mask_slice)
+            tokens = raster_speculative(feed, pick, logits, hidden[:, -1], self.n_codes)
         else:
             tokens = raster_tokens(feed, pick, logits, self.n_codes)
         for ids in tokens:
@@ -340,7 +341,7 @@ class PlainCodes:
     scales: tuple[int, ...]
     empty_code: int = 0
 
-    def greedy_rule(self, mask_slice: slice) -> None:
+    def greedy_rule(self) -> None:
         return None
 
     def next_scale_inputs(self, codes: torch.Tensor, size: int) -> torch.Tensor:
@@ -366,6 +367,8 @@ class Feed:
 
     `key_valid` [B, P] marks the real entries among the first P of the cache when rows were padded (several
     findings decoded together); every later query is kept from the padding. None = no padding.
+    `vocab_slice`: the ids the logits cover (the order's mask codes: nothing else may be emitted, and the
+    rest of the head would cost as much as the transformer on a whole next-scale block). None = all.
     """
 
     def __init__(
@@ -375,9 +378,10 @@ class Feed:
         placement: Placement,
         cell_table: torch.Tensor | None,
         key_valid: torch.Tensor | None = None,
+        vocab_slice: slice | None = None,
     ) -> None:
         self.decoder, self.cache, self.placement, self.cell_table = decoder, cache, placement, cell_table
-        self.key_valid = key_valid
+        self.key_valid, self.vocab_slice = key_valid, vocab_slice
 
     def __call__(self, ids: torch.Tensor, *, scale_ids: torch.Tensor | None = None, block: bool = False):
         """Run ids [B, n] after the cache; `block=True` lets them see each other (one next-scale block)."""
@@ -397,6 +401,7 @@ class Feed:
             use_cache=True,
             position_ids=self.placement.position_ids(index).expand(batch, -1),
             scale_ids=scale_ids,
+            vocab_slice=self.vocab_slice,
             **extra,
         )
 
@@ -435,11 +440,11 @@ class LegalTokens(LogitsProcessor):
 
 @dataclass
 class Picker:
-    """How a mask code is chosen from the logits: greedy (the tokenizer's greedy rule, or argmax) or
-    temperature / top-k sampling, always among the order's legal codes; `beam` > 1 = beam search
-    (raster only)."""
+    """How a mask code is chosen from the logits of the order's mask codes (`Feed.vocab_slice`, so every
+    code it can pick is legal): greedy (the tokenizer's greedy rule, or argmax) or temperature / top-k
+    sampling; `beam` > 1 = beam search (raster only). Returns vocabulary ids."""
 
-    legal: LegalTokens
+    mask_slice: slice  # the vocabulary ids of the scores' last dimension
     temperature: float = 0.0
     top_k: int | None = None
     generator: torch.Generator | None = None
@@ -447,10 +452,13 @@ class Picker:
     beam: int = 1
     speculative: bool = True  # greedy raster decoding may let the NkTP heads draft (same output, fewer passes)
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        scores = self.legal(None, logits)
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores [..., K] of the mask codes -> vocabulary ids [...]."""
+        return self.choose(scores) + self.mask_slice.start
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
         if self.temperature == 0:
-            return scores.argmax(-1) if self.greedy is None else self.greedy(scores)
+            return scores.max(-1).indices if self.greedy is None else self.greedy(scores)  # argmax, faster
         scores = scores.float() / self.temperature
         if self.top_k is not None and self.top_k < scores.shape[-1]:
             kth = scores.topk(self.top_k, dim=-1).values[..., -1:]
@@ -470,7 +478,7 @@ def raster_tokens(feed: Feed, pick: Picker, logits: torch.Tensor, n_tokens: int)
 
 
 def raster_speculative(
-    feed: Feed, pick: Picker, logits: torch.Tensor, hidden: torch.Tensor, n_tokens: int, mask_slice: slice
+    feed: Feed, pick: Picker, logits: torch.Tensor, hidden: torch.Tensor, n_tokens: int
 ) -> Iterator[torch.Tensor]:
     """Greedy decoding where the NkTP heads draft the next tokens and one forward pass checks them all.
 
@@ -481,7 +489,7 @@ def raster_speculative(
     heads' argmax guesses whatever the greedy rule. With several rows (findings decoded together), a pass
     keeps the drafts that every row accepted.
     """
-    decoder = feed.decoder
+    decoder, mask_slice = feed.decoder, pick.mask_slice
     tokens = torch.empty(logits.shape[0], n_tokens, dtype=torch.long, device=logits.device)
     tokens[:, 0] = pick(logits)
     done = 1
@@ -516,9 +524,9 @@ def raster_beam_search(
     scores[0] = 0.0  # the beams start identical: expand only one of them
     tokens = torch.empty(beam, 0, dtype=torch.long, device=logits.device)
     for i in range(n_tokens):
-        logp = F.log_softmax(pick.legal(None, logits).float(), dim=-1)  # renormalised over the legal tokens
+        logp = F.log_softmax(logits.float(), dim=-1)  # over the mask codes, the only legal tokens
         top = (scores[:, None] + logp).flatten().topk(beam)
-        origin, token = top.indices // logp.shape[-1], top.indices % logp.shape[-1]
+        origin, token = top.indices // logp.shape[-1], top.indices % logp.shape[-1] + pick.mask_slice.start
         scores = top.values
         tokens = torch.cat([tokens[origin], token[:, None]], dim=1)
         yield tokens[:1].clone(), scores.clone()

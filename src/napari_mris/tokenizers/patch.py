@@ -131,9 +131,9 @@ class PatchMaskTokenizer(nn.Module):
         """The code of an empty patch: fills the cells a raster preview has not reached yet."""
         return EMPTY
 
-    def greedy_rule(self, mask_slice: slice) -> ExpectedPatch:
-        """How greedy decoding picks a code from vocabulary scores whose mask codes are `mask_slice`."""
-        return ExpectedPatch(self.codebook, mask_slice)
+    def greedy_rule(self) -> ExpectedPatch:
+        """How greedy decoding picks a code from the scores of the mask codes."""
+        return ExpectedPatch(self.codebook)
 
     def next_scale_inputs(self, codes: torch.Tensor, size: int) -> torch.Tensor:
         """Codes [B, s*s] of one scale, nearest-upsampled to the next scale's [B, size*size] (the next-scale
@@ -199,18 +199,19 @@ class ExpectedPatch:
     the pixels instead: the minimum expected squared error choice among the codes.
     """
 
-    def __init__(self, patches: torch.Tensor, mask_slice: slice) -> None:
+    def __init__(self, patches: torch.Tensor) -> None:
         self.patches = patches.float()  # (K, p*p), row k = the patch of mask code k
-        self.norms = self.patches.pow(2).sum(1)
-        self.mask_slice = mask_slice
+        self.half_norms = -0.5 * self.patches.pow(2).sum(1)
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
-        """Vocabulary scores [..., V] -> the chosen vocabulary ids [...]."""
+        """Scores [..., K] of the mask codes -> the chosen codes [...]."""
         if self.patches.device != scores.device:
-            self.patches, self.norms = self.patches.to(scores.device), self.norms.to(scores.device)
-        probs = scores[..., self.mask_slice].float().softmax(-1)
-        expected = probs @ self.patches
-        return (self.norms - 2 * expected @ self.patches.T).argmin(-1) + self.mask_slice.start
+            self.patches, self.half_norms = self.patches.to(scores.device), self.half_norms.to(scores.device)
+        expected = scores.float().softmax(-1) @ self.patches
+        # argmin |P_k - e|^2 = argmax (e . P_k - |P_k|^2 / 2), in one fused matmul; `max` finds the same
+        # first index as `argmax`, a few times faster on a CPU
+        closeness = torch.addmm(self.half_norms, expected.reshape(-1, expected.shape[-1]), self.patches.T)
+        return closeness.max(-1).indices.reshape(expected.shape[:-1])
 
 
 def upsample_codes(codes: torch.Tensor, size: int) -> torch.Tensor:
