@@ -232,6 +232,24 @@ def test_decode_logits_cover_the_mask_codes_only_and_match_the_whole_head(decode
         torch.testing.assert_close(sliced, whole[..., feed.vocab_slice] + 1.0, rtol=1e-5, atol=1e-5)
 
 
+def test_forgotten_entries_are_as_if_never_fed(decoder):
+    """`Feed.forget`: a row that hides its last drafts continues exactly like a row that never fed them (the
+    same positions after them, nothing seen of them), while the other row of the batch still sees its own."""
+    start = LAYOUT.mask_range("raster")[0]
+    ids = torch.tensor([[start + 1, start + 2, start + 3], [start + 4, start + 5, start + 0]])
+    with torch.no_grad():
+        _, feed = _decode_start(decoder)
+        feed.cache.batch_repeat_interleave(2)
+        feed(ids)
+        feed.forget(torch.tensor([[False, True], [False, False]]))  # row 0 keeps only its first two tokens
+        after = feed(torch.tensor([[start + 5], [start + 5]])).logits
+        for row, kept in ((0, 2), (1, 3)):
+            _, alone = _decode_start(decoder)
+            alone(ids[row : row + 1, :kept])
+            expected = alone(torch.tensor([[start + 5]])).logits
+            torch.testing.assert_close(after[row : row + 1], expected, rtol=1e-4, atol=1e-5)
+
+
 def test_beam_search(decoder):
     codes = order_for(LAYOUT, "raster", (4,)).mask_slice
     with torch.no_grad():
@@ -379,15 +397,19 @@ def _outcome(steps) -> tuple[bool, float, list[list[int]]]:
 
 @pytest.mark.parametrize("text_slots", [0, 8])
 @pytest.mark.parametrize("order", ["raster", "scale"])
-def test_findings_decoded_together_equal_each_decoded_alone(order, text_slots):
+def test_findings_decoded_together_equal_each_decoded_alone(order, text_slots, monkeypatch):
     """One batch row per finding: texts of different lengths (left-padded, the padding masked), some answered
-    "not present" (they leave the batch), the rest drawn with the positions each has alone."""
+    "not present" (they leave the batch), the rest drawn with the positions each has alone; in raster order
+    each row keeps its own accepted drafts (the others' hidden from it) and leaves the batch when done."""
     torch.manual_seed(0)
     decoder = MRISDecoder(DecoderConfig(**{**tiny_decoder().config.to_dict(), "text_slots": text_slots})).eval()
     with torch.no_grad():
         decoder.llama.lm_head.weight.normal_(std=1.0)
-        for head in decoder.nktp_heads:  # drafts the rows disagree on: the batch keeps what all accepted
+        for head in decoder.nktp_heads:  # drafts that some rows keep and others reject
             head.linear.weight.normal_(std=0.5)
+    hidden = []
+    forget = Feed.forget
+    monkeypatch.setattr(Feed, "forget", lambda feed, unseen: (hidden.append(int(unseen.sum())), forget(feed, unseen)))
     scales = RASTER if order == "raster" else SCALES
     texts = [[3, 9, 4], [8, 2, 2, 6, 1], [5], [9, 3, 8], [2, 6], [9, 9, 9, 4, 4, 1]]
     prefixes = [prefix_ids(LAYOUT, IMAGE, text, 2) for text in texts]
@@ -402,3 +424,4 @@ def test_findings_decoded_together_equal_each_decoded_alone(order, text_slots):
     assert all(step.finished for step in steps[-1])
     for (rej_a, p_a, codes_a), (rej_b, p_b, codes_b) in zip(alone, together, strict=True):
         assert rej_a == rej_b and p_a == pytest.approx(p_b, abs=1e-5) and codes_a == codes_b
+    assert (sum(hidden) > 0) == (order == "raster")  # the premise: rows kept different drafts

@@ -365,8 +365,10 @@ class Feed:
     """Feeds tokens after the prefix to the decoder on one KV cache, each with the RoPE position and the
     cell feature training gave it (`Placement`): the decode loops only say which ids come next.
 
-    `key_valid` [B, P] marks the real entries among the first P of the cache when rows were padded (several
-    findings decoded together); every later query is kept from the padding. None = no padding.
+    `key_valid` [B, P] marks the entries among the first P of the cache a row may see: not the padding of a
+    shorter text (several findings decoded together), not a draft that row rejected (`forget`); entries
+    after P are seen. None = every entry. `gap` [B] counts each row's forgotten entries, so the row's next
+    tokens get the positions and cells of its own sequence (cache index - gap).
     `vocab_slice`: the ids the logits cover (the order's mask codes: nothing else may be emitted, and the
     rest of the head would cost as much as the transformer on a whole next-scale block). None = all.
     """
@@ -382,15 +384,17 @@ class Feed:
     ) -> None:
         self.decoder, self.cache, self.placement, self.cell_table = decoder, cache, placement, cell_table
         self.key_valid, self.vocab_slice = key_valid, vocab_slice
+        self.gap: torch.Tensor | None = None
 
     def __call__(self, ids: torch.Tensor, *, scale_ids: torch.Tensor | None = None, block: bool = False):
         """Run ids [B, n] after the cache; `block=True` lets them see each other (one next-scale block)."""
         batch, n = ids.shape
         past = self.cache.get_seq_length()
         index = torch.arange(past, past + n, device=ids.device)
+        own = index if self.gap is None else index - self.gap[:, None]  # each row's index in its own sequence
         extra: dict[str, Any] = {}
         if self.cell_table is not None:
-            extra.update(slot_cells=self.placement.slot_cells(index).expand(batch, -1), cell_table=self.cell_table)
+            extra.update(slot_cells=self.placement.slot_cells(own).expand(batch, -1), cell_table=self.cell_table)
         if self.key_valid is not None:
             extra["attention_mask"] = self.attention(index, block)
         elif block:
@@ -399,7 +403,7 @@ class Feed:
             ids,
             past_key_values=self.cache,
             use_cache=True,
-            position_ids=self.placement.position_ids(index).expand(batch, -1),
+            position_ids=self.placement.position_ids(own).expand(batch, -1),
             scale_ids=scale_ids,
             vocab_slice=self.vocab_slice,
             **extra,
@@ -416,10 +420,23 @@ class Feed:
         mask = torch.zeros(allowed.shape, device=index.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
         return mask[:, None].expand(-1, -1, len(index), -1)
 
+    def forget(self, unseen: torch.Tensor) -> None:
+        """Hide the last n cache entries from the rows where `unseen` [B, n] is True (their rejected drafts)
+        from every later query, and move those rows' later positions back by as many."""
+        past, n = self.cache.get_seq_length(), unseen.shape[1]
+        valid = torch.ones(unseen.shape[0], past, dtype=torch.bool, device=unseen.device)
+        if self.key_valid is not None:
+            valid[:, : self.key_valid.shape[1]] = self.key_valid
+        valid[:, past - n :] &= ~unseen
+        self.key_valid = valid
+        gap = unseen.sum(1)
+        self.gap = gap if self.gap is None else self.gap + gap
+
     def select(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` of the batch (findings answered "not present" leave the decode)."""
+        """Keep only `rows` of the batch (findings answered "not present", or finished, leave the decode)."""
         self.cache.batch_select_indices(rows)
         self.key_valid = self.key_valid[rows] if self.key_valid is not None else None
+        self.gap = self.gap[rows] if self.gap is not None else None
         if isinstance(self.placement.shift, torch.Tensor):
             self.placement = Placement(self.placement.prefix_length, self.placement.shift[rows], self.placement.cells)
 
@@ -486,30 +503,44 @@ def raster_speculative(
     [nxt, d_2, ..., d_k] gives the greedy token after each; drafts are kept while they equal it, and the
     greedy token after the last kept one comes for free. Every kept token is the greedy token, so the
     output is the plain greedy output; only the number of forward passes changes. The drafts are the
-    heads' argmax guesses whatever the greedy rule. With several rows (findings decoded together), a pass
-    keeps the drafts that every row accepted.
+    heads' argmax guesses whatever the greedy rule.
+
+    With several rows (findings decoded together) each row keeps its own accepted drafts: the drafts no row
+    kept leave the cache, the ones only some rows kept are hidden from the others (`Feed.forget`), and a
+    row that is done leaves the batch. Yields the ids [B, n] that every row has so far.
     """
     decoder, mask_slice = feed.decoder, pick.mask_slice
-    tokens = torch.empty(logits.shape[0], n_tokens, dtype=torch.long, device=logits.device)
+    batch = logits.shape[0]
+    tokens = torch.empty(batch, n_tokens, dtype=torch.long, device=logits.device)
     tokens[:, 0] = pick(logits)
-    done = 1
-    yield tokens[:, :done].clone()
-    while done < n_tokens:
-        # `hidden` is the state that predicted tokens[done - 1], which is not in the cache yet
-        n_draft = min(decoder.config.nktp_k - 1, n_tokens - done)
+    done = torch.ones(batch, dtype=torch.long, device=logits.device)  # tokens each row has
+    rows = torch.arange(batch, device=logits.device)[done < n_tokens]  # rows still decoding (indices into tokens)
+    yield tokens[:, :1].clone()
+    while len(rows):
+        # `hidden` [len(rows), H] is the state that predicted each row's last token, which is not in the cache yet
+        n_draft = min(decoder.config.nktp_k - 1, int((n_tokens - done[rows]).max()))
         drafts = torch.stack(
             [decoder.nktp_logits(hidden, j, mask_slice).argmax(-1) + mask_slice.start for j in range(2, n_draft + 2)],
             dim=-1,
-        )  # [B, n_draft]: guesses for tokens[done : done + n_draft]
-        out = feed(torch.cat([tokens[:, done - 1 : done], drafts], 1))
-        chosen = pick(out.logits)  # [B, n_draft + 1]: the greedy token after each fed token
-        accepted = int((drafts == chosen[:, :n_draft]).long().cumprod(-1).sum(-1).min())
-        new = chosen[:, : accepted + 1][:, : n_tokens - done]  # the kept drafts (== greedy) and one more
-        tokens[:, done : done + new.shape[1]] = new
-        done += new.shape[1]
-        feed.cache.crop(-(n_draft - accepted))  # forget the rejected drafts
-        hidden = out.hidden_states[:, accepted]
-        yield tokens[:, :done].clone()
+        )  # [R, n_draft]: guesses for each row's next tokens
+        last = tokens[rows, done[rows] - 1]
+        out = feed(torch.cat([last[:, None], drafts], 1))
+        chosen = pick(out.logits)  # [R, n_draft + 1]: the greedy token after each fed token
+        accepted = (drafts == chosen[:, :n_draft]).long().cumprod(-1).sum(-1)  # [R]
+        for k, row in enumerate(rows.tolist()):  # the kept drafts (== greedy) and one more
+            new = chosen[k, : int(accepted[k]) + 1][: n_tokens - int(done[row])]
+            tokens[row, done[row] : done[row] + len(new)] = new
+            done[row] += len(new)
+        kept = int(accepted.max())
+        feed.cache.crop(-(n_draft - kept))  # the drafts no row kept
+        if len(rows) > 1 and bool((accepted < kept).any()):
+            feed.forget(torch.arange(1, kept + 1, device=accepted.device)[None, :] > accepted[:, None])
+        hidden = out.hidden_states[torch.arange(len(rows)), accepted]
+        going = done[rows] < n_tokens
+        if not bool(going.all()):
+            feed.select(torch.nonzero(going)[:, 0])
+            rows, hidden = rows[going], hidden[going]
+        yield tokens[:, : int(done.min())].clone()
 
 
 def raster_beam_search(
