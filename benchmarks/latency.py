@@ -64,12 +64,14 @@ def force_present(pipeline: MRISPipeline) -> None:
     """Pin the presence decision to [SOV], so that every run writes a whole mask (for untrained test models)."""
     from napari_mris.model.vocab import SOV
 
-    def hook(module, inputs, output):
-        output = output.clone()
-        output[..., SOV] += 1e4  # [SOV] is legal only at the decision position
+    def hook(module, args, kwargs, output):
+        # [SOV] is legal only at the decision position; the mask loop's logits (a slice of the vocabulary,
+        # without [SOV]) are left alone, so the decoder keeps its fast path
+        if output.logits is not None and kwargs.get("vocab_slice") is None:
+            output.logits[..., SOV] += 1e4
         return output
 
-    pipeline.decoder.lm_head.register_forward_hook(hook)
+    pipeline.decoder.register_forward_hook(hook, with_kwargs=True)
 
 
 def summary(values: list[float]) -> str:

@@ -2,8 +2,8 @@
 
 The tests here check plumbing (shapes, streaming, threading, layers, files), not accuracy, so the training
 package's tiny model (trained for seconds on phantoms) is enough. Because such a model answers [SOV] or
-[REJ] close to at random, `force_decision` pins the presence decision with a forward hook on the output
-layer: a test that needs a mask forces [SOV], the [REJ] test forces [REJ].
+[REJ] close to at random, `force_decision` pins the presence decision with a forward hook on the decoder:
+a test that needs a mask forces [SOV], the [REJ] test forces [REJ].
 """
 
 from __future__ import annotations
@@ -35,15 +35,23 @@ def build_model(out_dir: Path) -> Path:
 
 @contextlib.contextmanager
 def favour_tokens(pipeline, ids: list[int]) -> Iterator[None]:
-    """Add a large logit to `ids` at every output of the model (a forward hook on the output layer); the
-    decoder's legal-token mask still keeps each id out where it is not allowed."""
+    """Add a large logit to `ids` at every output of the model (a forward hook on the decoder, which sees
+    which ids its logits cover: the decode loop asks for the mask codes only); the legal-token rules still
+    keep each id out where it is not allowed."""
+    import dataclasses
 
-    def hook(module, inputs, output):
-        output = output.clone()
-        output[..., ids] += 1e4
-        return output
+    import torch
 
-    handle = pipeline.decoder.lm_head.register_forward_hook(hook)
+    favoured = torch.tensor(ids)
+
+    def hook(module, args, kwargs, output):
+        if output.logits is None:
+            return output
+        covered = torch.arange(module.config.vocab_size)[kwargs.get("vocab_slice") or slice(None)]
+        bonus = torch.isin(covered, favoured).to(output.logits.dtype).to(output.logits.device) * 1e4
+        return dataclasses.replace(output, logits=output.logits + bonus)
+
+    handle = pipeline.decoder.register_forward_hook(hook, with_kwargs=True)
     try:
         yield
     finally:

@@ -230,6 +230,12 @@ def test_decode_logits_cover_the_mask_codes_only_and_match_the_whole_head(decode
         finally:
             decoder.llama.lm_head = head
         torch.testing.assert_close(sliced, whole[..., feed.vocab_slice] + 1.0, rtol=1e-5, atol=1e-5)
+        handle = head.register_forward_hook(lambda module, inputs, output: output + 2.0)  # a hook is honoured
+        try:
+            sliced = decoder.unembed(out.hidden_states, feed.vocab_slice)
+        finally:
+            handle.remove()
+        torch.testing.assert_close(sliced, whole[..., feed.vocab_slice] + 2.0, rtol=1e-5, atol=1e-5)
 
 
 def test_forgotten_entries_are_as_if_never_fed(decoder):

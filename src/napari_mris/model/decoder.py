@@ -290,12 +290,12 @@ class MRISDecoder(nn.Module):
 
     def unembed(self, hidden_states: torch.Tensor, vocab_slice: slice | torch.Tensor | None = None) -> torch.Tensor:
         """`lm_head` on [..., H] states: logits over the vocabulary, or over the ids `vocab_slice` (a slice or
-        an index tensor) only, computing just those rows of the head (a head wrapped by an adapter runs
-        whole and is sliced after)."""
+        an index tensor) only, computing just those rows of the head. A head whose weight alone is not the
+        whole map (wrapped by an adapter, or with forward hooks) runs whole and is sliced after."""
         head = self.lm_head
         if vocab_slice is None:
             return head(hidden_states)
-        if type(head) is not nn.Linear:  # e.g. a LoRA-wrapped head: its weight alone is not the whole map
+        if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
             return head(hidden_states)[..., vocab_slice]
         bias = None if head.bias is None else head.bias[vocab_slice]
         return F.linear(hidden_states, head.weight[vocab_slice], bias)
