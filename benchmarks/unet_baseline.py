@@ -11,7 +11,9 @@ with the same metric code as `napari-mris-train eval`.
 Two recipes are reported against the default model (docs/results.md): this script's defaults (five levels,
 224 px, batch 8) and the stronger one issue 15 measured on held-out cases (`--widths 16 32 64 128 --size 128
 --batch-size 16`). `--clock cpu` counts the process's CPU time instead of wall time, so a run on a shared
-machine (or one paused and continued) still gets the whole budget of compute.
+machine (or one paused and continued) still gets the whole budget of compute. The training state is saved
+to `OUT/checkpoint` every `--checkpoint-minutes` of the budget (napari_mris_train.checkpoint: safetensors
+and JSON, written atomically); `--resume` continues from it with the budget left.
 """
 
 from __future__ import annotations
@@ -27,6 +29,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from napari_mris_train.checkpoint import (
+    STATE_JSON,
+    CheckpointError,
+    load_checkpoint,
+    load_optimizer,
+    part,
+    restore_rng,
+    save_checkpoint,
+)
 from napari_mris_train.data import load_split
 from napari_mris_train.metrics import dice_iou, overlap_counts, pooled_dice_iou
 
@@ -91,30 +102,51 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def train(
-    model: UNet, x: torch.Tensor, y: torch.Tensor, minutes: float, batch_size: int, seed: int, clock: str = "wall"
+    model: UNet,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    minutes: float,
+    batch_size: int,
+    clock: str = "wall",
+    checkpoint: Path | None = None,
+    checkpoint_minutes: float = 10.0,
+    recipe: dict | None = None,
 ) -> dict:
-    generator = torch.Generator().manual_seed(seed)
+    """Train until `minutes` of the budget are spent (`clock`: wall or CPU time); batches are drawn with
+    torch's global generator, so a checkpoint (which saves it) resumes the same sequence."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     now = time.process_time if clock == "cpu" else time.monotonic
-    deadline = now() + minutes * 60
-    steps, seen = 0, 0
-    bar = tqdm(desc="unet", unit="step")
+    steps, spent = 0, 0.0  # spent: seconds of the budget used before this process
+    if checkpoint is not None and (checkpoint / STATE_JSON).exists():
+        tensors, info = load_checkpoint(checkpoint)
+        if info.get("recipe") != recipe:
+            raise CheckpointError(f"{checkpoint} is from another recipe: {info.get('recipe')}, not {recipe}")
+        model.load_state_dict(part(tensors, "model"))
+        load_optimizer(optimizer, part(tensors, "optim"), info["param_groups"])
+        restore_rng(tensors, info["rng"])
+        steps, spent = info["steps"], info["spent_s"]
+        print(f"resumed at step {steps}, {spent / 60:.1f} of {minutes} minutes spent")
+    start, saved = now() - spent, spent
+    bar = tqdm(desc="unet", unit="step", initial=steps)
     model.train()
-    while now() < deadline:
-        idx = torch.randint(0, len(x), (batch_size,), generator=generator)
+    while now() - start < minutes * 60:
+        idx = torch.randint(0, len(x), (batch_size,))
         xb, yb = x[idx], y[idx]
-        if torch.rand((), generator=generator) < 0.5:  # flip image and mask together; no text to keep
+        if torch.rand(()) < 0.5:  # flip image and mask together; no text to keep
             xb, yb = xb.flip(-1), yb.flip(-1)
         loss = dice_bce_loss(model(xb), yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         steps += 1
-        seen += batch_size
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if checkpoint is not None and now() - start - saved >= checkpoint_minutes * 60:
+            saved = now() - start
+            info = {"steps": steps, "spent_s": saved, "recipe": recipe}
+            save_checkpoint(checkpoint, model.state_dict(), optimizer, None, info)
     bar.close()
-    return {"steps": steps, "examples_seen": seen, "minutes": minutes, "clock": clock}
+    return {"steps": steps, "examples_seen": steps * batch_size, "minutes": minutes, "clock": clock}
 
 
 @torch.no_grad()
@@ -140,6 +172,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit-val", type=int, default=None, help="evaluate on the first N val images only")
     parser.add_argument("--out", type=Path, default=Path("runs/unet"))
+    parser.add_argument("--checkpoint-minutes", type=float, default=10.0, help="save the state this often")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -148,7 +182,13 @@ def main() -> None:
     val_split = load_split(args.data, split="val")
     x_train, y_train = load_arrays(train_split, args.size)
     model = UNet(tuple(args.widths))
-    run = train(model, x_train, y_train, args.minutes, args.batch_size, args.seed, args.clock)
+    recipe = {k: getattr(args, k) for k in ("minutes", "clock", "widths", "size", "batch_size", "seed")}
+    checkpoint = args.out / "checkpoint"
+    if checkpoint.exists() and not args.resume:
+        raise SystemExit(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
+    run = train(
+        model, x_train, y_train, args.minutes, args.batch_size, args.clock, checkpoint, args.checkpoint_minutes, recipe
+    )
 
     n_val = len(val_split) if args.limit_val is None else min(args.limit_val, len(val_split))
     val_examples = [val_split[i] for i in range(n_val)]
