@@ -532,7 +532,8 @@ def raster_speculative(
             tokens[row, done[row] : done[row] + len(new)] = new
             done[row] += len(new)
         kept = int(accepted.max())
-        feed.cache.crop(-(n_draft - kept))  # the drafts no row kept
+        if kept < n_draft:  # (older transformers read crop(0) as "keep nothing")
+            feed.cache.crop(-(n_draft - kept))  # the drafts no row kept
         if len(rows) > 1 and bool((accepted < kept).any()):
             feed.forget(torch.arange(1, kept + 1, device=accepted.device)[None, :] > accepted[:, None])
         hidden = out.hidden_states[torch.arange(len(rows)), accepted]
