@@ -200,13 +200,13 @@ def train_adapter(
         samples = [s for mixer, n in mixers if n > 0 for s in mixer.batch(step, n)]
         loss = objective(collate_samples(samples, torch_device))["loss"]
         if not torch.isfinite(loss):
-            raise MRISError(f"fine-tuning diverged at step {step + 1} (loss {float(loss)}); try a lower --lr")
+            raise MRISError(f"fine-tuning diverged at step {step + 1} (loss {loss.item()}); try a lower --lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if progress_callback is not None:
-            progress_callback(step + 1, steps, float(loss))
+            progress_callback(step + 1, steps, loss.item())
     return decoder.eval(), layout
 
 

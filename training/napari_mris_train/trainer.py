@@ -300,14 +300,15 @@ def warm_up_stem(run: Run, progress: bool) -> None:
         with run.accelerator.autocast():
             logits = decoder.lesion_logits(pixels.to(run.accelerator.device))
         loss = lesion_loss(logits, target)
-        if not math.isfinite(float(loss)):
-            raise TrainingDiverged(f"stem warm-up loss became {float(loss)} at step {step + 1}; lower stem_warmup_lr")
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"stem warm-up loss became {value} at step {step + 1}; lower stem_warmup_lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         if run.accelerator.is_main_process and ((step + 1) % 50 == 0 or step + 1 == steps):
-            append_log(run.log_path, {"stem_warmup_step": step + 1, "lesion": float(loss)})
+            append_log(run.log_path, {"stem_warmup_step": step + 1, "lesion": value})
     if run.accelerator.num_processes > 1:  # each process warmed up alike; the main one's stem is the one kept
         for tensor in decoder.pixel_stem.state_dict().values():
             torch.distributed.broadcast(tensor, src=0)
