@@ -383,6 +383,12 @@ def train(
         if run.step % cfg.checkpoint_every == 0 or run.step == end:
             save_state(run)
     bar.close()
+    if torch.distributed.is_initialized():
+        # every process reaches this point: shut the process group down together, so that no process exits
+        # while gloo's threads still run (seen under load: SIGABRT, "terminate called without an active
+        # exception", after a finished run); PyTorch's documented shutdown
+        run.accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
     return run.run_dir
 
 
