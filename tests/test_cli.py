@@ -148,8 +148,10 @@ def test_predict_on_a_plain_folder_of_png_jpeg_tiff(tmp_path, tiny_model_dir, ca
     # every row says what produced it: the model (hash over all its files), adapter, order, domain score
     assert list(rows[0]) == [
         "image", "prompt", "answer", "rejected", "seconds", "model_id", "model_hash", "adapter", "order",
-        "domain_score", "label", "lesions", "stated_lesions",
+        "domain_score", "label", "lesions", "stated_lesions", "reject_probability",
     ]  # fmt: skip
+    assert all(0.0 <= float(r["reject_probability"]) <= 1.0 for r in rows)  # how sure a "not present" is
+    assert all((r["rejected"] == "true") == (float(r["reject_probability"]) > 0.5) for r in rows)
     assert {r["label"] for r in rows} == {"255"}  # one finding per image: its value in mask_<stem>.png
     assert {r["model_hash"] for r in rows} == {model_hash(tiny_model_dir)} and {r["order"] for r in rows} == {"raster"}
     assert all(r["model_id"] and r["adapter"] == "" for r in rows)

@@ -82,6 +82,23 @@ def test_rejection_paints_nothing(tiny_pipeline, image) -> None:  # noqa: F811
     assert update.mask.shape == image.shape and not update.mask.any()
 
 
+def test_reject_probability_is_the_decision_read_as_a_probability(tiny_pipeline, image) -> None:  # noqa: F811
+    """Every answer carries p([REJ]) from the presence decision; the answer follows it (the decision is the
+    more likely of the two tokens), alone and when findings are decoded together."""
+    with force_decision(tiny_pipeline, "REJ"):
+        assert tiny_pipeline.segment(image, PROMPT).reject_probability > 0.99
+    with force_decision(tiny_pipeline, "SOV"):
+        assert tiny_pipeline.segment(image, PROMPT).reject_probability < 0.01
+    prompts = [PROMPT, "upper right lung", "bilateral pulmonary infection", "middle left lung"]
+    alone = [tiny_pipeline.segment(image, prompt) for prompt in prompts]
+    together = tiny_pipeline.segment_findings(image, prompts)
+    for one, batched in zip(alone, together, strict=True):
+        assert 0.0 <= one.reject_probability <= 1.0
+        assert one.rejected == (one.reject_probability > 0.5)
+        assert batched.reject_probability == pytest.approx(one.reject_probability, abs=1e-4)
+        assert batched.provenance()["reject_probability"] == batched.reject_probability
+
+
 def test_consensus_of_samples_gives_uncertainty(present, image) -> None:
     result = present.segment(image, PROMPT, samples=3, seed=3)
     assert result.settings.samples == 3 and result.settings.temperature > 0  # sampling switched on for consensus

@@ -45,7 +45,7 @@ INSTANCES_PREFIX = "instances_"  # --instances: each finding's lesions numbered 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 PREDICTION_COLUMNS = [
     "image", "prompt", "answer", "rejected", "seconds", "model_id", "model_hash", "adapter", "order", "domain_score",
-    "label", "lesions", "stated_lesions",
+    "label", "lesions", "stated_lesions", "reject_probability",
 ]  # fmt: skip  (new columns go at the end: readers that index columns keep working)
 
 
@@ -386,6 +386,7 @@ def _prediction_row(
         "label": str(label),
         "lesions": str(drawn),  # --instances: the finding's 8-connected lesions
         "stated_lesions": "" if stated is None else str(stated),  # the count its prompt states, if any
+        "reject_probability": "" if result.reject_probability is None else f"{result.reject_probability:.4f}",
     }
 
 

@@ -74,6 +74,7 @@ class StreamUpdate:
     warnings: tuple[str, ...] = ()  # e.g. "prompt truncated", for the widget's status line
     domain_score: float | None = None  # distance to the training images (domain.py); None: the model has no guard
     out_of_domain: bool = False  # domain_score above the model's calibrated threshold
+    reject_probability: float | None = None  # p([REJ]) at the presence decision: how sure a "not present" is
 
     @property
     def not_present(self) -> bool:
@@ -99,6 +100,7 @@ class SegmentationResult:
     warnings: tuple[str, ...] = ()
     domain_score: float | None = None
     out_of_domain: bool = False
+    reject_probability: float | None = None  # p([REJ]) / (p([SOV]) + p([REJ])) at the model's presence decision
 
     @property
     def not_present(self) -> bool:
@@ -119,6 +121,7 @@ class SegmentationResult:
             "timings": dict(self.timings),
             "domain_score": self.domain_score,
             "out_of_domain": self.out_of_domain,
+            "reject_probability": self.reject_probability,
         }
 
 
@@ -436,6 +439,7 @@ class MRISPipeline:
         timings["tokens_per_s"] = step.tokens_done / max(elapsed - timings["preprocess_s"], 1e-9)
         update.timings = dict(timings)
         update.warnings = notes
+        update.reject_probability = float(step.reject_probability)
         if domain is not None:
             update.domain_score, update.out_of_domain = domain.score, domain.out_of_domain
         return update

@@ -111,6 +111,7 @@ def score_prompt(name: str, prompt, result, full_mask: np.ndarray) -> dict[str, 
         "counts": overlap_counts(result.mask, prompt.truth),
         "rejected": bool(result.rejected),
         "not_present": result.not_present,
+        "reject_probability": result.reject_probability,  # for a presence threshold's trade-off, after the fact
     }
     if prompt.region is not None:
         row["text_ignored_counts"] = overlap_counts(full_mask, prompt.truth)
