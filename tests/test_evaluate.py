@@ -62,5 +62,37 @@ def test_eval_writes_every_metric(tmp_path):
     assert report["n_acc"] == pytest.approx(np.mean([r["not_present"] for r in rows if r["set"] == "absent"]))
     for name in ("full", "other"):
         assert 0.0 <= report["sets"][name]["dice"] <= 1.0 and 0.0 <= report["sets"][name]["pooled_dice"] <= 1.0
+    assert all(0.0 <= r["reject_probability"] <= 1.0 and r["rejected"] == (r["reject_probability"] > 0.5) for r in rows)
     with pytest.raises(SystemExit):  # a misspelt set is an argparse error, before the model loads
         main(["eval", "--model", str(model), "--data", str(data / "Val_Folder"), "--sets", "full,sides"])
+
+
+def test_compare_evals_pairs_the_same_prompts(tmp_path):
+    """benchmarks/compare_evals.py: B - A per set over the prompts both runs asked, and the presence trade-off."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_evals.py"
+    spec = importlib.util.spec_from_file_location("compare_evals", script)
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+
+    def row(name, kind, dice, p_reject, drawn=True):
+        rejected = p_reject > 0.5
+        return {"name": name, "set": kind, "prompt": f"{kind} {name}", "dice": dice, "rejected": rejected,
+                "not_present": rejected or not drawn, "reject_probability": p_reject}  # fmt: skip
+
+    a = [row("x", "full", 0.5, 0.1), row("y", "full", 0.7, 0.3), row("x", "absent", 0.0, 0.45)]
+    b = [row("x", "full", 0.6, 0.2), row("y", "full", 0.9, 0.6), row("x", "absent", 0.0, 0.9), row("z", "full", 1, 0)]
+    for path, rows in (("a.json", a), ("b.json", b)):
+        (tmp_path / path).write_text(json.dumps({"per_prompt": rows}))
+    first, second = compare.load_rows(tmp_path / "a.json"), compare.load_rows(tmp_path / "b.json")
+    table = compare.paired_table(first, second)
+    full = next(line for line in table if line.startswith("full "))
+    assert full.split()[1:] == ["2", "60.00", "75.00", "+15.00", "5.00"]  # z is only in B: left out
+    absent = next(line for line in table if line.startswith("absent"))
+    assert absent.split()[1:] == ["1", "0.00", "100.00", "+100.00", "0.00"]  # N-Acc, not Dice
+    trade_off = compare.presence_table(first, [0.05, 0.2, 0.5])
+    assert [line.split() for line in trade_off[1:]] == [
+        ["0.05", "100.00", "100.00"], ["0.20", "100.00", "50.00"], ["0.50", "0.00", "0.00"],
+    ]  # fmt: skip
