@@ -96,3 +96,41 @@ def test_compare_evals_pairs_the_same_prompts(tmp_path):
     assert [line.split() for line in trade_off[1:]] == [
         ["0.05", "100.00", "100.00"], ["0.20", "100.00", "50.00"], ["0.50", "0.00", "0.00"],
     ]  # fmt: skip
+
+
+def test_presence_threshold_is_chosen_on_the_selection_score():
+    """answered_at turns findings above the threshold into empty "not present" answers; the choice is the
+    threshold with the best selection score (here one that rejects the absent prompt and no present one)."""
+    from napari_mris_train.presence import answered_at, choose, threshold_table
+
+    def row(kind, p_reject, dice, truth_pixels):
+        counts = [round(dice * truth_pixels), truth_pixels, truth_pixels]  # a drawn mask as large as the truth
+        found = {"name": kind, "set": kind, "prompt": kind, "dice": dice, "iou": 0.0, "rejected": False}
+        found |= {"not_present": False, "reject_probability": p_reject, "counts": counts}
+        return found | ({"text_ignored_counts": counts, "oracle_counts": counts} if kind == "side" else {})
+
+    rows = [row("full", 0.2, 0.8, 100), row("side", 0.3, 0.5, 40), row("absent", 0.45, 0.0, 0)]
+    turned = answered_at(rows, 0.25)
+    assert [r["not_present"] for r in turned] == [False, True, True] and turned[1]["counts"] == [0, 0, 40]
+    assert rows[1]["not_present"] is False  # the rows themselves are left alone
+    table = threshold_table(rows, thresholds=(0.1, 0.25, 0.35, 0.4, 0.5))
+    assert [round(line["n_acc"], 2) for line in table] == [1.0, 1.0, 1.0, 1.0, 0.0]
+    best = choose(table)
+    assert best["threshold"] == 0.4  # 0.35 and 0.4 tie (full 0.8, side 0.5, N-Acc 1): nearer 0.5 wins
+    assert best["false_rejection_rate"] == 0.0 and best["side_dice"] == pytest.approx(0.5)
+
+
+def test_presence_command_writes_the_threshold(tmp_path):
+    data = tmp_path / "data"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="the prompt is")
+        model = build_tiny_model(tmp_path / "model", data_root=data, tokenizer_steps=0, decoder_steps=1)
+        out = tmp_path / "presence.json"
+        args = ["presence", "--model", str(model), "--data", str(data / "Val_Folder"), "--start", "1", "--limit", "2"]
+        assert main([*args, "--device", "cpu", "--json", str(out), "--write"]) == 0
+    report = json.loads(out.read_text())
+    assert report["start"] == 1 and report["n_images"] == 2 and len(report["table"]) > 50
+    chosen = report["chosen"]
+    assert chosen in report["table"] and chosen["selection"] == max(line["selection"] for line in report["table"])
+    assert json.loads((model / "config.json").read_text())["reject_threshold"] == chosen["threshold"]
+    assert all(not row["rejected"] for row in report["per_prompt"])  # calibration decodes every finding

@@ -99,6 +99,34 @@ def test_reject_probability_is_the_decision_read_as_a_probability(tiny_pipeline,
         assert batched.provenance()["reject_probability"] == batched.reject_probability
 
 
+def test_a_calibrated_reject_threshold_decides_not_present(tiny_model_dir, tmp_path, image) -> None:  # noqa: F811
+    """config.json `reject_threshold` moves the cut: "not present" exactly when p([REJ]) is above it, alone and
+    together; a threshold outside (0, 1] is refused when the model loads."""
+    import shutil
+
+    from napari_mris.model.modeldir import update_config
+
+    prompts = [PROMPT, "upper right lung", "bilateral pulmonary infection", "middle left lung", "lower right lung"]
+    base = MRISPipeline.from_pretrained(tiny_model_dir, device="cpu")
+    assert base.reject_threshold == 0.5 and base.info()["reject_threshold"] == 0.5
+    probabilities = [base.segment(image, prompt).reject_probability for prompt in prompts]
+    assert max(probabilities) > min(probabilities)
+    cut = (max(probabilities) + min(probabilities)) / 2
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    update_config(model, reject_threshold=cut)
+    calibrated = MRISPipeline.from_pretrained(model, device="cpu")
+    assert calibrated.model_hash != base.model_hash  # the threshold is part of the model
+    expected = [p > cut for p in probabilities]
+    assert any(expected) and not all(expected)
+    assert [calibrated.segment(image, prompt).rejected for prompt in prompts] == expected
+    assert [r.rejected for r in calibrated.segment_findings(image, prompts)] == expected
+    for bad in (0.0, 1.5, "0.4", True):
+        update_config(model, reject_threshold=bad)
+        with pytest.raises(ModelDirectoryError, match="reject_threshold"):
+            MRISPipeline.from_pretrained(model, device="cpu")
+
+
 def test_consensus_of_samples_gives_uncertainty(present, image) -> None:
     result = present.segment(image, PROMPT, samples=3, seed=3)
     assert result.settings.samples == 3 and result.settings.temperature > 0  # sampling switched on for consensus

@@ -490,6 +490,7 @@ def run_info(args: argparse.Namespace) -> int:
     threshold = info.get("domain_threshold")
     guard = "none (no domain.safetensors)" if threshold is None else f"threshold {threshold:.2f} (domain.safetensors)"
     print(f"{'domain guard':13s} {guard}")
+    print(f"{'not present':13s} when p([REJ]) > {info['reject_threshold']:.2f} (config.json reject_threshold)")
     words = info.get("prompt_vocabulary")
     print(f"{'prompt words':13s} {', '.join(words) if words else 'not checked (no prompt_vocabulary.json)'}")
     return 0

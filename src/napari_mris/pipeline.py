@@ -125,6 +125,17 @@ class SegmentationResult:
         }
 
 
+def reject_threshold(config: dict[str, Any], model_dir: Path) -> float:
+    """config.json `reject_threshold`: the answer is "not present" when p([REJ]) is above it. Absent: 0.5, the
+    more likely of [SOV]/[REJ]; `napari-mris-train presence` calibrates it on a model's own mixed objective."""
+    value = config.get("reject_threshold", 0.5)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value <= 1.0:
+        raise ModelDirectoryError(
+            f"{model_dir}/config.json: reject_threshold must be a number in (0, 1], got {value!r}"
+        )
+    return float(value)
+
+
 def resolve_device(device: str) -> torch.device:
     """'auto' is CUDA when available, else the CPU; asking for CUDA without one is an error."""
     if device == "auto":
@@ -183,6 +194,7 @@ class MRISPipeline:
         # Optional files of the model directory: no file, no check (domain.py, prompt_check.py).
         self.domain_guard = DomainGuard.load(model_dir, getattr(decoder, "pixel_stem", None))
         self.vocabulary = PromptVocabulary.load(model_dir)
+        self.reject_threshold = reject_threshold(config, model_dir)  # the presence decision's calibrated cut
         self._domain_cache: tuple[bytes, DomainCheck] | None = None  # the last image's check: once per image
 
     @classmethod
@@ -243,6 +255,7 @@ class MRISPipeline:
             "parameters": sum(p.numel() for p in self.decoder.parameters()),
             "versions": software_versions(),
             "domain_threshold": self.domain_guard.threshold if self.domain_guard is not None else None,
+            "reject_threshold": self.reject_threshold,
             "prompt_vocabulary": sorted(self.vocabulary.words) if self.vocabulary is not None else None,
         }
 
@@ -395,6 +408,7 @@ class MRISPipeline:
             beam=settings.beam,
             generator=self._generator(settings.seed),
             image=image.prefill,
+            reject_threshold=self.reject_threshold,
         )
         shown = 0  # the order's preview mark of the last partial mask drawn
         while not should_stop():
@@ -456,7 +470,7 @@ class MRISPipeline:
         order = self.decoding_orders[settings.order]
         texts = [self.layout.text_ids(torch.as_tensor(ids, dtype=torch.long)) for ids, _ in encoded]
         timings = {"preprocess_s": time.perf_counter() - start}
-        steps = infer_findings(self.decoder, order, image.prefill, texts)
+        steps = infer_findings(self.decoder, order, image.prefill, texts, reject_threshold=self.reject_threshold)
         last = None
         while not should_stop():
             with torch.inference_mode():

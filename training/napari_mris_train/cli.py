@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "train": ("napari_mris_train.trainer", "train the decoder with the NTP-MRISeg losses"),
     "finetune": ("napari_mris_train.finetune", "LoRA fine-tuning on a dataset or a corrections folder"),
     "eval": ("napari_mris_train.evaluate", "Dice / mIoU / text-shuffle / N-Acc on a validation split"),
+    "presence": ("napari_mris_train.presence", "calibrate the 'not present' threshold (config.json reject_threshold)"),
     "export": ("napari_mris_train.export_model", "write a run's last weights as a clean model directory"),
     "phantoms": ("napari_mris_train.phantoms", "write synthetic chest X-ray phantoms as an LViT dataset"),
     "domain": ("napari_mris_train.domain", "calibrate the domain guard (domain.safetensors) on a dataset"),

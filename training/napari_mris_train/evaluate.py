@@ -50,19 +50,23 @@ def evaluate_split(
     seed: int = 0,
     progress: bool = True,
     snap: bool = True,
+    start: int = 0,
 ) -> dict[str, Any]:
-    """Decode the referring prompts of the first `limit` examples of `split`; metrics and a row per prompt.
+    """Decode the referring prompts of `limit` examples of `split` from index `start` (default: all from the
+    first); metrics and a row per prompt.
 
     The full description is decoded for every image (the restricted sets' references need its mask) but
     reported only when `full` is among `sets`.
     """
-    count = len(split) if limit is None else min(limit, len(split))
-    if count < 1:
-        raise MRISError(f"{split.folder}: nothing to evaluate (the split has {len(split)} pairs, limit {limit})")
+    count = len(split) - start if limit is None else min(limit, len(split) - start)
+    if count < 1 or start < 0:
+        raise MRISError(
+            f"{split.folder}: nothing to evaluate (the split has {len(split)} pairs; start {start}, limit {limit})"
+        )
     descriptions = split.descriptions
     rows: list[dict[str, Any]] = []
-    start = time.perf_counter()
-    for index in tqdm(range(count), desc=f"eval {order}", disable=not progress, leave=False):
+    began = time.perf_counter()
+    for index in tqdm(range(start, start + count), desc=f"eval {order}", disable=not progress, leave=False):
         example = split[index]
         rng = np.random.default_rng([seed, index])  # per image: a --limit run is a prefix of the full run
         other = other_description(descriptions, index, rng) if "other" in sets else None
@@ -80,8 +84,9 @@ def evaluate_split(
         "order": order,
         "snap": snap,
         "beam": beam,
+        "start": start,
         "n_images": count,
-        "seconds": time.perf_counter() - start,
+        "seconds": time.perf_counter() - began,
         **summarise(rows),
         "per_prompt": rows,
     }
@@ -217,7 +222,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="write the metrics (and one row per prompt) here")
     parser.add_argument("--order", choices=("raster", "scale"), help="decoding order (default: the model's)")
     parser.add_argument("--beam", type=int, default=1, help="beam width (1 = greedy)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N images")
+    parser.add_argument("--limit", type=int, help="evaluate only N images (the first N, or from --start)")
+    parser.add_argument("--start", type=int, default=0, help="the first image's index (default 0)")
     parser.add_argument(
         "--sets",
         type=parse_sets,
@@ -260,6 +266,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         sets=args.sets,
         seed=args.seed,
         snap=not args.no_snap,
+        start=args.start,
     )
     report = {
         "model": str(pipeline.model_dir),

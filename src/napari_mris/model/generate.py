@@ -70,6 +70,13 @@ class ImagePrefill:
         return prefix[n:], copy.deepcopy(self.cache)
 
 
+def reject_probability(order: DecodingOrder, logits: torch.Tensor) -> torch.Tensor:
+    """p([REJ]) / (p([SOV]) + p([REJ])) per row of `logits` [B, V] at the decision position (the last text
+    position): the presence decision, read among its two legal tokens only."""
+    decision = LegalTokens(order.layout.vocab_size, [SOV, REJ])(None, logits).float().softmax(-1)
+    return decision[:, REJ]
+
+
 def image_block_length(prefix: torch.Tensor) -> int:
     """Tokens up to and including the first `[EOV]`: the image block of a `prefix_ids` prefix."""
     ends = (prefix == EOV).nonzero()
@@ -105,12 +112,14 @@ def autoregressive_infer(
     speculative: bool = True,
     pixels: torch.Tensor | None = None,
     image: ImagePrefill | None = None,
+    reject_threshold: float = 0.5,
 ) -> Iterator[DecodeStep]:
     """Decode one mask (or `samples` masks in one batch) for `prefix` = `prefix_ids(...)`, streaming updates.
 
-    The presence decision is always the more likely of [SOV]/[REJ] (shared by all samples); sampling only
-    varies the mask. Beam search returns the best beam (B = 1) and exists for raster order only. Greedy
-    choice follows the mask tokenizer's greedy rule (`DecodingOrder.greedy_rule`).
+    The presence decision is `[REJ]` when p([REJ]) among [SOV]/[REJ] is above `reject_threshold` (0.5: the
+    more likely of the two; a model can carry a calibrated one, config.json `reject_threshold`), shared by
+    all samples; sampling only varies the mask. Beam search returns the best beam (B = 1) and exists for
+    raster order only. Greedy choice follows the mask tokenizer's greedy rule (`DecodingOrder.greedy_rule`).
     `pixels` (1, S, S), the preprocessed slice, feeds a decoder's pixel stem (required when it has one).
     `image`, a `prefill_image` of this prefix's image block, skips the image part (then `pixels` is unused).
     """
@@ -127,9 +136,8 @@ def autoregressive_infer(
             image = prefill_image(decoder, prefix[: image_block_length(prefix)], pixels)
         text, cache = image.continue_with(prefix.to(device))
         out = decoder(text[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        decision = LegalTokens(order.layout.vocab_size, [SOV, REJ])(None, out.logits[0, -1])
-        p_reject = float(decision.float().softmax(-1)[REJ])
-        if int(decision.argmax()) == REJ:
+        p_reject = float(reject_probability(order, out.logits[:, -1])[0])
+        if p_reject > reject_threshold:
             yield DecodeStep(order.name, order.no_codes(), 0, total, True, True, p_reject)
             return
 
@@ -162,16 +170,18 @@ def infer_findings(
     texts: Sequence[torch.Tensor],
     *,
     speculative: bool = True,
+    reject_threshold: float = 0.5,
 ) -> Iterator[list[DecodeStep]]:
     """Greedy masks for several findings of one image decoded together, one batch row per finding: yields
     one `DecodeStep` per finding (in the order given) after every step of the order's loop.
 
-    `texts` are the findings' text ids (vocabulary ids, what `prefix_ids` puts after the image block).
-    Shorter texts are left-padded inside the text block; the padding is masked out of every attention and
-    each row gets the positions it would have alone (`Placement.shift` per row), so each finding is decoded
-    as `autoregressive_infer` decodes it, up to the rounding of batched float arithmetic. A finding the
-    model answers "not present" leaves the batch. Why: on a CPU one forward pass of F rows costs little more
-    than one of a single row, so the later findings of an image come almost free (docs/results.md).
+    `texts` are the findings' text ids (vocabulary ids, what `prefix_ids` puts after the image block). Shorter
+    texts are left-padded inside the text block; the padding is masked out of every attention and each row
+    gets the positions it would have alone (`Placement.shift` per row), so each finding is decoded as
+    `autoregressive_infer` decodes it, up to the rounding of batched float arithmetic. A finding the model
+    answers "not present" (`reject_threshold`, as in `autoregressive_infer`) leaves the batch. Why: on a CPU
+    one forward pass of F rows costs little more than one of a single row, so the later findings of an image
+    come almost free (docs/results.md).
     """
     if not texts:
         raise ValueError("infer_findings needs at least one finding")
@@ -199,9 +209,9 @@ def infer_findings(
         out = decoder(
             ids, past_key_values=cache, use_cache=True, position_ids=positions, attention_mask=mask, logits_to_keep=1
         )
-        decision = LegalTokens(order.layout.vocab_size, [SOV, REJ])(None, out.logits[:, -1]).float().softmax(-1)
-        p_reject = decision[:, REJ].tolist()
-        present = torch.nonzero(decision[:, SOV] >= decision[:, REJ])[:, 0]
+        p_reject = reject_probability(order, out.logits[:, -1])
+        present = torch.nonzero(p_reject <= reject_threshold)[:, 0]
+        p_reject = p_reject.tolist()
         steps = [DecodeStep(order.name, order.no_codes(), 0, total, True, True, p) for p in p_reject]
         if not len(present):
             yield steps
