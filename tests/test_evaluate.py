@@ -101,7 +101,7 @@ def test_compare_evals_pairs_the_same_prompts(tmp_path):
 def test_presence_threshold_is_chosen_on_the_selection_score():
     """answered_at turns findings above the threshold into empty "not present" answers; the choice is the
     threshold with the best selection score (here one that rejects the absent prompt and no present one)."""
-    from napari_mris_train.presence import answered_at, choose, threshold_table
+    from napari_mris_train.presence import answered_at, choose, false_rejection_ceiling, threshold_table
 
     def row(kind, p_reject, dice, truth_pixels):
         counts = [round(dice * truth_pixels), truth_pixels, truth_pixels]  # a drawn mask as large as the truth
@@ -115,9 +115,15 @@ def test_presence_threshold_is_chosen_on_the_selection_score():
     assert rows[1]["not_present"] is False  # the rows themselves are left alone
     table = threshold_table(rows, thresholds=(0.1, 0.25, 0.35, 0.4, 0.5))
     assert [round(line["n_acc"], 2) for line in table] == [1.0, 1.0, 1.0, 1.0, 0.0]
-    best = choose(table)
+    best = choose(table, ceiling=0.0)
     assert best["threshold"] == 0.4  # 0.35 and 0.4 tie (full 0.8, side 0.5, N-Acc 1): nearer 0.5 wins
     assert best["false_rejection_rate"] == 0.0 and best["side_dice"] == pytest.approx(0.5)
+    # a ceiling on false "not present": a cut that rejects the full description is not allowed, however good
+    rows = [row("full", 0.3, 0.1, 100), row("absent", 0.2, 0.0, 0)]
+    table = threshold_table(rows, thresholds=(0.1, 0.5))
+    assert choose(table, ceiling=1.0)["threshold"] == 0.1  # both "not present": N-Acc 1 outweighs Dice 0.1
+    assert false_rejection_ceiling(rows, 0.03) == 0.03  # 0.5 rejects no full description
+    assert choose(table, ceiling=false_rejection_ceiling(rows, 0.03))["threshold"] == 0.5
 
 
 def test_presence_command_writes_the_threshold(tmp_path):
@@ -130,7 +136,7 @@ def test_presence_command_writes_the_threshold(tmp_path):
         assert main([*args, "--device", "cpu", "--json", str(out), "--write"]) == 0
     report = json.loads(out.read_text())
     assert report["start"] == 1 and report["n_images"] == 2 and len(report["table"]) > 50
-    chosen = report["chosen"]
-    assert chosen in report["table"] and chosen["selection"] == max(line["selection"] for line in report["table"])
+    chosen, allowed = report["chosen"], [t for t in report["table"] if t["false_rejection_rate"] <= report["ceiling"]]
+    assert chosen in allowed and chosen["selection"] == max(line["selection"] for line in allowed)
     assert json.loads((model / "config.json").read_text())["reject_threshold"] == chosen["threshold"]
     assert all(not row["rejected"] for row in report["per_prompt"])  # calibration decodes every finding
