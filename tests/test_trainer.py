@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import warnings
@@ -291,11 +292,15 @@ def test_cli_switches_and_bad_recipe(tiny_data, tmp_path):
             "--no-het",
             "--tag",
             "baseline",
+            "--seed",
+            "7",
             "--quiet",
         ]
     )
     assert rc == 0
     run_dir = out / "runs" / "baseline"
+    args = argparse.Namespace(config=TINY, no_tcl=False, no_nktp=False, no_het=False, steps=None, seed=7)
+    assert trainer.recipe_from_args(args).train.seed == 7 != load_recipe(TINY).train.seed
     record = json.loads((run_dir / trainer.LOG_NAME).read_text().splitlines()[0])
     assert record["tcl"] == 0.0 and record["nktp"] == 0.0 and record["het"] == 0.0
     assert (run_dir / "model.safetensors").is_file() and not (out / "model.safetensors").exists()

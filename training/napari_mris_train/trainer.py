@@ -476,6 +476,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="start the decoder from this model directory's weights (same tokenizers), e.g. a second stage",
     )
     parser.add_argument("--steps", type=int, help="total training steps (overrides train.steps)")
+    parser.add_argument("--seed", type=int, help="data and prompt seed (overrides train.seed)")
     parser.add_argument("--stop-after", type=int, help="run at most N steps now, checkpoint, and exit")
     parser.add_argument("--no-tcl", action="store_true", help="switch off the contrastive token loss")
     parser.add_argument("--no-nktp", action="store_true", help="switch off next-k-token prediction")
@@ -493,7 +494,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         nktp=train_cfg.losses.nktp and not args.no_nktp,
         het=train_cfg.losses.het and not args.no_het,
     )
-    train_cfg = replace(train_cfg, losses=losses, steps=args.steps or train_cfg.steps)
+    seed = train_cfg.seed if args.seed is None else args.seed
+    train_cfg = replace(train_cfg, losses=losses, steps=args.steps or train_cfg.steps, seed=seed)
     return replace(recipe, train=train_cfg)
 
 
