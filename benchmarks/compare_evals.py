@@ -8,11 +8,8 @@ only one run are left out and counted.
 
     python benchmarks/compare_evals.py runs/eval/v5_raster_300.json runs/eval/v6_raster_300.json
 
-With `--presence` it also prints, for each run that stores `reject_probability` per prompt, how N-Acc and
-false "not present" on full descriptions would move if "not present" were answered above another
-probability than 0.5. Below 0.5 the figures are exact (answers only turn into "not present"); above 0.5 an
-answer that turns into "present" had no mask decoded, so it is counted as drawn: both figures are then
-lower bounds.
+The trade-off of other presence thresholds is `napari-mris-train presence` (docs/training.md): it decodes
+every finding, so each threshold's figures are exact.
 """
 
 from __future__ import annotations
@@ -64,38 +61,15 @@ def paired_table(a: dict, b: dict) -> list[str]:
     return lines
 
 
-def presence_table(rows: dict, thresholds: list[float]) -> list[str]:
-    """N-Acc and false "not present" if "not present" were answered above `threshold` instead of 0.5."""
-    if not all(row.get("reject_probability") is not None for row in rows.values()):
-        return ["  (no reject_probability in this run: evaluated before it was recorded)"]
-    lines = [f"  {'threshold':>9}{'N-Acc':>9}{'false not present':>19}"]
-    for threshold in thresholds:
-        figures = []
-        for name in ("absent", "full"):
-            chosen = [row for row in rows.values() if row["set"] == name]
-            answered = [
-                row["reject_probability"] > threshold or (row["not_present"] and not row["rejected"]) for row in chosen
-            ]
-            figures.append(100 * sum(answered) / max(len(chosen), 1))
-        lines.append(f"  {threshold:>9.2f}{figures[0]:>9.2f}{figures[1]:>19.2f}")
-    return lines
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("a", type=Path, help="eval JSON of the reference model")
     parser.add_argument("b", type=Path, help="eval JSON of the candidate, same data, seed and --limit")
-    parser.add_argument("--presence", action="store_true", help="also the presence-threshold trade-off")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
     args = parser.parse_args()
     a, b = load_rows(args.a), load_rows(args.b)
     unmatched = len(a.keys() ^ b.keys())
     print(f"A = {args.a}\nB = {args.b}\n{len(a.keys() & b.keys())} prompts in both, {unmatched} in only one")
     print("\n".join(paired_table(a, b)))
-    if args.presence:
-        for label, rows in (("A", a), ("B", b)):
-            print(f"\n{label}: answer 'not present' above a threshold of p([REJ])")
-            print("\n".join(presence_table(rows, args.thresholds)))
     return 0
 
 
