@@ -6,7 +6,7 @@ difference of two means, which is what a decision between two checkpoints or mod
 is B better than A, by more than the noise? Rows are matched by (image, set, prompt); rows present in
 only one run are left out and counted.
 
-    python benchmarks/compare_evals.py runs/eval/v5_raster_300.json runs/eval/v6_raster_300.json
+    python benchmarks/compare_evals.py runs/eval/v6_raster_300.json runs/eval/v7_raster_300.json
 
 The trade-off of other presence thresholds is `napari-mris-train presence` (docs/training.md): it decodes
 every finding, so each threshold's figures are exact.

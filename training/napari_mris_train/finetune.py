@@ -10,11 +10,11 @@ Replay: a fraction of every batch can come from the original training data, so t
 corrections teach the model without making it forget the rest.
 
 The default recipe (rank 8 on every projection, 150 steps at lr 5e-4 but at most 9 passes over the new
-data, a quarter of each batch replayed, the [SOV]/[REJ] decision weighted 16 as in the referring stage,
-the model's default decoding order only, the new data taught as given) was chosen with
-`benchmarks/adaptation_loop.py --tune --proxy` on held-back correction cases (docs/results.md,
-"Correction loop"). What it measurably does there is move the present / not-present decision of a new
-site's cases towards "present", at some cost to prompts naming zones without lesion.
+data, a quarter of each batch replayed, the model's default decoding order only, the new data taught as
+given) was chosen with `benchmarks/adaptation_loop.py --tune --proxy` on held-back correction cases
+(docs/results.md, "Correction loop"). The [SOV]/[REJ] decision is left out of the adapter's loss
+(DECISION_WEIGHT): a correction is always a present finding, and adapters that were taught its decision
+learnt to answer "present" to prompts for empty zones too.
 """
 
 from __future__ import annotations
@@ -71,6 +71,10 @@ DEFAULT_STEPS = 150
 MAX_PASSES = 9.0  # what DEFAULT_STEPS make of 50 corrections (3 per batch), where the recipe was chosen
 NO_MIX = (0.0, 0.0, 0.0)
 TRAINING_MIX = (0.15, 0.25, 0.05)  # TrainRecipe's own (absent, zone, foreign) fractions
+# The [SOV]/[REJ] token against one mask code in the adapter's loss. 0: the adapter learns the drawing, not
+# the decision; taught with weight 16 (the referring stage's) the decision drifted to "present" on empty
+# zones (docs/results.md, "Correction loop").
+DECISION_WEIGHT = 0.0
 
 
 def mix_recipe(orders: tuple[str, ...], mix: tuple[float, float, float], seed: int) -> TrainRecipe:
@@ -153,7 +157,7 @@ def train_adapter(
     batch_size: int = 4,
     replay_data: str | Path | None = None,
     replay_fraction: float = 0.25,
-    decision_weight: float = 16.0,
+    decision_weight: float = DECISION_WEIGHT,
     orders: str | tuple[str, ...] | None = "default",
     own_mix: tuple[float, float, float] = NO_MIX,
     replay_mix: tuple[float, float, float] = TRAINING_MIX,
@@ -269,7 +273,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--replay-fraction", type=float, default=0.25)
     parser.add_argument(
-        "--decision-weight", type=float, default=16.0, help="the [SOV]/[REJ] token against one mask code in the loss"
+        "--decision-weight",
+        type=float,
+        default=DECISION_WEIGHT,
+        help="the [SOV]/[REJ] token against one mask code in the loss (default 0: the decision is not trained)",
     )
     parser.add_argument(
         "--orders",
