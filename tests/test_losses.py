@@ -182,6 +182,31 @@ def test_compute_losses_restricts_the_softmax_to_legal_tokens():
     assert terms["loss"].item() == pytest.approx(terms["ntp"].item() + 0.5 * terms["tcl"].item(), rel=1e-6)
 
 
+def test_decision_weight_zero_leaves_the_decision_out_of_the_loss():
+    """finetune's default: the [SOV]/[REJ] token adds nothing, and a batch of decisions alone gives a finite 0."""
+    layout = VocabLayout(n_text=4, n_image=4, n_mask={"raster": 3})
+    start, _ = layout.mask_range("raster")
+    logits = torch.randn(1, 6, layout.vocab_size, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    output = type("Out", (), {"logits": logits, "hidden_states": torch.zeros(1, 6, 2)})()
+    cfg = LossConfig(focal_alpha=1.0, focal_gamma=0.0, tcl=False, nktp=False, het=False, decision_weight=0.0)
+    labels = torch.full((1, 6), -100)
+    labels[0, 1] = SOV
+    labels[0, 2:5] = torch.tensor([start + 0, start + 2, start + 1])
+    batch = {"labels": labels, "sample_positions": [torch.tensor([2, 3, 4])]}
+    terms = compute_losses(None, output, batch, ["raster"], layout, cfg)
+    z = logits[0].tolist()
+    masks = [-math.log(softmax_p(z[t][start : start + 3], c)) for t, c in ((2, 0), (3, 2), (4, 1))]
+    assert terms["ntp"].item() == pytest.approx(sum(masks) / 3, rel=1e-5)
+    terms["loss"].backward()
+    assert logits.grad[0, 1].abs().sum().item() == 0.0  # no gradient reaches the decision position
+
+    only_decision = torch.full((1, 6), -100)
+    only_decision[0, 1] = REJ
+    batch = {"labels": only_decision, "sample_positions": [torch.tensor([], dtype=torch.long)]}
+    terms = compute_losses(None, output, batch, ["raster"], layout, cfg)
+    assert torch.isfinite(terms["loss"]) and terms["loss"].item() == 0.0
+
+
 def test_losses_from_hidden_states_equal_losses_from_full_logits():
     """Training skips the full logits (compute_logits=False): every term and gradient must be unchanged."""
     torch.manual_seed(0)

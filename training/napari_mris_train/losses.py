@@ -233,7 +233,8 @@ def compute_losses(
         per_token.append(focal_loss(z_other, other, cfg.focal_alpha, cfg.focal_gamma))
         weights.append(torch.where(is_decision, cfg.decision_weight, 1.0))
     per_token, weights = torch.cat(per_token), torch.cat(weights)
-    terms["ntp"] = (per_token * weights).sum() / weights.sum()
+    # clamped: with decision_weight 0 (finetune's default) a batch of [REJ] answers only has no weight at all
+    terms["ntp"] = (per_token * weights).sum() / weights.sum().clamp(min=1e-12)
     if n_mask:
         terms["tcl"], terms["het"] = terms["tcl"] / n_mask, terms["het"] / n_mask
     loss = terms["ntp"] + cfg.tcl_weight * terms["tcl"] + cfg.nktp_weight * terms["nktp"]
