@@ -71,10 +71,7 @@ DEFAULT_STEPS = 150
 MAX_PASSES = 9.0  # what DEFAULT_STEPS make of 50 corrections (3 per batch), where the recipe was chosen
 NO_MIX = (0.0, 0.0, 0.0)
 TRAINING_MIX = (0.15, 0.25, 0.05)  # TrainRecipe's own (absent, zone, foreign) fractions
-# The [SOV]/[REJ] token against one mask code in the adapter's loss. 0: the adapter learns the drawing, not
-# the decision; taught with weight 16 (the referring stage's) the decision drifted to "present" on empty
-# zones (docs/results.md, "Correction loop").
-DECISION_WEIGHT = 0.0
+DECISION_WEIGHT = 0.0  # the [SOV]/[REJ] token against one mask code: not trained (why: the module docstring)
 
 
 def mix_recipe(orders: tuple[str, ...], mix: tuple[float, float, float], seed: int) -> TrainRecipe:
