@@ -11,6 +11,7 @@ from napari_mris_train.metrics import overlap_counts, pooled_dice_iou
 from napari_mris_train.prompts import lesion_zones, parse_zones, zone_regions
 from napari_mris_train.referring import (
     SETS,
+    absent_kind,
     other_description,
     referring_prompts,
     side_prompts,
@@ -72,6 +73,18 @@ def test_referring_prompts_of_one_image() -> None:
         referring_prompts(bilateral, "t", None, np.random.default_rng(1), ("sides",))
 
 
+def test_absent_kind_says_whether_the_named_lung_is_lesion_free() -> None:
+    unilateral = _mask(LOWER_LEFT)
+    one = "Unilateral pulmonary infection, one infected area, {} lung."
+    assert absent_kind(unilateral, one.format("lower right")) == "empty_lung"
+    assert absent_kind(unilateral, one.format("upper left")) == "other_level"
+    both = "Bilateral pulmonary infection, two infected areas, upper left lung and all right lung."
+    assert absent_kind(unilateral, both) == "other_level"  # one named lung holds a lesion
+    rngs = [np.random.default_rng(seed) for seed in range(40)]
+    kinds = {p.kind for rng in rngs for p in referring_prompts(unilateral, "t", None, rng)}
+    assert kinds == {None, "empty_lung", "other_level"}  # only absent prompts carry a kind; both kinds occur
+
+
 def test_other_description_differs() -> None:
     texts = ["a", "A ", "b"]
     assert other_description(texts, 0, np.random.default_rng(0)) == "b"
@@ -101,10 +114,14 @@ def test_summary_reports_both_references_pooled_and_n_acc() -> None:
         _row("full", mask, mask),
         _row("side", left.truth, left.truth, full=mask, region=left.region),  # follows the text
         _row("side", mask, left.truth, full=mask, region=left.region),  # ignores it
-        _row("absent", empty, empty, rejected=True),
-        _row("absent", mask, empty),
+        _row("absent", empty, empty, rejected=True) | {"kind": "empty_lung"},
+        _row("absent", mask, empty) | {"kind": "other_level"},
     ]
     report = summarise(rows)
+    assert report["sets"]["absent"]["by_kind"] == {
+        "empty_lung": {"n": 1, "not_present": 1.0},
+        "other_level": {"n": 1, "not_present": 0.0},
+    }
     side = report["sets"]["side"]
     ignored = 2 * left.truth.sum() / (mask.sum() + left.truth.sum())
     assert side["dice"] == pytest.approx((1 + ignored) / 2)
@@ -113,8 +130,8 @@ def test_summary_reports_both_references_pooled_and_n_acc() -> None:
     assert side["pooled_dice"] == pytest.approx(pooled_dice_iou([r["counts"] for r in rows[1:3]])[0])
     assert report["n_acc"] == 0.5 and report["false_rejection_rate"] == 0.0
     assert report["selection"] == pytest.approx(np.mean([1.0, side["dice"], 0.5]))
-    assert "N-Acc (absent)" in format_table({"n_images": 1, "order": "raster", "beam": 1, "snap": True,
-                                            "seconds": 0.0, **report})
+    table = format_table({"n_images": 1, "order": "raster", "beam": 1, "snap": True, "seconds": 0.0, **report})
+    assert "N-Acc (absent)" in table and "empty lung (n = 1)" in table
 
 
 def test_pooled_dice_weighs_pixels_not_images() -> None:

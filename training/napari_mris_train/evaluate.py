@@ -34,7 +34,7 @@ from napari_mris.io.atomic import write_text_atomic
 from napari_mris.pipeline import MRISPipeline
 from napari_mris_train.data import load_split
 from napari_mris_train.metrics import dice_iou, overlap_counts, pooled_dice_iou
-from napari_mris_train.referring import RESTRICTED, SETS, other_description, referring_prompts
+from napari_mris_train.referring import ABSENT_KINDS, RESTRICTED, SETS, other_description, referring_prompts
 
 SELECTION_SETS = ("full", "side", "zone", "absent")
 
@@ -118,6 +118,8 @@ def score_prompt(name: str, prompt, result, full_mask: np.ndarray) -> dict[str, 
         "not_present": result.not_present,
         "reject_probability": result.reject_probability,  # for a presence threshold's trade-off, after the fact
     }
+    if prompt.kind is not None:
+        row["kind"] = prompt.kind
     if prompt.region is not None:
         row["text_ignored_counts"] = overlap_counts(full_mask, prompt.truth)
         row["oracle_counts"] = overlap_counts(full_mask & prompt.region, prompt.truth)
@@ -151,6 +153,12 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         summary["rejected"] = float(np.mean([r["rejected"] for r in chosen]))
         if name != "absent":  # an empty truth has no Dice worth averaging: N-Acc says it
             summary |= _scores([tuple(r["counts"]) for r in chosen])
+        else:  # N-Acc of each kind of absent prompt (rows of older runs carry no kind)
+            summary["by_kind"] = {
+                kind: {"n": len(part), "not_present": float(np.mean([r["not_present"] for r in part]))}
+                for kind in ABSENT_KINDS
+                if (part := [r for r in chosen if r.get("kind") == kind])
+            }
         if name in RESTRICTED:
             summary["text_ignored"] = _scores([tuple(r["text_ignored_counts"]) for r in chosen])
             summary["oracle"] = _scores([tuple(r["oracle_counts"]) for r in chosen])
@@ -202,6 +210,10 @@ def format_table(report: dict[str, Any]) -> str:
     ):
         if report.get(key) is not None:
             lines.append(f"{label:<28}{pct(report[key])}")
+        if key == "n_acc" and "absent" in report["sets"]:
+            for kind, part in report["sets"]["absent"]["by_kind"].items():
+                label = f"  {kind.replace('_', ' ')} (n = {part['n']})"
+                lines.append(f"{label:<28}{pct(part['not_present'])}")
     for name in RESTRICTED:
         if name in report["sets"]:
             lines.append(f"{name + ' Dice / oracle':<28}{pct(report['sets'][name]['of_oracle'])}")

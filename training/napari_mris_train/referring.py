@@ -25,10 +25,12 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_mris.phantom import SIDES, count_areas
-from napari_mris_train.prompts import absent_target, describe, zone_regions
+from napari_mris_train.prompts import absent_target, describe, parse_zones, zone_regions
 
 SETS = ("full", "side", "zone", "absent", "other")
 RESTRICTED = ("side", "zone")  # the sets scored against a part of the mask, with both references
+# An absent prompt names a lung with no lesion at all, or the wrong level of a lung that has one.
+ABSENT_KINDS = ("empty_lung", "other_level")
 OTHER_TRIES = 32
 
 
@@ -38,6 +40,7 @@ class ReferringPrompt:
     text: str
     truth: np.ndarray  # bool (H, W): what the answer should be
     region: np.ndarray | None = None  # bool (H, W): the named part of the image (side and zone sets)
+    kind: str | None = None  # absent set: ABSENT_KINDS, which says what the model had to see to answer
 
 
 def side_prompts(mask: np.ndarray) -> list[ReferringPrompt]:
@@ -95,6 +98,15 @@ def other_description(descriptions: list[str], index: int, rng: np.random.Genera
     return None
 
 
+def absent_kind(mask: np.ndarray, text: str) -> str:
+    """'empty_lung' when no side the absent prompt names holds a mask pixel (absent_target's halves), else
+    'other_level': the two are different skills, and a model can have one without the other."""
+    width = mask.shape[1]
+    halves = {"left": mask[:, : width // 2], "right": mask[:, width // 2 :]}
+    sides = {zone.split()[1] for zone in parse_zones(text)}
+    return "other_level" if any(halves[side].any() for side in sides) else "empty_lung"
+
+
 def referring_prompts(
     mask: np.ndarray,
     description: str,
@@ -115,7 +127,7 @@ def referring_prompts(
     if "zone" in sets and (made := zone_prompt(mask, rng)) is not None:
         prompts.append(made)
     if "absent" in sets and (text := absent_target(mask, rng)) is not None:
-        prompts.append(ReferringPrompt("absent", text, np.zeros_like(mask)))
+        prompts.append(ReferringPrompt("absent", text, np.zeros_like(mask), kind=absent_kind(mask, text)))
     if "other" in sets and other is not None:
         prompts.append(ReferringPrompt("other", other, mask))
     return prompts
