@@ -122,22 +122,6 @@ def test_absent_target_whole_empty_side_can_read_all() -> None:
     assert all(zone.endswith("left") for text in texts for zone in parse_zones(text))
 
 
-def test_absent_target_empty_side_names_the_lesion_free_lung() -> None:
-    """Training's knob: at 1 a unilateral case is always prompted for its other lung; at 0 (the benchmark's
-    rule) the answers and the random stream are those of the plain call, so the benchmark's prompts stay."""
-    mask = _mask(LOWER_LEFT)  # the left lung has empty upper and middle zones, the right lung is lesion-free
-    texts = {absent_target(mask, np.random.default_rng(seed), empty_side=1.0) for seed in range(100)}
-    assert all(zone.endswith("right") for text in texts for zone in parse_zones(text))
-    plain = {absent_target(mask, np.random.default_rng(seed)) for seed in range(100)}
-    assert any(zone.endswith("left") for text in plain for zone in parse_zones(text))
-    a, b = np.random.default_rng(3), np.random.default_rng(3)
-    assert [absent_target(mask, a) for _ in range(20)] == [absent_target(mask, b, empty_side=0.0) for _ in range(20)]
-    assert a.random() == b.random()
-    both_sides = _mask(LOWER_LEFT, (14, 28, 65, 80))  # no lesion-free side: the knob changes nothing
-    knob = [absent_target(both_sides, np.random.default_rng(s), empty_side=1.0) for s in range(50)]
-    assert knob == [absent_target(both_sides, np.random.default_rng(s)) for s in range(50)]
-
-
 @pytest.mark.parametrize(
     ("text", "swapped"),
     [

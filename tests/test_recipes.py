@@ -133,7 +133,6 @@ def test_the_shipped_models_recipes_build_the_shipped_decoder(name):
         ("image_tokenizer", "grid", 30, "multiple of the grid"),
         ("text_tokenizer", "max_length", 80, "text_slots 64 is shorter"),
         ("train", "stem_warmup_steps", -1, "stem_warmup_steps must be >= 0"),
-        ("train", "absent_empty_side", 1.5, "absent_empty_side must be in"),
     ],
 )
 def test_a_broken_recipe_fails_the_build(tmp_path, section, key, value, message):

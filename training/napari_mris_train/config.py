@@ -64,7 +64,6 @@ class TrainRecipe:
     checkpoint_every: int = 500
     orders: tuple[str, ...] = ("raster", "scale")
     absent_fraction: float = 0.15  # absent-target prompts -> [REJ]
-    absent_empty_side: float = 0.0  # chance that an absent prompt names a lesion-free side when there is one
     zone_fraction: float = 0.25  # zone-restricted prompts -> partial mask
     foreign_fraction: float = 0.05  # another image's description whose mask does not overlap -> [REJ]
     flip: bool = True  # horizontal flip with left/right swapped in the text
@@ -80,8 +79,6 @@ class TrainRecipe:
             raise ConfigError(
                 f"train: absent_fraction + zone_fraction + foreign_fraction must be in [0, 1], got {fractions}"
             )
-        if not 0 <= self.absent_empty_side <= 1:
-            raise ConfigError(f"train: absent_empty_side must be in [0, 1], got {self.absent_empty_side}")
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError(f"train: steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
         if self.stem_warmup_steps < 0:

@@ -91,7 +91,7 @@ class SequenceMixer:
         if kind == "zone":
             built = self.zone(mask, order, rng)
         elif kind == "absent":
-            text = absent_target(mask, rng, self.recipe.absent_empty_side)
+            text = absent_target(mask, rng)
             built = None if text is None else (text, None)
         elif kind == "foreign":
             built = self.foreign(index, rng)

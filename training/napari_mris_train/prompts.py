@@ -156,14 +156,8 @@ def zone_restricted(mask: np.ndarray, rng: np.random.Generator) -> tuple[str, np
     return describe(names, count_areas(part)), part
 
 
-def absent_target(mask: np.ndarray, rng: np.random.Generator, empty_side: float = 0.0) -> str | None:
+def absent_target(mask: np.ndarray, rng: np.random.Generator) -> str | None:
     """A description naming only zones where the mask is empty (answer: `[REJ]`), or None if there are none.
-
-    `empty_side` is the chance of naming a side with no lesion at all when the mask has one (a unilateral
-    case prompted for its other lung). The plain rule (0, what the referring benchmark uses) picks a side at
-    random among those with an empty zone, so on QaTa-COV19 only one absent prompt in five names a
-    lesion-free side; training raises it (docs/training.md). At 0 no random number is drawn for it, so the
-    benchmark's prompts do not change.
 
     A zone counts as empty only when no mask pixel lies on its side within its rows widened by
     ABSENT_MARGIN (the upper zone up to the top edge, the lower one down to the bottom edge), because
@@ -183,10 +177,6 @@ def absent_target(mask: np.ndarray, rng: np.random.Generator, empty_side: float 
                 empty.setdefault(side, []).append(level)
     if not empty:
         return None
-    free_sides = [side for side, levels in empty.items() if len(levels) == len(LEVELS)]
-    if empty_side > 0 and free_sides and rng.random() < empty_side:
-        side = free_sides[int(rng.integers(len(free_sides)))]
-        return describe([f"{level} {side}" for level in _random_run(empty[side], rng)], 1)
     sides = list(empty)
     bilateral = len(sides) == 2 and rng.random() < 0.25  # sometimes a bilateral absent finding
     chosen = sides if bilateral else [sides[int(rng.integers(len(sides)))]]
