@@ -1,4 +1,5 @@
-"""The final snap: the token mask decides which of the stem's lesions are kept, the lesion map draws them."""
+"""The final snap: the tokens decide which of the stem's lesions are meant, the map draws them, and a token
+part the map does not support is dropped."""
 
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ def test_touched_lesions_are_drawn_by_the_map_and_untouched_ones_stay_out():
     shape = (40, 40)
     lesions = blob(shape, slice(2, 12), slice(2, 12), 0.9) + blob(shape, slice(25, 35), slice(25, 35), 0.8)
     tokens = blob(shape, slice(8, 14), slice(8, 14), 0.7)  # overlaps the first lesion only, and spills over
-    tokens[0, 39] = 0.6  # a token pixel far from any lesion: kept
+    tokens[0, 38:40] = 0.6  # a token part far from any lesion: unsupported, dropped
     out = snap_to_lesion_map(tokens, lesions)
     mask = out >= 0.5
     assert mask[2:12, 2:12].all() and not mask[25:35, 25:35].any()
-    assert mask[12:14, 12:14].all() and mask[0, 39]  # the token mask itself stays
+    assert mask[12:14, 12:14].all() and not mask[0, 38:40].any()  # the supported part's spill-over stays
     np.testing.assert_allclose(out[2:8, 2:8], 0.9)  # inside a kept lesion: its map probability
-    assert np.array_equal(mask, (tokens >= 0.5) | ((lesions >= 0.5) & ~(np.arange(40)[:, None] >= 25)))
+    first = np.zeros(shape, bool)
+    first[2:12, 2:12] = True
+    assert np.array_equal(mask, first | (blob(shape, slice(8, 14), slice(8, 14), 1.0) > 0))
 
 
 def test_an_empty_token_mask_stays_empty():
@@ -46,9 +49,14 @@ def test_a_one_side_drawing_keeps_the_other_side_out():
     assert mask[5:25, 3:15].all() and not mask[:, 20:].any()
 
 
-def test_no_lesion_in_the_map_leaves_the_tokens_alone():
+def test_a_drawing_the_map_does_not_support_is_not_present():
+    """A blob drawn on a lung where the map sees no lesion (a prompt for a lesion-free lung): the answer is
+    empty, "not present", not a shape made from the text alone."""
     tokens = blob((10, 10), slice(2, 4), slice(2, 4), 0.8)
-    assert snap_to_lesion_map(tokens, np.full((10, 10), 0.2, np.float32)) is tokens
+    out = snap_to_lesion_map(tokens, np.full((10, 10), 0.2, np.float32))
+    assert not (out >= 0.5).any() and out.shape == tokens.shape
+    lesion_elsewhere = blob((10, 10), slice(6, 9), slice(6, 9), 0.9)
+    assert not (snap_to_lesion_map(tokens, lesion_elsewhere) >= 0.5).any()  # nor the lesion it did not touch
     with pytest.raises(ValueError, match="differ"):
         snap_to_lesion_map(tokens, np.zeros((5, 5), np.float32))
 

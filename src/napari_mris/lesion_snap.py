@@ -3,7 +3,12 @@
 A U-Net stem (`decoder.pixel_decoder_channels`, docs/model.md) reads the slice at 112 x 112 and draws lesion
 borders inside a 16 x 16 patch, which the mask codes can only approximate; the token decoder reads the text
 and decides whether the described finding is there ([SOV]/[REJ]) and which lesions it means. The final
-mask joins the two: the token mask plus every connected lesion of the map that the token mask touches.
+mask joins the two: the token parts that touch a lesion of the map, plus every lesion they touch.
+
+A token part that touches no lesion is dropped: the two halves of the model disagree there, and the
+map, which reads the pixels at four times the token resolution, is the one that has seen the image.
+Without this, a prompt for a lesion-free lung was answered with a blob drawn on that lung from the text
+alone (docs/results.md, stop 25). A drawing with no supported part is empty: "not present".
 
 The snap only ever follows the tokens' reading of the text: it never adds a lesion the tokens did not
 touch, and an empty drawing stays empty (the answer "not present"), because the map is text-free: filling
@@ -18,22 +23,26 @@ from scipy import ndimage
 
 
 def snap_to_lesion_map(token_probability: np.ndarray, lesion_probability: np.ndarray) -> np.ndarray:
-    """max(token probability, lesion probability on the touched lesions), both (H, W) in [0, 1].
+    """max(supported token probability, lesion probability on the touched lesions), both (H, W) in [0, 1].
 
-    Touched: the 8-connected components of `lesion_probability >= 0.5` that overlap `token_probability >=
-    0.5`. Thresholding the result at 0.5 gives exactly the token mask united with the touched lesions; an
-    empty token mask comes back unchanged.
+    Parts and lesions are the 8-connected components of `token_probability >= 0.5` and of
+    `lesion_probability >= 0.5`. A token part is supported when it overlaps a lesion; unsupported parts
+    are set to 0. Thresholding the result at 0.5 gives exactly the supported parts united with the lesions
+    they touch; an empty token mask comes back unchanged.
     """
     if token_probability.shape != lesion_probability.shape:
         raise ValueError(f"token {token_probability.shape} and lesion {lesion_probability.shape} maps differ")
     tokens = token_probability >= 0.5
     if not tokens.any():
         return token_probability
-    labels, count = ndimage.label(lesion_probability >= 0.5, structure=np.ones((3, 3), bool))
-    if count == 0:
-        return token_probability
-    keep = np.zeros(count + 1, bool)
-    keep[np.unique(labels[tokens])] = True
-    keep[0] = False
-    touched = keep[labels]
-    return np.maximum(token_probability, np.where(touched, lesion_probability, 0.0)).astype(np.float32)
+    eight = np.ones((3, 3), bool)
+    lesions, lesion_count = ndimage.label(lesion_probability >= 0.5, structure=eight)
+    parts, part_count = ndimage.label(tokens, structure=eight)
+    supported = np.zeros(part_count + 1, bool)
+    supported[np.unique(parts[lesions > 0])] = True
+    supported[0] = False
+    touched = np.zeros(lesion_count + 1, bool)
+    touched[np.unique(lesions[tokens])] = True
+    touched[0] = False
+    kept = np.where(tokens & ~supported[parts], 0.0, token_probability)
+    return np.maximum(kept, np.where(touched[lesions], lesion_probability, 0.0)).astype(np.float32)
