@@ -31,7 +31,8 @@ SAMPLE_DICE_FLOORS = {
     "phantom_13": 0.79,
 }
 # The referring benchmark on the first 32 Val_Folder images (raster), measured for v7: full 78.49 %, side
-# 80.38 %, N-Acc 80.95 % (17 of 21 absent prompts); floors about 3 points lower (N-Acc: two prompts).
+# 80.38 %, N-Acc 80.95 % (17 of 21 absent prompts) with stop 24's snap; floors about 3 points lower (N-Acc: two
+# prompts). Stop 25's snap (unsupported token parts dropped) holds them.
 VAL32_FLOORS = {"full": 0.75, "side": 0.77, "n_acc": 0.71}
 # What v7 does not do on the phantoms (docs/results.md, issue 15). Its third referring pass learnt sides
 # and empty zones on X-rays only, and the synthetic phantoms drifted: phantom_11's own description and
