@@ -156,6 +156,11 @@ def zone_restricted(mask: np.ndarray, rng: np.random.Generator) -> tuple[str, np
     return describe(names, count_areas(part)), part
 
 
+def side_columns(width: int) -> dict[str, slice]:
+    """The columns of each side's half of the image, split at the midline (no spill-over merged)."""
+    return {"left": slice(0, width // 2), "right": slice(width // 2, width)}
+
+
 def absent_target(mask: np.ndarray, rng: np.random.Generator) -> str | None:
     """A description naming only zones where the mask is empty (answer: `[REJ]`), or None if there are none.
 
@@ -169,7 +174,7 @@ def absent_target(mask: np.ndarray, rng: np.random.Generator) -> str | None:
     margin = int(round(ABSENT_MARGIN * height))
     bands = level_bands(height)
     empty: dict[str, list[str]] = {}
-    for side, columns in (("left", slice(0, width // 2)), ("right", slice(width // 2, width))):
+    for side, columns in side_columns(width).items():
         for k, level in enumerate(LEVELS):
             start = 0 if k == 0 else max(bands[k][0] - margin, 0)
             stop = height if k == len(LEVELS) - 1 else bands[k][1] + margin
@@ -264,6 +269,7 @@ __all__ = [
     "lesion_zones",
     "level_bands",
     "parse_zones",
+    "side_columns",
     "side_masks",
     "split_zone",
     "swap_left_right",

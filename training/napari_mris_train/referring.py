@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_mris.phantom import SIDES, count_areas
-from napari_mris_train.prompts import absent_target, describe, parse_zones, zone_regions
+from napari_mris_train.prompts import absent_target, describe, parse_zones, side_columns, zone_regions
 
 SETS = ("full", "side", "zone", "absent", "other")
 RESTRICTED = ("side", "zone")  # the sets scored against a part of the mask, with both references
@@ -101,10 +101,9 @@ def other_description(descriptions: list[str], index: int, rng: np.random.Genera
 def absent_kind(mask: np.ndarray, text: str) -> str:
     """'empty_lung' when no side the absent prompt names holds a mask pixel (absent_target's halves), else
     'other_level': the two are different skills, and a model can have one without the other."""
-    width = mask.shape[1]
-    halves = {"left": mask[:, : width // 2], "right": mask[:, width // 2 :]}
+    columns = side_columns(mask.shape[1])
     sides = {zone.split()[1] for zone in parse_zones(text)}
-    return "other_level" if any(halves[side].any() for side in sides) else "empty_lung"
+    return "other_level" if any(mask[:, columns[side]].any() for side in sides) else "empty_lung"
 
 
 def referring_prompts(
