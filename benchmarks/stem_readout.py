@@ -1,17 +1,31 @@
-"""What the pixel stem alone sees: Dice of a model's text-free lesion read-out on a validation split.
+"""What the pixel stem alone sees: Dice of a model's text-free lesion read-out on a validation split, and
+how often it marks the lesion-free lung of a one-sided case.
 
 The U-Net stem's lesion map is fitted to the mask in training and in the stem warm-up (losses.lesion_loss).
 Thresholding its sigmoid at 0.5, upsampled bilinearly from its grid to the mask's own resolution, gives
 a text-free segmentation: a measure of the stem's image understanding, which bounds what
 the mask tokens can draw. Scored with the same per-image metric code as `napari-mris-train eval`.
 
+The second figure explains the absent prompts that name a lesion-free lung (N-Acc "empty lung",
+`napari-mris-train eval`): on every case whose mask lies on one side of the midline only
+(`prompts.side_columns`), it counts how often the map marks the other, lesion-free half (any pixel at
+>= 0.5, and at least MARKED_PIXELS of them) and how much it marks there. A prompt for that half can only be
+answered "not present" by reading past what the map sees. `--with-text` decodes each such case's own
+description through the pipeline and measures the same on its final mask (what the text removes), and
+`--unet DIR` the same for a text-free U-Net peer's checkpoint (`benchmarks/unet_baseline.py --out DIR`:
+DIR/checkpoint).
+
     python benchmarks/stem_readout.py --model src/napari_mris/models/default --data ../shared/data/QaTa-COV19
+    python benchmarks/stem_readout.py --data ../shared/data/QaTa-COV19 --start 300 --limit 300 --with-text \\
+        --unet runs/unet224_131
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,15 +35,59 @@ from tqdm import tqdm
 from napari_mris.model.decoder_files import load_decoder
 from napari_mris.model_location import resolve_model_dir
 from napari_mris.tokenizers.preprocess import to_model_image
+from napari_mris_train.checkpoint import load_checkpoint, part
 from napari_mris_train.data import load_split
 from napari_mris_train.metrics import dice_iou
+from napari_mris_train.prompts import side_columns
+
+MARKED_PIXELS = 500  # about 2 % of a 224 px image's half: a lesion a reader would see, not a stray pixel
+
+
+def lesion_free_half(mask: np.ndarray) -> tuple[slice, slice] | None:
+    """The index of the half (split at the midline) without a mask pixel, when the other half has one."""
+    halves = [(slice(None), columns) for columns in side_columns(mask.shape[1]).values()]
+    empty = [half for half in halves if not mask[half].any()]
+    return empty[0] if len(empty) == 1 else None
+
+
+def half_marks(masks: list[tuple[np.ndarray, tuple[slice, slice]]]) -> dict[str, float]:
+    """Over (prediction, lesion-free half) pairs: the share marked at all, the share with at least
+    MARKED_PIXELS there, and the mean number of pixels marked there."""
+    pixels = np.array([int(mask[half].sum()) for mask, half in masks], float)
+    return {
+        "marked": float((pixels > 0).mean()),
+        "marked_500": float((pixels >= MARKED_PIXELS).mean()),
+        "mean_pixels": float(pixels.mean()),
+    }
+
+
+def load_unet(folder: Path):
+    """A unet_baseline.py run's U-Net (its checkpoint: the state at the last save) and its input size."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from unet_baseline import UNet  # the benchmark's own model; benchmarks/ is not a package
+
+    tensors, info = load_checkpoint(folder / "checkpoint")
+    model = UNet(tuple(info["recipe"]["widths"]))
+    model.load_state_dict(part(tensors, "model"))
+    return model.eval(), int(info["recipe"]["size"]), int(info["steps"])
+
+
+def unet_mask(model, size: int, image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The U-Net's mask at the truth's size, with unet_baseline.py's own preprocessing (pixels / 255, area)."""
+    x = torch.from_numpy(image.astype(np.float32) / 255.0)[None, None]
+    x = F.interpolate(x, size=(size, size), mode="area")
+    prob = F.interpolate(torch.sigmoid(model(x)), size=shape, mode="bilinear", align_corners=False)
+    return prob[0, 0].numpy() > 0.5
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="model directory (or 'default')")
     parser.add_argument("--data", required=True, help="LViT root (its Val_Folder is used)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N validation pairs")
+    parser.add_argument("--start", type=int, default=0, help="the first validation pair")
+    parser.add_argument("--limit", type=int, default=None, help="only N validation pairs from --start")
+    parser.add_argument("--with-text", action="store_true", help="also each one-sided case's own description")
+    parser.add_argument("--unet", type=Path, help="also a unet_baseline.py run folder (its checkpoint)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
@@ -37,18 +95,47 @@ def main() -> None:
     model_dir = resolve_model_dir(args.model)
     decoder, _ = load_decoder(model_dir)
     size = int(json.loads((model_dir / "config.json").read_text())["image_size"])
+    pipeline = None
+    if args.with_text:
+        from napari_mris.pipeline import MRISPipeline
+
+        pipeline = MRISPipeline.from_pretrained(model_dir)
+    unet = load_unet(args.unet) if args.unet else None
     split = load_split(args.data, split="val")
-    count = len(split) if args.limit is None else min(args.limit, len(split))
-    scores = []
+    stop = len(split) if args.limit is None else min(args.start + args.limit, len(split))
+    scores, marks = [], {"map": [], "text": [], "unet": []}
     with torch.no_grad():
-        for i in tqdm(range(count), desc="stem read-out", mininterval=5):
+        for i in tqdm(range(args.start, stop), desc="stem read-out", mininterval=5):
             example = split[i]
             pixels = torch.from_numpy(np.ascontiguousarray(to_model_image(example.image, None, size)))[None, None]
             prob = torch.sigmoid(decoder.lesion_logits(pixels))
             prob = F.interpolate(prob, size=example.mask.shape, mode="bilinear", align_corners=False)
-            scores.append(dice_iou(prob[0, 0].numpy() > 0.5, example.mask))
+            lesion_map = prob[0, 0].numpy() > 0.5
+            scores.append(dice_iou(lesion_map, example.mask))
+            half = lesion_free_half(example.mask > 0)
+            if half is None:
+                continue
+            marks["map"].append((lesion_map, half))
+            if pipeline is not None:
+                marks["text"].append((pipeline.segment(example.image, example.description).mask, half))
+            if unet is not None:
+                marks["unet"].append((unet_mask(unet[0], unet[1], example.image, example.mask.shape), half))
     dice, iou = (float(np.mean(values)) for values in zip(*scores, strict=True))
-    print(f"lesion read-out alone, {count} images: Dice {100 * dice:.2f} %, mIoU {100 * iou:.2f} %")
+    print(f"lesion read-out alone, {len(scores)} images: Dice {100 * dice:.2f} %, mIoU {100 * iou:.2f} %")
+    names = {
+        "map": "the lesion map (text-free)",
+        "text": "the final mask of the case's own description",
+        "unet": f"the U-Net peer ({unet[2]} steps)" if unet else "",
+    }
+    count = len(marks["map"])
+    print(f"one-sided cases: {count}; on the lesion-free half (>= {MARKED_PIXELS} px: a visible mark):")
+    for key, pairs in marks.items():
+        if pairs:
+            m = half_marks(pairs)
+            print(
+                f"  {names[key]}: marks it in {100 * m['marked']:.1f} % ({100 * m['marked_500']:.1f} % with >= "
+                f"{MARKED_PIXELS} px), {m['mean_pixels']:.0f} px on average"
+            )
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ Two recipes are reported against the default model (docs/results.md): this scrip
 224 px, batch 8) and the stronger one issue 15 measured on held-out cases (`--widths 16 32 64 128 --size 128
 --batch-size 16`). `--clock cpu` counts the process's CPU time instead of wall time, so a run on a shared
 machine (or one paused and continued) still gets the whole budget of compute. The training state is saved
-to `OUT/checkpoint` every `--checkpoint-minutes` of the budget (napari_mris_train.checkpoint: safetensors
-and JSON, written atomically); `--resume` continues from it with the budget left.
+to `OUT/checkpoint` every `--checkpoint-minutes` of the budget and at its end (napari_mris_train.checkpoint:
+safetensors and JSON, written atomically); `--resume` continues from it with the budget left.
 """
 
 from __future__ import annotations
@@ -146,6 +146,9 @@ def train(
             info = {"steps": steps, "spent_s": saved, "recipe": recipe}
             save_checkpoint(checkpoint, model.state_dict(), optimizer, None, info)
     bar.close()
+    if checkpoint is not None:  # the final state too: the evaluated model can be read back (stem_readout.py --unet)
+        info = {"steps": steps, "spent_s": now() - start, "recipe": recipe}
+        save_checkpoint(checkpoint, model.state_dict(), optimizer, None, info)
     return {"steps": steps, "examples_seen": steps * batch_size, "minutes": minutes, "clock": clock}
 
 

@@ -94,6 +94,32 @@ def test_compare_evals_pairs_the_same_prompts(tmp_path):
     assert absent.split()[1:] == ["1", "0.00", "100.00", "+100.00", "0.00"]  # N-Acc, not Dice
 
 
+def test_stem_readout_measures_marks_on_the_lesion_free_half():
+    """benchmarks/stem_readout.py: a one-sided mask's other half is the lesion-free one (none for a
+    bilateral or an empty mask), and the marks there are counted and sized."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "stem_readout.py"
+    spec = importlib.util.spec_from_file_location("stem_readout", script)
+    readout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readout)
+
+    truth = np.zeros((64, 64), bool)
+    truth[20:30, 5:15] = True  # one lesion, in the first half's columns
+    half = readout.lesion_free_half(truth)
+    assert half == (slice(None), slice(32, 64))
+    both = truth.copy()
+    both[20:30, 40:50] = True
+    assert readout.lesion_free_half(both) is None and readout.lesion_free_half(np.zeros_like(truth)) is None
+    clean, faint, marked = np.zeros_like(truth), np.zeros_like(truth), np.ones_like(truth)
+    faint[0, 63] = True
+    figures = readout.half_marks([(clean, half), (faint, half), (marked, half)])
+    assert figures["marked"] == pytest.approx(2 / 3)
+    assert figures["marked_500"] == pytest.approx(1 / 3)  # 64 x 32 = 2,048 px >= MARKED_PIXELS; one px is not
+    assert figures["mean_pixels"] == pytest.approx((0 + 1 + 64 * 32) / 3)
+
+
 def test_presence_threshold_is_chosen_on_the_selection_score():
     """answered_at turns findings above the threshold into empty "not present" answers; the choice is the
     threshold with the best selection score (here one that rejects the absent prompt and no present one)."""

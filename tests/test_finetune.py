@@ -11,8 +11,11 @@ import torch
 from napari_mris.adapters import adapters_folder, list_adapters, save_adapter
 from napari_mris.errors import ModelDirectoryError
 from napari_mris.model.decoder_files import load_decoder
+from napari_mris.model.generate import presence_probabilities
 from napari_mris.model.modeldir import file_sha256, model_hash
+from napari_mris.pipeline import MRISPipeline, as_plane
 from napari_mris_train.cli import main
+from napari_mris_train.data import load_split
 from napari_mris_train.finetune import finetune, train_adapter
 from napari_mris_train.tiny import build_tiny_model
 
@@ -92,3 +95,28 @@ def test_cli_finetune_with_replay(tiny):
     assert rc == 0
     decoder, _ = load_decoder(model, adapter="cli")
     assert not any(name.startswith("base_model") for name, _ in decoder.named_parameters())  # merged, plain Llama
+
+
+def test_with_an_adapter_the_base_model_decides_presence(tiny):
+    """The adapter draws, the base decides "not present": with an adapter loaded, every finding's p([REJ])
+    is the base model's, although the adapted decoder's own differs (so the test can fail)."""
+    model, data = tiny
+    tuned, _ = train_adapter(model, data / "Train_Folder", steps=3, lr=5e-2, batch_size=2)
+    save_adapter(tuned.llama, model, "decides")
+    base, adapted = MRISPipeline.from_pretrained(model, device="cpu"), MRISPipeline.from_pretrained(
+        model, device="cpu", adapter="decides"
+    )
+    assert adapted.presence_decoder is not None and base.presence_decoder is None
+    example = load_split(data / "Val_Folder")[0]
+    prompts = [example.description, "Unilateral pulmonary infection, one infected area, upper left lung."]
+    order = base.default_order
+    one = [adapted.segment(example.image, prompt, order=order) for prompt in prompts]
+    together = adapted.segment_findings(example.image, prompts, order=order)
+    reference = base.segment_findings(example.image, prompts, order=order)
+    for alone, batched, plain in zip(one, together, reference, strict=True):
+        assert alone.reject_probability == pytest.approx(plain.reject_probability, abs=1e-5)
+        assert batched.reject_probability == pytest.approx(plain.reject_probability, abs=1e-5)
+    image = adapted._image_part(as_plane(example.image), None)
+    texts = [adapted.layout.text_ids(torch.as_tensor(adapted._encode_prompt(p)[0])) for p in prompts]
+    own = presence_probabilities(adapted.decoder, adapted.decoding_orders[order], image.prefill, texts)
+    assert max(abs(a - r.reject_probability) for a, r in zip(own, reference, strict=True)) > 1e-4

@@ -10,7 +10,13 @@ from _orders import legal_codes, order_for
 from _tiny_decoder import TINY_LAYOUT, one_torch_thread, tiny_decoder_config  # noqa: F401
 
 from napari_mris.model.decoder import DecoderConfig, MRISDecoder
-from napari_mris.model.generate import autoregressive_infer, image_block_length, infer_findings, prefill_image
+from napari_mris.model.generate import (
+    autoregressive_infer,
+    image_block_length,
+    infer_findings,
+    prefill_image,
+    presence_probabilities,
+)
 from napari_mris.model.orders import Feed, Picker, raster_beam_search, raster_tokens
 from napari_mris.model.sequence import build_training_sequence, collate, prefix_ids
 from napari_mris.model.vocab import REJ, SOV, VocabLayout
@@ -431,3 +437,31 @@ def test_findings_decoded_together_equal_each_decoded_alone(order, text_slots, m
     for (rej_a, p_a, codes_a), (rej_b, p_b, codes_b) in zip(alone, together, strict=True):
         assert rej_a == rej_b and p_a == pytest.approx(p_b, abs=1e-5) and codes_a == codes_b
     assert (sum(hidden) > 0) == (order == "raster")  # the premise: rows kept different drafts
+
+
+@pytest.mark.parametrize("order", ["raster", "scale"])
+def test_a_decision_taken_elsewhere_replaces_the_decoders_own(order):
+    """`presence_probabilities` reads each finding's p([REJ]) as decoding would, drawing nothing; `decided`
+    (an adapter's base model's p([REJ]), pipeline.MRISPipeline) overrides the decoder's own decision both
+    ways, alone and together, and the mask drawn is still the decoder's own."""
+    scales = RASTER if order == "raster" else SCALES
+    model = tiny_decoder(seed=1)
+    force_decision(model, REJ)  # on its own this decoder answers "not present"
+    decoding = order_for(LAYOUT, order, scales)
+    start = image_block_length(PREFIX)
+    texts = [PREFIX[start:], prefix_ids(LAYOUT, IMAGE, [8, 2, 2], 2)[start:]]
+    image = prefill_image(model, PREFIX[:start])
+    own = [_outcome([step]) for step in next(infer_findings(model, decoding, image, texts))]
+    assert presence_probabilities(model, decoding, image, texts) == pytest.approx([p for _, p, _ in own], abs=1e-6)
+    assert own[0][0]  # rejected by its own decision
+
+    drawn = _outcome(autoregressive_infer(model, decoding, PREFIX, image=image, decided=0.1))
+    assert not drawn[0] and drawn[1] == pytest.approx(0.1)
+    reference = tiny_decoder(seed=1)  # the same weights with the decision pointed at [SOV]: the same mask
+    force_decision(reference, SOV)
+    assert drawn[2] == _outcome(autoregressive_infer(reference, decoding, PREFIX))[2]
+    together = list(infer_findings(model, decoding, image, texts, decided=[0.1, 0.9]))[-1]
+    assert [step.rejected for step in together] == [False, True]
+    assert _outcome([together[0]])[2] == drawn[2] and together[1].reject_probability == pytest.approx(0.9)
+    refused = list(autoregressive_infer(reference, decoding, PREFIX, decided=0.9))
+    assert len(refused) == 1 and refused[0].rejected

@@ -27,7 +27,14 @@ from napari_mris.export import software_versions
 from napari_mris.findings import check_findings
 from napari_mris.lesion_snap import snap_to_lesion_map
 from napari_mris.model.decoder_files import load_decoder
-from napari_mris.model.generate import DecodeStep, ImagePrefill, autoregressive_infer, infer_findings, prefill_image
+from napari_mris.model.generate import (
+    DecodeStep,
+    ImagePrefill,
+    autoregressive_infer,
+    infer_findings,
+    prefill_image,
+    presence_probabilities,
+)
 from napari_mris.model.modeldir import read_config, verify_model_dir
 from napari_mris.model.orders import DecodingOrder, decoding_order
 from napari_mris.model.sequence import image_block_ids, prefix_ids
@@ -171,11 +178,19 @@ def as_plane(image: np.ndarray) -> np.ndarray:
 
 
 class MRISPipeline:
-    """A loaded model directory: tokenizers, decoder and vocabulary layout on one device."""
+    """A loaded model directory: tokenizers, decoder and vocabulary layout on one device.
+
+    With a LoRA adapter, `decoder` is the adapted model and `presence_decoder` the base: the base takes the
+    presence decision ("not present" or not, against its calibrated `reject_threshold`) and the adapter
+    draws the mask. Why: an adapter learns from corrections, which are always present findings, and is not
+    taught the decision (finetune.DECISION_WEIGHT), yet its weights move p([REJ]) anyway; on the correction
+    loop's benchmark the findings it turned "not present" made up nearly all of what it changed on full
+    descriptions (docs/results.md, "Correction loop").
+    """
 
     def __init__(
         self, model_dir: Path, config: dict, tokenizers, decoder, layout, device, adapter, weights_hash, *,
-        weights_verified: bool = False,
+        weights_verified: bool = False, presence_decoder=None,
     ):  # fmt: skip
         self.model_dir = model_dir
         self.config = config
@@ -184,6 +199,7 @@ class MRISPipeline:
         self.layout = layout
         self.device = device
         self.adapter = adapter
+        self.presence_decoder = presence_decoder  # an adapter's base model, which decides presence (above)
         self.model_hash = weights_hash  # covers every file of the model directory (modeldir.model_files)
         self.weights_verified = weights_verified  # True when the files matched the directory's SHA256SUMS
         self.decoding_orders = {  # the model's orders that have a mask tokenizer, in the layout's order
@@ -210,12 +226,13 @@ class MRISPipeline:
         tokenizers = load_tokenizers(model_dir)
         decoder, layout = load_decoder(model_dir, adapter=adapter, device=torch_device)
         decoder.eval()
+        base = load_decoder(model_dir, device=torch_device)[0].eval() if adapter is not None else None
         missing = [order for order in layout.orders if order not in tokenizers.masks]
         if missing:
             raise ModelDirectoryError(f"{model_dir}: the decoder knows orders {missing} but no mask tokenizer for them")
         return cls(
             model_dir, config, tokenizers, decoder, layout, torch_device, adapter, check.model_hash,
-            weights_verified=check.verified,
+            weights_verified=check.verified, presence_decoder=base,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ description
@@ -394,6 +411,7 @@ class MRISPipeline:
     ) -> Iterator[StreamUpdate]:
         """One finding's stream on the shared image part; `start` is when this finding's work began."""
         prefix = prefix_ids(self.layout, image.codes, text_ids, int(self.tokenizers.image.grid)).to(self.device)
+        text = self.layout.text_ids(torch.as_tensor(text_ids, dtype=torch.long))
         if image.domain is not None and image.domain.out_of_domain:
             notes = (image.domain.message(), *notes)
         timings = {"preprocess_s": time.perf_counter() - start}
@@ -409,6 +427,7 @@ class MRISPipeline:
             generator=self._generator(settings.seed),
             image=image.prefill,
             reject_threshold=self.reject_threshold,
+            decided=None if image.presence is None else self._base_decisions(image, order, [text])[0],
         )
         shown = 0  # the order's preview mark of the last partial mask drawn
         while not should_stop():
@@ -470,7 +489,10 @@ class MRISPipeline:
         order = self.decoding_orders[settings.order]
         texts = [self.layout.text_ids(torch.as_tensor(ids, dtype=torch.long)) for ids, _ in encoded]
         timings = {"preprocess_s": time.perf_counter() - start}
-        steps = infer_findings(self.decoder, order, image.prefill, texts, reject_threshold=self.reject_threshold)
+        decided = None if image.presence is None else self._base_decisions(image, order, texts)
+        steps = infer_findings(
+            self.decoder, order, image.prefill, texts, reject_threshold=self.reject_threshold, decided=decided
+        )
         last = None
         while not should_stop():
             with torch.inference_mode():
@@ -538,7 +560,15 @@ class MRISPipeline:
         block = image_block_ids(self.layout, codes, int(self.tokenizers.image.grid))
         with torch.inference_mode():
             prefill = prefill_image(self.decoder, block, model_image)
-        return _ImagePart(model_image, codes, self._domain_of(model_image), prefill)
+            presence = None
+            if self.presence_decoder is not None:
+                presence = prefill_image(self.presence_decoder, block, model_image)
+        return _ImagePart(model_image, codes, self._domain_of(model_image), prefill, presence)
+
+    def _base_decisions(self, image: _ImagePart, order: DecodingOrder, texts: list[torch.Tensor]) -> list[float]:
+        """The adapter's base model's p([REJ]) for each finding (`texts`: vocabulary text ids)."""
+        with torch.inference_mode():
+            return presence_probabilities(self.presence_decoder, order, image.presence, texts)
 
     def _model_input(self, pixels: np.ndarray, window: tuple[float, float] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The (1, S, S) model image on the pipeline's device (the pixel stem's input) and its image codes."""
@@ -606,6 +636,7 @@ class _ImagePart:
     codes: torch.Tensor  # the image tokenizer's codes (g*g)
     domain: DomainCheck | None
     prefill: ImagePrefill
+    presence: ImagePrefill | None = None  # the base model's prefill, when an adapter is loaded (presence_decoder)
 
 
 def lesion_probability(lesion_logits: torch.Tensor | None, shape: tuple[int, int]) -> np.ndarray | None:

@@ -113,6 +113,7 @@ def autoregressive_infer(
     pixels: torch.Tensor | None = None,
     image: ImagePrefill | None = None,
     reject_threshold: float = 0.5,
+    decided: float | None = None,
 ) -> Iterator[DecodeStep]:
     """Decode one mask (or `samples` masks in one batch) for `prefix` = `prefix_ids(...)`, streaming updates.
 
@@ -122,6 +123,8 @@ def autoregressive_infer(
     raster order only. Greedy choice follows the mask tokenizer's greedy rule (`DecodingOrder.greedy_rule`).
     `pixels` (1, S, S), the preprocessed slice, feeds a decoder's pixel stem (required when it has one).
     `image`, a `prefill_image` of this prefix's image block, skips the image part (then `pixels` is unused).
+    `decided`, a p([REJ]) read elsewhere (`presence_probabilities` of an adapter's base model), replaces this
+    decoder's own in the decision.
     """
     _check_arguments(decoder, order, prefix, samples, temperature, top_k, beam, update_every, generator)
     device = next(decoder.parameters()).device
@@ -136,7 +139,7 @@ def autoregressive_infer(
             image = prefill_image(decoder, prefix[: image_block_length(prefix)], pixels)
         text, cache = image.continue_with(prefix.to(device))
         out = decoder(text[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        p_reject = float(reject_probability(order, out.logits[:, -1])[0])
+        p_reject = float(reject_probability(order, out.logits[:, -1])[0]) if decided is None else float(decided)
         if p_reject > reject_threshold:
             yield DecodeStep(order.name, order.no_codes(), 0, total, True, True, p_reject)
             return
@@ -171,6 +174,7 @@ def infer_findings(
     *,
     speculative: bool = True,
     reject_threshold: float = 0.5,
+    decided: Sequence[float] | None = None,
 ) -> Iterator[list[DecodeStep]]:
     """Greedy masks for several findings of one image decoded together, one batch row per finding: yields
     one `DecodeStep` per finding (in the order given) after every step of the order's loop.
@@ -181,7 +185,8 @@ def infer_findings(
     `autoregressive_infer` decodes it, up to the rounding of batched float arithmetic. A finding the model
     answers "not present" (`reject_threshold`, as in `autoregressive_infer`) leaves the batch. Why: on a CPU
     one forward pass of F rows costs little more than one of a single row, so the later findings of an image
-    come almost free (docs/results.md).
+    come almost free (docs/results.md). `decided`: one p([REJ]) per finding read elsewhere, as in
+    `autoregressive_infer`.
     """
     if not texts:
         raise ValueError("infer_findings needs at least one finding")
@@ -210,6 +215,8 @@ def infer_findings(
             ids, past_key_values=cache, use_cache=True, position_ids=positions, attention_mask=mask, logits_to_keep=1
         )
         p_reject = reject_probability(order, out.logits[:, -1])
+        if decided is not None:
+            p_reject = torch.as_tensor(list(decided), dtype=p_reject.dtype, device=p_reject.device)
         present = torch.nonzero(p_reject <= reject_threshold)[:, 0]
         p_reject = p_reject.tolist()
         steps = [DecodeStep(order.name, order.no_codes(), 0, total, True, True, p) for p in p_reject]
@@ -233,6 +240,16 @@ def infer_findings(
                     order.name, mine, done, total, False, done == total, p_reject[row], image.lesion_logits
                 )
             yield list(steps)
+
+
+def presence_probabilities(
+    decoder: MRISDecoder, order: DecodingOrder, image: ImagePrefill, texts: Sequence[torch.Tensor]
+) -> list[float]:
+    """Each finding's p([REJ]) at the decision position, nothing drawn: `infer_findings` with a threshold no
+    probability is under, so every finding leaves the batch after its decision. The pipeline asks an adapter's
+    base model this way: the base decides "not present", the adapter draws (pipeline.MRISPipeline)."""
+    first = next(infer_findings(decoder, order, image, texts, reject_threshold=-1.0))
+    return [step.reject_probability for step in first]
 
 
 @contextmanager
