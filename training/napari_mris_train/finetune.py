@@ -14,7 +14,8 @@ data, a quarter of each batch replayed, the model's default decoding order only,
 given) was chosen with `benchmarks/adaptation_loop.py --tune --proxy` on held-back correction cases
 (docs/results.md, "Correction loop"). The [SOV]/[REJ] decision is left out of the adapter's loss
 (DECISION_WEIGHT): a correction is always a present finding, and adapters that were taught its decision
-learnt to answer "present" to prompts for empty zones too.
+learnt to answer "present" to prompts for empty zones too. At run time the base model takes the decision
+for the adapter (pipeline.MRISPipeline), since LoRA weights move it even untaught.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ to the threshold nearest 0.5.
 
 Calibrate on images that are not reported: the reported referring figures use the first 300 Val_Folder
 images, so the default slice is the next 300. `--write` stores the choice in the model's config.json
-(which changes the model's hash). An adapter changes the decision too: the threshold belongs to the base.
+(which changes the model's hash). The threshold belongs to the base model, which decides for its adapters too
+(pipeline.MRISPipeline).
 """
 
 from __future__ import annotations
