@@ -107,6 +107,7 @@ def test_with_an_adapter_the_base_model_decides_presence(tiny):
         model, device="cpu", adapter="decides"
     )
     assert adapted.presence_decoder is not None and base.presence_decoder is None
+    assert adapted.info()["presence_decided_by"] == "base model" and base.info()["presence_decided_by"] == "model"
     example = load_split(data / "Val_Folder")[0]
     prompts = [example.description, "Unilateral pulmonary infection, one infected area, upper left lung."]
     order = base.default_order

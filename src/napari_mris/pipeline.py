@@ -273,6 +273,7 @@ class MRISPipeline:
             "versions": software_versions(),
             "domain_threshold": self.domain_guard.threshold if self.domain_guard is not None else None,
             "reject_threshold": self.reject_threshold,
+            "presence_decided_by": "base model" if self.presence_decoder is not None else "model",
             "prompt_vocabulary": sorted(self.vocabulary.words) if self.vocabulary is not None else None,
         }
 
