@@ -300,6 +300,7 @@ def test_the_recipe_adapts_the_models_default_order_with_corrections_as_given(mo
     from napari_mris.tokenizers import load_tokenizers
     from napari_mris_train.finetune import (
         NO_MIX,
+        OWN_MIX,
         TRAINING_MIX,
         adaptation_mixers,
         mix_recipe,
@@ -324,6 +325,12 @@ def test_the_recipe_adapts_the_models_default_order_with_corrections_as_given(mo
     own, replayed = adaptation_mixers(tokenizers, layout, store.root, store.root, 0.25, 4, 0, False, orders=(every[1],))
     assert own[1] == 3 and replayed[1] == 1  # a quarter of each batch replayed
     assert own[0].orders == replayed[0].orders == (every[1],)
+    recipe = own[0].recipe  # by default a quarter of one-side / one-zone prompts made from the corrections
+    assert OWN_MIX == (0.0, 0.25, 0.0) and recipe.flip
+    assert (recipe.absent_fraction, recipe.zone_fraction, recipe.foreign_fraction) == OWN_MIX
+    own, _ = adaptation_mixers(
+        tokenizers, layout, store.root, store.root, 0.25, 4, 0, False, orders=(every[1],), own_mix=NO_MIX
+    )
     assert (own[0].recipe.absent_fraction, own[0].recipe.zone_fraction, own[0].recipe.flip) == (0.0, 0.0, False)
     assert replayed[0].recipe.zone_fraction == TRAINING_MIX[1] and replayed[0].recipe.flip
     batch = own[0].batch(0, 3)  # one epoch of the three corrections, each with its own prompt, unflipped

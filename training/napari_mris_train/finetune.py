@@ -11,11 +11,12 @@ corrections teach the model without making it forget the rest.
 
 The default recipe (rank 8 on every projection, 150 steps at lr 5e-4 but at most 9 passes over the new
 data, a quarter of each batch replayed, the model's default decoding order only, the new data taught as
-given) was chosen with `benchmarks/adaptation_loop.py --tune --proxy` on held-back correction cases
-(docs/results.md, "Correction loop"). The [SOV]/[REJ] decision is left out of the adapter's loss
-(DECISION_WEIGHT): a correction is always a present finding, and adapters that were taught its decision
-learnt to answer "present" to prompts for empty zones too. At run time the base model takes the decision
-for the adapter (pipeline.MRISPipeline), since LoRA weights move it even untaught.
+given plus a quarter of one-side / one-zone prompts made from it, OWN_MIX) was chosen with
+`benchmarks/adaptation_loop.py --tune` on held-back correction cases (docs/results.md, "Correction loop").
+The [SOV]/[REJ] decision is left out of the adapter's loss (DECISION_WEIGHT): a correction is always a
+present finding, and adapters that were taught its decision learnt to answer "present" to prompts for
+empty zones too. At run time the base model takes the decision for the adapter (pipeline.MRISPipeline),
+since LoRA weights move it even untaught.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def attach_lora(decoder, rank: int, alpha: int, targets: list[str] | None, dropo
 DEFAULT_STEPS = 150
 MAX_PASSES = 9.0  # what DEFAULT_STEPS make of 50 corrections (3 per batch), where the recipe was chosen
 NO_MIX = (0.0, 0.0, 0.0)
+OWN_MIX = (0.0, 0.25, 0.0)  # one-side / one-zone prompts made from the corrections: keep the referring skill
 TRAINING_MIX = (0.15, 0.25, 0.05)  # TrainRecipe's own (absent, zone, foreign) fractions
 DECISION_WEIGHT = 0.0  # the [SOV]/[REJ] token against one mask code: not trained (why: the module docstring)
 
@@ -125,11 +127,13 @@ def adaptation_mixers(
     text_slots: int = 0,
     *,
     orders: tuple[str, ...] | None = None,
-    own_mix: tuple[float, float, float] = NO_MIX,
+    own_mix: tuple[float, float, float] = OWN_MIX,
     replay_mix: tuple[float, float, float] = TRAINING_MIX,
 ) -> list[tuple[SequenceMixer, int]]:
-    """(mixer, examples per batch) pairs: the new data with `own_mix` (as given by default), plus replay
-    with `replay_mix` (the training mix by default)."""
+    """(mixer, examples per batch) pairs: the new data with `own_mix`, plus replay with `replay_mix` (the
+    training mix by default). Why zone prompts of the corrections by default: corrections are full
+    descriptions, and 200 of them taught as given made the adapter draw the whole finding whatever side
+    was named (docs/results.md, "Correction loop", stop 26)."""
     size = int(tokenizers.image.image_size)
     orders = orders or tuple(o for o in layout.orders if o in tokenizers.masks)
     own_data = encode_split(open_dataset(dataset), tokenizers, size, progress=progress)
@@ -157,7 +161,7 @@ def train_adapter(
     replay_fraction: float = 0.25,
     decision_weight: float = DECISION_WEIGHT,
     orders: str | tuple[str, ...] | None = "default",
-    own_mix: tuple[float, float, float] = NO_MIX,
+    own_mix: tuple[float, float, float] = OWN_MIX,
     replay_mix: tuple[float, float, float] = TRAINING_MIX,
     max_passes: float = MAX_PASSES,
     seed: int = 0,
@@ -284,9 +288,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--own-mix",
         type=parse_mix,
-        default=NO_MIX,
+        default=OWN_MIX,
         metavar="A,Z,F",
-        help="absent, zone and foreign prompt fractions made from the new data (default 0,0,0: as given)",
+        help="absent, zone and foreign prompt fractions made from the new data (default 0,0.25,0; 0,0,0: as given)",
     )
     parser.add_argument(
         "--replay-mix",
