@@ -35,7 +35,7 @@ from tqdm import tqdm
 from napari_mris.model.decoder_files import load_decoder
 from napari_mris.model_location import resolve_model_dir
 from napari_mris.tokenizers.preprocess import to_model_image
-from napari_mris_train.checkpoint import load_checkpoint, part
+from napari_mris_train.checkpoint import CheckpointError, load_checkpoint, part
 from napari_mris_train.data import load_split
 from napari_mris_train.metrics import dice_iou
 from napari_mris_train.prompts import side_columns
@@ -73,11 +73,12 @@ def load_unet(folder: Path):
 
 
 def unet_mask(model, size: int, image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """The U-Net's mask at the truth's size, with unet_baseline.py's own preprocessing (pixels / 255, area)."""
+    """The U-Net's mask at the truth's size, as unet_baseline.py scores it (pixels / 255, area-resized,
+    its `predict`)."""
+    from unet_baseline import predict  # on sys.path since load_unet
+
     x = torch.from_numpy(image.astype(np.float32) / 255.0)[None, None]
-    x = F.interpolate(x, size=(size, size), mode="area")
-    prob = F.interpolate(torch.sigmoid(model(x)), size=shape, mode="bilinear", align_corners=False)
-    return prob[0, 0].numpy() > 0.5
+    return predict(model, F.interpolate(x, size=(size, size), mode="area"), out_size=shape)[0]
 
 
 def main() -> None:
@@ -100,7 +101,10 @@ def main() -> None:
         from napari_mris.pipeline import MRISPipeline
 
         pipeline = MRISPipeline.from_pretrained(model_dir)
-    unet = load_unet(args.unet) if args.unet else None
+    try:
+        unet = load_unet(args.unet) if args.unet else None
+    except CheckpointError as exc:
+        raise SystemExit(f"--unet {args.unet}: {exc}") from None
     split = load_split(args.data, split="val")
     stop = len(split) if args.limit is None else min(args.start + args.limit, len(split))
     scores, marks = [], {"map": [], "text": [], "unet": []}
