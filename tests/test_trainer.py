@@ -400,3 +400,16 @@ def test_export_of_the_best_weights_in_half_precision(tiny_model_dir, tmp_path) 
     half, _ = load_decoder(out)
     assert {p.dtype for p in half.parameters()} == {torch.float32}  # computed in float32 as before
     assert (out / "model.safetensors").stat().st_size < 0.6 * (tiny_model_dir / "model.safetensors").stat().st_size
+
+
+def test_a_missing_or_damaged_checkpoint_is_named_plainly(tmp_path):
+    """load_checkpoint names the missing files, and a damaged tensor file is a CheckpointError (safetensors'
+    own error is neither an OSError nor a ValueError)."""
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    with pytest.raises(trainer.CheckpointError, match="state.safetensors and state.json missing"):
+        load_checkpoint(folder)
+    (folder / "state.safetensors").write_bytes(b"junk")
+    (folder / "state.json").write_text("{}")
+    with pytest.raises(trainer.CheckpointError, match="is damaged"):
+        load_checkpoint(folder)

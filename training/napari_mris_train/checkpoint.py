@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from napari_mris.errors import MRISError
@@ -118,12 +119,13 @@ def save_checkpoint(
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, info) of a checkpoint folder; the caller hands each part to its owner."""
+    missing = [name for name in (STATE_TENSORS, STATE_JSON) if not (folder / name).is_file()]
+    if missing:  # named here: safetensors' own FileNotFoundError carries no file name
+        raise CheckpointError(f"no training checkpoint in {folder} ({' and '.join(missing)} missing)")
     try:
         tensors = load_file(str(folder / STATE_TENSORS))
         info = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"no training checkpoint in {folder} ({exc.filename} is missing)") from exc
-    except (OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"the training checkpoint in {folder} is damaged: {exc}") from exc
     return tensors, info
 
