@@ -133,6 +133,7 @@ def test_the_shipped_models_recipes_build_the_shipped_decoder(name):
         ("image_tokenizer", "grid", 30, "multiple of the grid"),
         ("text_tokenizer", "max_length", 80, "text_slots 64 is shorter"),
         ("train", "stem_warmup_steps", -1, "stem_warmup_steps must be >= 0"),
+        ("train", "stem_warmup_parts", "encoder", "stem_warmup_parts must be one of"),
     ],
 )
 def test_a_broken_recipe_fails_the_build(tmp_path, section, key, value, message):

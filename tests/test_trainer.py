@@ -238,6 +238,34 @@ def test_second_stage_starts_from_a_model_and_keeps_its_stem(tiny_data, tmp_path
     assert not loaded["cell_position_proj.weight"].any()
 
 
+def test_map_pass_retrains_only_the_lesion_map_of_a_loaded_stem(tiny_data, tmp_path):
+    """--init-from + stem_warmup_parts: map + freeze_stem (a map pass): the warm-up moves the up-stages and the
+    lesion head only; the encoder (the decoder's image features, the domain guard's statistics) stays
+    bit-identical, and the decoder steps after it leave the whole stem as the warm-up left it."""
+    root, tokenizers_dir = tiny_data
+    recipe = tiny_recipe(steps=2, checkpoint_every=1, warmup_steps=1)
+    first = trainer.train(recipe, root, fresh_model_dir(tokenizers_dir, tmp_path, "first"), progress=False)
+    start = {k: v.clone() for k, v in part(load_checkpoint(first / "checkpoints" / "last")[0], "model").items()}
+    map_pass = replace(
+        recipe,
+        train=replace(
+            recipe.train, freeze_stem=True, stem_warmup_steps=6, stem_warmup_lr=3e-3, stem_warmup_parts="map"
+        ),
+    )
+    second = fresh_model_dir(tokenizers_dir, tmp_path, "second")
+    trainer.train(map_pass, root, second, init_from=first, stop_after=0, progress=False)  # the warm-up alone
+    warmed = part(load_checkpoint(second / "checkpoints" / "last")[0], "model")
+    changed = {k for k in warmed if not torch.equal(warmed[k], start[k])}
+    map_keys = {k for k in warmed if k.startswith(("pixel_stem.up.", "pixel_stem.lesion_map."))}
+    assert changed and changed <= map_keys, changed - map_keys
+    trainer.train(map_pass, root, second, resume=True, progress=False)  # the decoder steps
+    after = part(load_checkpoint(second / "checkpoints" / "last")[0], "model")
+    assert all(torch.equal(after[k], warmed[k]) for k in after if k.startswith("pixel_stem."))
+    assert any(not torch.equal(after[k], warmed[k]) for k in after if k.startswith("llama."))
+    log = [json.loads(line) for line in (second / trainer.LOG_NAME).read_text().splitlines()]
+    assert [r["stem_warmup_step"] for r in log if "stem_warmup_step" in r] == [6]  # once: --resume skips it
+
+
 def test_stem_warmup_needs_a_stem(tiny_data, tmp_path):
     root, tokenizers_dir = tiny_data
     recipe = tiny_recipe(steps=1, stem_warmup_steps=2)

@@ -49,6 +49,9 @@ def decoder_settings(values: dict[str, Any] | None, where: str) -> dict[str, Any
     return {**defaults, **values}
 
 
+STEM_WARMUP_PARTS = ("all", "map")
+
+
 @dataclass
 class TrainRecipe:
     steps: int = 20000
@@ -70,6 +73,9 @@ class TrainRecipe:
     seed: int = 0
     stem_warmup_steps: int = 0  # stem-only steps on the lesion target before the decoder trains (0 = none)
     stem_warmup_lr: float = 1.0e-3
+    # what the warm-up trains: "all" the stem (a first stage, from scratch), or only its "map" (the up-stages
+    # and the lesion head), the encoder kept as loaded; "map" also runs after --init-from (trainer.warm_up_stem)
+    stem_warmup_parts: str = "all"
     freeze_stem: bool = False  # keep the pixel stem (and its lesion map) as loaded: decoder-only training
     losses: LossConfig = field(default_factory=LossConfig)
 
@@ -83,6 +89,10 @@ class TrainRecipe:
             raise ConfigError(f"train: steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
         if self.stem_warmup_steps < 0:
             raise ConfigError(f"train: stem_warmup_steps must be >= 0, got {self.stem_warmup_steps}")
+        if self.stem_warmup_parts not in STEM_WARMUP_PARTS:
+            raise ConfigError(
+                f"train: stem_warmup_parts must be one of {list(STEM_WARMUP_PARTS)}, got {self.stem_warmup_parts!r}"
+            )
 
 
 @dataclass

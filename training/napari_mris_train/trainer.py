@@ -284,12 +284,19 @@ def warm_up_stem(run: Run, progress: bool) -> None:
     same wall clock. The warm-up has its own AdamW (the decoder's optimizer starts fresh afterwards) and
     a linear warm-up + cosine schedule; a checkpoint is written when it ends, so `--resume` skips it
     (an interrupted warm-up starts over: it lasts minutes).
+
+    `stem_warmup_parts: map` trains only the map (the up-stages and the lesion head) of a loaded model's stem:
+    the encoder, whose features the decoder reads with every image token and the domain guard's statistics
+    describe, stays bit-identical, so those stay valid. With `freeze_stem` the map is frozen again for the
+    decoder steps that follow, which then learn to read the new map (docs/training.md, "A map pass").
     """
     cfg = run.recipe.train
     decoder = run.decoder
     if decoder.pixel_stem is None or decoder.pixel_stem.lesion_map is None:
         raise ConfigError("train.stem_warmup_steps needs a U-Net pixel stem (decoder.pixel_decoder_channels)")
-    params = list(decoder.pixel_stem.parameters())
+    params = warmed_up_parameters(decoder.pixel_stem, cfg.stem_warmup_parts)
+    for param in params:
+        param.requires_grad_(True)  # a frozen stem (freeze_stem) opens for its warm-up only
     optimizer = adamw(params, cfg.stem_warmup_lr, cfg.weight_decay, cfg.betas)
     steps, warmup = cfg.stem_warmup_steps, max(1, cfg.stem_warmup_steps // 20)
     decoder.train()
@@ -309,10 +316,19 @@ def warm_up_stem(run: Run, progress: bool) -> None:
         optimizer.step()
         if run.accelerator.is_main_process and ((step + 1) % 50 == 0 or step + 1 == steps):
             append_log(run.log_path, {"stem_warmup_step": step + 1, "lesion": value})
+    if cfg.freeze_stem:
+        freeze_pixel_stem(decoder)
     if run.accelerator.num_processes > 1:  # each process warmed up alike; the main one's stem is the one kept
         for tensor in decoder.pixel_stem.state_dict().values():
             torch.distributed.broadcast(tensor, src=0)
     save_state(run)
+
+
+def warmed_up_parameters(stem, parts: str) -> list[torch.nn.Parameter]:
+    """The stem parameters a warm-up trains: all of them, or only the map's (`map`: up-stages + lesion head)."""
+    if parts == "map":
+        return [*stem.up.parameters(), *stem.lesion_map.parameters()]
+    return list(stem.parameters())
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
@@ -368,7 +384,10 @@ def train(
     run = setup(recipe, data_root, out, tag, resume, progress, tuple(extra_train), init_from)
     cfg = recipe.train
     end = cfg.steps if stop_after is None else min(cfg.steps, run.step + stop_after)
-    warm_up = cfg.stem_warmup_steps and not cfg.freeze_stem and init_from is None
+    # the whole stem warms up only from scratch; a loaded model's stem only ever has its map warmed up again
+    warm_up = cfg.stem_warmup_steps and (
+        cfg.stem_warmup_parts == "map" or (not cfg.freeze_stem and init_from is None)
+    )
     if warm_up and not run.last.exists():  # a checkpoint means the warm-up is behind us
         warm_up_stem(run, progress)
     bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train {recipe.name}", disable=not progress)
