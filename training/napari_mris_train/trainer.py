@@ -18,7 +18,9 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -402,12 +404,7 @@ def train(
         if run.step % cfg.checkpoint_every == 0 or run.step == end:
             save_state(run)
     bar.close()
-    if torch.distributed.is_initialized():
-        # every process reaches this point: shut the process group down together, so that no process exits
-        # while gloo's threads still run (seen under load: SIGABRT, "terminate called without an active
-        # exception", after a finished run); PyTorch's documented shutdown
-        run.accelerator.wait_for_everyone()
-        torch.distributed.destroy_process_group()
+    run.accelerator.wait_for_everyone()  # all processes are done writing; the CLI ends them (end_process)
     return run.run_dir
 
 
@@ -518,6 +515,22 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     return replace(recipe, train=train_cfg)
 
 
+def end_process(code: int) -> int:
+    """The exit code of `napari-mris-train train`; a process of a distributed run exits here, at once.
+
+    Why not `destroy_process_group()` and a normal exit: the Gloo group's destructor joins its threads while
+    holding the GIL, and a thread still freeing a finished collective's Python tensor waits for the GIL: a
+    deadlock (seen in CI under load: rank 1 hung after a finished run; pytorch/pytorch#56297). Without the
+    destructor, interpreter shutdown with Gloo's threads alive can abort (SIGABRT). Every file of the run is
+    written atomically and closed before this point, so skipping the interpreter's shutdown loses nothing.
+    """
+    if torch.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         run_dir = train(
@@ -533,6 +546,6 @@ def run(args: argparse.Namespace) -> int:
         )
     except MRISError as exc:  # diverged, checkpoint, recipe, dataset or model-directory problems
         print(f"error: {exc}")
-        return 1
+        return end_process(1)
     print(f"model directory: {run_dir}")
-    return 0
+    return end_process(0)
