@@ -334,31 +334,3 @@ def test_cell_positions_start_at_zero_and_reach_the_mask_positions_in_every_deco
         assert torch.equal(logits.argmax(-1), seq.labels[seq.mask_positions])
     with pytest.raises(ValueError, match="needs cell_features"):
         tiny_decoder_config(cell_positions=True)
-
-
-def test_image_token_map_lets_the_presence_decision_read_the_lesion_map():
-    """The decision ([SOV] or [REJ]) is made at the last text position, before any mask position: without
-    `image_token_map` it cannot depend on the lesion map at all; with it (zero at initialisation, so a
-    decoder gains it without changing) it does, and cached decoding still agrees with teacher forcing."""
-    base = cell_decoder((8,))
-    mapped = MRISDecoder(replace(base.config, image_token_map=True)).eval()
-    mapped.load_state_dict({**mapped.state_dict(), **base.state_dict()})
-
-    def decision_state(decoder, lesion_bias: float) -> torch.Tensor:
-        with torch.no_grad():
-            decoder.pixel_stem.lesion_map.bias.fill_(lesion_bias)  # the map says "lesion" or "clear" everywhere
-            return decoder(PREFIX[None], pixel_values=pixels(6)[None]).hidden_states[0, -1]
-
-    assert torch.equal(decision_state(mapped, 0.0), decision_state(base, 0.0))  # zero at initialisation
-    assert torch.equal(decision_state(base, -6.0), decision_state(base, 6.0))  # blind to the map
-    with torch.no_grad():
-        mapped.image_map_proj.weight.normal_(std=1.0)
-    assert not torch.allclose(decision_state(mapped, -6.0), decision_state(mapped, 6.0))
-    for order, scales in (("raster", (4,)), ("scale", SCALES)):
-        steps = list(autoregressive_infer(mapped, order_for(LAYOUT, order, scales), PREFIX, pixels=pixels(6)))
-        codes_out = steps[-1].codes
-        codes_out = [codes_out[0]] if order == "raster" else [c[0] for c in codes_out]
-        seq, logits = teacher_forced(mapped, order, scales, codes_out)
-        assert torch.equal(logits.argmax(-1), seq.labels[seq.mask_positions])
-    with pytest.raises(ValueError, match="needs pixel_decoder_channels"):
-        tiny_decoder_config(pixel_channels=[4], image_token_map=True)

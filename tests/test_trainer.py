@@ -230,13 +230,12 @@ def test_second_stage_starts_from_a_model_and_keeps_its_stem(tiny_data, tmp_path
     assert any(not torch.equal(after[k], start[k]) for k in after if k.startswith("llama."))
     with pytest.raises(trainer.MRISError, match="incomplete"):  # not a model directory: named, not a traceback
         trainer.train(second_recipe, root, fresh_model_dir(tokenizers_dir, tmp_path, "x"), init_from=tmp_path)
-    # a decoder that adds zero-initialised modules (cell codes, image-token map patches) starts from the source
-    added = {"cell_positions": True, "image_token_map": True}
-    positions = replace(second_recipe, decoder={**second_recipe.decoder, **added})
+    # a decoder that adds the zero-initialised (row, column) cell codes still starts from the source's weights
+    positions = replace(second_recipe, decoder={**second_recipe.decoder, "cell_positions": True})
     run = trainer.setup(positions, root, fresh_model_dir(tokenizers_dir, tmp_path, "p"), None, False, False, (), first)
     loaded = run.decoder.state_dict()
     assert all(torch.equal(loaded[k], start[k]) for k in start)
-    assert not loaded["cell_position_proj.weight"].any() and not loaded["image_map_proj.weight"].any()
+    assert not loaded["cell_position_proj.weight"].any()
 
 
 def test_map_pass_retrains_only_the_lesion_map_of_a_loaded_stem(tiny_data, tmp_path):

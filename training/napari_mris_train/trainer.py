@@ -204,15 +204,14 @@ def setup(
     return Run(recipe, run_dir, accelerator, *parts, step, best)
 
 
-# modules that start at zero: a source without them loads exactly
-ZERO_INITIALISED = ("cell_position_proj.", "image_map_proj.")
+ZERO_INITIALISED = ("cell_position_proj.",)  # modules that start at zero: a source without them loads exactly
 
 
 def initialise_from(decoder: MRISDecoder, source: Path, layout: VocabLayout) -> None:
     """Load `source`'s decoder weights; its vocabulary must be the run's (the same tokenizers).
 
-    A source without a module this decoder adds at zero (`cell_positions`, `image_token_map`) still loads:
-    the new decoder then computes exactly what the source did, and training starts from there.
+    A source without a module this decoder adds at zero (`cell_positions`) still loads: the new decoder
+    then computes exactly what the source did, and training starts from there.
     """
     if read_config(source).get("vocab") != layout.to_dict():
         raise ConfigError(f"--init-from {source}: its vocabulary differs from this run's (other tokenizers)")

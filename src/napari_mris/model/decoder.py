@@ -17,10 +17,6 @@ sized by `DecoderConfig` to train on a CPU and scaled up by config on a GPU. Aro
   feature of that code's cell added to its input (`slot_cells`, see `orders.code_cells`), so a mask
   position reads its own patch of the image instead of having to find it by attention; with a lesion map,
   also that cell's patch of lesion probabilities (`cell_patch_proj`).
-- `image_map_proj` (optional, `image_token_map`): each image token also gets its own patch of lesion-map
-  probabilities and its (row, column) code, zero at initialisation. Why: the presence decision ([SOV] or
-  [REJ]) is made at the last text position, before any mask position exists, so without this it sees the
-  stem's encoder features but never the map the final mask is drawn from.
 
 Embeddings are untied (`tie_word_embeddings=False`): the same id means different things as an input slot
 (an upsampled coarser code) and as an output (a code of this scale), and untied weights keep the
@@ -70,7 +66,6 @@ class DecoderConfig:
     cell_features: bool = False  # add the stem feature of its own cell to each mask position (orders.code_cells)
     pixel_decoder_channels: list[int] = field(default_factory=list)  # U-Net up-stages of the stem; [] = no lesion map
     cell_positions: bool = False  # add each cell's (row, column) code to its cell feature (cell_position_codes)
-    image_token_map: bool = False  # add each image token's patch of lesion-map probabilities and (row, column) code
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -88,8 +83,6 @@ class DecoderConfig:
             raise ValueError("cell_features adds pixel-stem features: it needs pixel_channels")
         if self.cell_positions and not self.cell_features:
             raise ValueError("cell_positions adds to the cell features: it needs cell_features")
-        if self.image_token_map and not self.pixel_decoder_channels:
-            raise ValueError("image_token_map adds the lesion map's probabilities: it needs pixel_decoder_channels")
         if self.pixel_decoder_channels and len(self.pixel_decoder_channels) >= len(self.pixel_channels):
             raise ValueError(
                 f"pixel_decoder_channels {self.pixel_decoder_channels} need more pixel_channels stages to "
@@ -163,7 +156,6 @@ class MRISDecoder(nn.Module):
         self.pixel_stem = None
         self.cell_patch_proj = None  # a cell's patch of lesion-map probabilities -> its cell feature
         self.cell_position_proj = None  # a cell's (row, column) code -> its cell feature; zero at initialisation
-        self.image_map_proj = None  # an image token's map patch and (row, column) code -> its input; zero at first
         if config.cell_positions:
             self.cell_position_proj = nn.Linear(4 * CELL_POSITION_FREQUENCIES, config.hidden_size)
             nn.init.zeros_(self.cell_position_proj.weight)
@@ -173,11 +165,6 @@ class MRISDecoder(nn.Module):
             if config.pixel_decoder_channels and config.cell_features:
                 self.cell_patch_proj = nn.Linear(self.pixel_stem.map_upsample**2, config.hidden_size)
                 nn.init.normal_(self.cell_patch_proj.weight, std=0.02)
-            if config.image_token_map:
-                width = self.pixel_stem.map_upsample**2 + 4 * CELL_POSITION_FREQUENCIES
-                self.image_map_proj = nn.Linear(width, config.hidden_size)
-                nn.init.zeros_(self.image_map_proj.weight)
-                nn.init.zeros_(self.image_map_proj.bias)
 
     def base_llama(self) -> LlamaForCausalLM:
         """The LlamaForCausalLM, also when `self.llama` is wrapped in a peft model during fine-tuning."""
@@ -220,7 +207,7 @@ class MRISDecoder(nn.Module):
             embeds = embeds + self.scale_embed(scale_ids)
         features, lesion_logits = self._stem(pixel_values, starts_sequence=not _cache_length(past_key_values))
         if features is not None:
-            embeds = _add_at_image_tokens(embeds.to(features.dtype), self.image_token_features(features, lesion_logits))
+            embeds = _add_at_image_tokens(embeds.to(features.dtype), features)
         if self.config.cell_features:
             if features is not None:
                 largest = grid_of_cell(int(slot_cells.max())) if slot_cells is not None and slot_cells.numel() else 1
@@ -268,29 +255,13 @@ class MRISDecoder(nn.Module):
             table = table + self.cell_position_proj(codes).to(table.dtype)
         if self.cell_patch_proj is None:
             return table
-        patches = self._map_patches(lesion_map, sizes).to(self.cell_patch_proj.weight.dtype)
-        return table + self.cell_patch_proj(patches).to(table.dtype)
-
-    def image_token_features(self, features: torch.Tensor, lesion_map: torch.Tensor | None) -> torch.Tensor:
-        """What the image tokens get added: the (B, g*g, H) stem features, plus, with `image_map_proj`, each
-        token's patch of lesion-map probabilities and its (row, column) code (both at the g x g grid)."""
-        if self.image_map_proj is None:
-            return features
-        batch, n, _ = features.shape
-        sizes = range(math.isqrt(n), math.isqrt(n) + 1)
-        codes = cell_position_codes(sizes).to(features.device).expand(batch, -1, -1)
-        inputs = torch.cat([self._map_patches(lesion_map, sizes), codes], dim=2)
-        return features + self.image_map_proj(inputs.to(self.image_map_proj.weight.dtype)).to(features.dtype)
-
-    def _map_patches(self, lesion_map: torch.Tensor | None, sizes: range) -> torch.Tensor:
-        """(B, cells, u*u): each cell's patch of the (B, 1, h, w) lesion map's probabilities (scaled to
-        [-1, 1]), area-pooled to u x u (u = map_upsample), for every grid in `sizes` in the cell table's order."""
         if lesion_map is None:
-            raise ValueError("this decoder reads the stem's lesion map: pass lesion_map")
+            raise ValueError("this decoder's cell features read the stem's lesion map: pass lesion_map")
         u = self.pixel_stem.map_upsample
         prob = torch.sigmoid(lesion_map.float()) * 2.0 - 1.0
         patches = [F.unfold(F.adaptive_avg_pool2d(prob, s * u), u, stride=u) for s in sizes]  # (B, u*u, s*s)
-        return torch.cat(patches, dim=2).transpose(1, 2)
+        patches = torch.cat(patches, dim=2).transpose(1, 2).to(self.cell_patch_proj.weight.dtype)
+        return table + self.cell_patch_proj(patches).to(table.dtype)
 
     def _stem(
         self, pixel_values: torch.Tensor | None, starts_sequence: bool
