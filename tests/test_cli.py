@@ -86,6 +86,7 @@ def test_predict_files_with_one_prompt_and_with_a_prompt_table(tmp_path, tiny_mo
         (["predict", "{image}", "--prompt", "lung", "--out", "o", "--model", "{tmp}/nowhere"], "not found"),
         (["predict", "{image}", "--prompts", "{tmp}/none.csv", "--out", "o"], "description table not found"),
         (["predict", "{image}", "--prompt", "lung", "--out", "o", "--samples", "0", "--model", "{model}"], "samples"),
+        (["predict", "{image}", "--prompt", "lung " * 80, "--out", "o", "--model", "{model}"], "reads at most"),
         (["predict", "{image}", "--prompt", "lung", "--prompt", "Lung ", "--out", "o"], "Finding 2 repeats finding 1"),
         (["predict", "{image}", "--prompt", "lung", "--prompt", "", "--out", "o"], "Finding 2 of 2 is empty"),
         (["predict", "{image}", *[a for i in range(9) for a in ("--prompt", f"zone {i}")], "--out", "o"], "than the 8"),

@@ -157,11 +157,13 @@ def test_prompt_checks(present, image) -> None:
         with pytest.raises(PromptError):
             present.segment(image, empty)
     limit = present.tokenizers.text.max_length
-    overlong = " ".join(["bilateral pulmonary infection in the lower left lung"] * limit)
-    with pytest.warns(UserWarning, match="first"):
-        result = present.segment(image, overlong)
-    assert result.warnings and "truncated" in result.warnings[0]
-    assert result.mask.shape == image.shape
+    # a long finding that names its place at the end: refused up front (check_prompt, as the CLI asks) and by
+    # segment, never answered for its first `limit` tokens
+    overlong = "bilateral pulmonary infection " * limit + "in the lower left lung"
+    with pytest.raises(PromptError, match=f"reads at most {limit}"):
+        present.check_prompt(overlong)
+    with pytest.raises(PromptError, match=f"reads at most {limit}"):
+        present.segment(image, overlong)
 
 
 def test_decoding_options_are_checked(present, image) -> None:

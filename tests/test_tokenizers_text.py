@@ -39,10 +39,16 @@ def test_empty_prompts_raise(tok, prompt):
         tok.encode(prompt)
 
 
-def test_overlong_prompt_is_truncated_with_a_warning(tok):
+def test_overlong_prompt_is_refused_and_training_data_is_cut_with_a_warning(tok):
+    """A user's prompt past the limit is refused (its end, often the location, would be lost); a training
+    description is cut to the text slots the recipe gave it, with a warning."""
+    overlong = " ".join(["upper left lung"] * 20)
+    with pytest.raises(PromptError, match=r"tokens long and the model reads at most 12"):
+        tok.encode(overlong)
     with pytest.warns(UserWarning, match="first 12 tokens"):
-        ids = tok.encode(" ".join(["upper left lung"] * 20))
+        ids = tok.encode(overlong, truncate=True)
     assert len(ids) == 12
+    assert len(tok.encode("upper left lung", truncate=True)) < 12
 
 
 def test_short_prompt_gives_no_warning(tok):
@@ -53,7 +59,9 @@ def test_short_prompt_gives_no_warning(tok):
 
 def test_unknown_words_and_scripts_never_crash(tok):
     for prompt in ("pneumomediastinum", "épanchement pleural", "肺炎 左肺", "x" * 30 + " 🫁"):
-        ids = tok.encode(prompt)
+        with warnings.catch_warnings():  # the last one is past the 12-token limit: cut, not refused, here
+            warnings.simplefilter("ignore", UserWarning)
+            ids = tok.encode(prompt, truncate=True)
         assert ids and all(0 <= i < tok.vocab_size for i in ids)
     assert tok.decode(tok.encode("épanchement")) == "épanchement"  # byte-level: nothing is lost
 

@@ -449,6 +449,24 @@ def test_two_findings_with_the_real_model(viewer, image_layer, qtbot, tiny_pipel
     assert runs[1]["model_hash"] == runs[2]["model_hash"] == tiny_pipeline.model_hash
 
 
+def test_an_overlong_prompt_is_refused_by_the_real_model_and_nothing_drawn_is_lost(
+    viewer, image_layer, qtbot, tiny_pipeline  # noqa: F811
+) -> None:
+    """A finding longer than the model reads (its place named at the end) is refused in plain words, not
+    answered for its first tokens; the labels drawn before stay as they were."""
+    widget = make_widget(viewer, tiny_pipeline)
+    with force_drawing(tiny_pipeline):
+        run(qtbot, widget)
+    labels = viewer.layers[LABELS_NAME]
+    before = labels.data.copy()
+    limit = tiny_pipeline.tokenizers.text.max_length
+    widget.set_prompt("bilateral pulmonary infection " * limit + "in the upper right lung")
+    run(qtbot, widget)
+    assert f"reads at most {limit}" in widget.status_label.text(), widget.status_label.text()
+    np.testing.assert_array_equal(labels.data, before)
+    assert labels.metadata["mris_segment_labels"] == {1: "lower left lung"} and labels.editable
+
+
 def test_several_findings_export_one_segment_each(viewer, qtbot, tmp_path, ct_3slice) -> None:
     """Two findings on a DICOM slice: a DICOM SEG with one segment per finding (its prompt as the segment's
     label and description) and NRRD / NIfTI label maps whose sidecar lists every label with its prompt."""

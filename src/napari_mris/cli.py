@@ -23,7 +23,6 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -182,12 +181,10 @@ def run_predict(args: argparse.Namespace) -> int:
             note = "--allow-out-of-domain segments it anyway"
             print(f"[{number}/{len(jobs)}] {job.image.name}: refused, {domain.message()} ({note})", flush=True)
             continue
-        with warnings.catch_warnings():  # the tokenizer's truncation warning is printed below as a note
-            warnings.simplefilter("ignore", UserWarning)
-            results = pipeline.segment_findings(
-                image.pixels, job.prompts, window=image.window, order=settings.order, samples=settings.samples,
-                temperature=settings.temperature, beam=settings.beam, snap=settings.snap,
-            )  # fmt: skip
+        results = pipeline.segment_findings(
+            image.pixels, job.prompts, window=image.window, order=settings.order, samples=settings.samples,
+            temperature=settings.temperature, beam=settings.beam, snap=settings.snap,
+        )  # fmt: skip
         seconds = time.perf_counter() - start
         lines = _write_findings(args.out, job, results, instances=args.instances)
         spent = _seconds(results, seconds)

@@ -42,7 +42,6 @@ from napari_mris.model_location import resolve_model_dir
 from napari_mris.prompt_check import PromptCheck, PromptVocabulary
 from napari_mris.tokenizers import load_tokenizers
 from napari_mris.tokenizers.preprocess import resize_probability, to_model_image
-from napari_mris.tokenizers.text import normalize_prompt
 
 ORDER_LABELS = {"scale": "coarse-to-fine", "raster": "raster"}
 SAMPLING_TEMPERATURE = 1.0  # used when samples > 1 but no temperature was given: greedy samples would all agree
@@ -78,7 +77,7 @@ class StreamUpdate:
     rejected: bool  # the model said the described target is not in the image ([REJ])
     finished: bool
     timings: dict[str, float] = field(default_factory=dict)
-    warnings: tuple[str, ...] = ()  # e.g. "prompt truncated", for the widget's status line
+    warnings: tuple[str, ...] = ()  # e.g. unknown words, out of domain: for the widget's status line
     domain_score: float | None = None  # distance to the training images (domain.py); None: the model has no guard
     out_of_domain: bool = False  # domain_score above the model's calibrated threshold
     reject_probability: float | None = None  # p([REJ]) at the presence decision: how sure a "not present" is
@@ -516,7 +515,11 @@ class MRISPipeline:
 
     def check_prompt(self, prompt: str) -> PromptCheck | None:
         """The prompt's words against the model's training vocabulary (None: the model records none); raises
-        PromptError, listing the known words, when the prompt has none of them."""
+        PromptError when the prompt is empty, longer than the model reads, or has none of the known words."""
+        self.tokenizers.text.encode(prompt)
+        return self._vocabulary_check(prompt)
+
+    def _vocabulary_check(self, prompt: str) -> PromptCheck | None:
         return self.vocabulary.check(prompt) if self.vocabulary is not None else None
 
     def domain(self, image: np.ndarray, window: tuple[float, float] | None = None) -> DomainCheck | None:
@@ -538,21 +541,10 @@ class MRISPipeline:
         return self._domain_cache[1]
 
     def _encode_prompt(self, prompt: str) -> tuple[list[int], tuple[str, ...]]:
-        """Token ids of the prompt, plus a note for the status line when it was cut to the model's limit.
-
-        The tokenizer itself warns about truncation (seen on the console and by `pytest.warns`); the note
-        repeats it for the widget, which does not show Python warnings.
-        """
-        text = self.tokenizers.text
-        ids = list(text.encode(prompt))
-        check = self.check_prompt(prompt)  # after encode: an empty prompt keeps its own message
-        notes = (check.note(),) if check is not None and check.note() else ()
-        if len(ids) < text.max_length:
-            return ids, notes
-        full = len(text.hf.encode(normalize_prompt(prompt), add_special_tokens=False))
-        if full <= text.max_length:
-            return ids, notes
-        return ids, (*notes, f"prompt truncated: only its first {text.max_length} of {full} tokens were used")
+        """Token ids of the prompt, plus the vocabulary check's note (unknown words) for the status line."""
+        ids = list(self.tokenizers.text.encode(prompt))
+        check = self._vocabulary_check(prompt)  # after encode: an empty prompt keeps its own message
+        return ids, (check.note(),) if check is not None and check.note() else ()
 
     def _image_part(self, pixels: np.ndarray, window: tuple[float, float] | None) -> _ImagePart:
         """Everything about the slice that no prompt changes, computed once for all its findings: the

@@ -89,7 +89,7 @@ def encode_split(split, tokenizers, image_size: int, batch_size: int = 32, progr
         masks=masks_t[:, 0].bool(),
         images=(images_t[:, 0] * 255).round().to(torch.uint8),
         mask_codes={o: [torch.cat(s) for s in zip(*chunks, strict=True)] for o, chunks in mask_codes.items()},
-        text_ids=[list(tokenizers.text.encode(d)) for d in descriptions],
+        text_ids=[list(tokenizers.text.encode(d, truncate=True)) for d in descriptions],
     )
 
 

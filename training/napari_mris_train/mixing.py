@@ -100,7 +100,8 @@ class SequenceMixer:
             text = self.data.descriptions[index]
             built = (swap_left_right(text) if flip else text, [c[index, int(flip)] for c in self.codes(order)])
         text, codes = built
-        ids = self.data.text_ids[index] if kind == "full" and not flip else self.tokenizers.text.encode(text)
+        cached = kind == "full" and not flip
+        ids = self.data.text_ids[index] if cached else self.tokenizers.text.encode(text, truncate=True)
         sequence = build_training_sequence(
             self.decoding_orders[order],
             self.data.image_codes[index, int(flip)],

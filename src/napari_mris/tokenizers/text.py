@@ -97,20 +97,31 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return len(self.hf)
 
-    def encode(self, prompt: str) -> list[int]:
+    def encode(self, prompt: str, truncate: bool = False) -> list[int]:
+        """Token ids of a prompt; PromptError when it is empty or longer than the model reads (`max_length`).
+
+        Why refuse rather than cut: a finding usually names where it is at the end ("... in the lower left
+        lung"), and a cut prompt would be answered for what is left of it. `truncate=True` (training data,
+        whose descriptions the recipe sized the text slots for) cuts to the limit with a warning instead.
+        """
         text = normalize_prompt(prompt)
         if not text or _PUNCT_ONLY.match(text):
             raise PromptError(f"the prompt {prompt!r} is empty; describe the finding, e.g. 'lower left lung infection'")
         ids = self.hf.encode(text, add_special_tokens=False)
-        if len(ids) > self.max_length:
-            warnings.warn(
-                f"the prompt is {len(ids)} tokens long; only the first {self.max_length} tokens (the model's limit)"
-                " are used",
-                UserWarning,
-                stacklevel=2,
+        if len(ids) <= self.max_length:
+            return ids
+        if not truncate:
+            raise PromptError(
+                f"the prompt is {len(ids)} tokens long and the model reads at most {self.max_length}: its end "
+                "would be cut off; shorten it to the finding and where it is, e.g. 'lower left lung infection'"
             )
-            ids = ids[: self.max_length]
-        return ids
+        warnings.warn(
+            f"the prompt is {len(ids)} tokens long; only the first {self.max_length} tokens (the model's limit)"
+            " are used",
+            UserWarning,
+            stacklevel=2,
+        )
+        return ids[: self.max_length]
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
