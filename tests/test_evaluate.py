@@ -65,6 +65,35 @@ def test_eval_writes_every_metric(tmp_path):
     assert all(0.0 <= r["reject_probability"] <= 1.0 and r["rejected"] == (r["reject_probability"] > 0.5) for r in rows)
     with pytest.raises(SystemExit):  # a misspelt set is an argparse error, before the model loads
         main(["eval", "--model", str(model), "--data", str(data / "Val_Folder"), "--sets", "full,sides"])
+    with pytest.raises(SystemExit):  # a wording without its one '{}'
+        main(["eval", "--model", str(model), "--data", str(data / "Val_Folder"), "--wording", "no place"])
+
+
+def test_eval_puts_every_prompt_into_the_wording(tmp_path, monkeypatch):
+    """--wording: the model is asked the sentence, the rows keep the plain prompt (so runs pair)."""
+    from napari_mris.pipeline import MRISPipeline
+
+    data = tmp_path / "data"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="the prompt is")
+        model = build_tiny_model(tmp_path / "model", data_root=data, tokenizer_steps=0, decoder_steps=1)
+    asked = []
+    segment_findings = MRISPipeline.segment_findings
+
+    def recording(self, image, prompts, **kwargs):
+        asked.extend(prompts)
+        return segment_findings(self, image, prompts, **kwargs)
+
+    monkeypatch.setattr(MRISPipeline, "segment_findings", recording)
+    out = tmp_path / "worded.json"
+    wording = "x: {} ok"  # short: the tiny model's tokenizer spends a token on about every letter
+    args = ["eval", "--model", str(model), "--data", str(data / "Val_Folder"), "--json", str(out)]
+    assert main([*args, "--order", "raster", "--limit", "1", "--device", "cpu", "--wording", wording]) == 0
+    report = json.loads(out.read_text())
+    texts = {r["prompt"] for r in report["per_prompt"]}
+    assert report["wording"] == wording and len(texts) >= 2
+    assert asked and all(a.startswith("x: ") and a.endswith(" ok") for a in asked)
+    assert {wording.replace("{}", t) for t in texts} <= set(asked)
 
 
 def test_compare_evals_pairs_the_same_prompts(tmp_path):

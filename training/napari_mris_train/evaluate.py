@@ -13,6 +13,9 @@ sets (`referring.py`) ask whether the mask follows the text:
   much the text matters.
 
 Every set reports the per-image mean AND the pixel-pooled Dice / IoU (one intersection over the set).
+`wording` (`--wording`) puts every prompt inside a sentence, e.g. "Chest X-ray: {} Suspected viral
+pneumonia.", so the same sets measure whether the model still follows the text when a radiologist writes
+it in their own words; its rows keep the plain prompt's text, so `compare_evals.py` pairs the two runs.
 The `selection` score (mean of full, side and zone Dice and N-Acc) is what training keeps checkpoints
 by: full descriptions alone reward a model that ignores the text.
 """
@@ -51,9 +54,10 @@ def evaluate_split(
     progress: bool = True,
     snap: bool = True,
     start: int = 0,
+    wording: str = "{}",
 ) -> dict[str, Any]:
     """Decode the referring prompts of `limit` examples of `split` from index `start` (default: all from the
-    first); metrics and a row per prompt.
+    first), each put in place of the `{}` of `wording`; metrics and a row per prompt.
 
     The full description is decoded for every image (the restricted sets' references need its mask) but
     reported only when `full` is among `sets`.
@@ -75,12 +79,13 @@ def evaluate_split(
             for prompt in referring_prompts(example.mask, example.description, other, rng, ("full", *sets))
             if prompt.set != "full" or "full" in sets
         ]
-        answers = answer_prompts(
-            pipeline, example.image, [example.description, *(p.text for p in prompts)], order, beam, snap
-        )
+        worded = {text: wording.replace("{}", text) for text in (example.description, *(p.text for p in prompts))}
+        answers = answer_prompts(pipeline, example.image, list(worded.values()), order, beam, snap)
+        full_mask = answers[worded[example.description]].mask
         for prompt in prompts:
-            rows.append(score_prompt(example.name, prompt, answers[prompt.text], answers[example.description].mask))
+            rows.append(score_prompt(example.name, prompt, answers[worded[prompt.text]], full_mask))
     return {
+        "wording": wording,
         "order": order,
         "snap": snap,
         "beam": beam,
@@ -188,7 +193,7 @@ def format_table(report: dict[str, Any]) -> str:
 
     lines = [
         f"images {report['n_images']}  order {report['order']}  beam {report['beam']}  snap {report['snap']}  "
-        f"({report['seconds']:.0f} s)",
+        f"({report['seconds']:.0f} s)" + ("" if report.get("wording", "{}") == "{}" else f"  {report['wording']!r}"),
         f"{'set':<22}{'n':>6}  {'Dice':>7}  {'mIoU':>7}  {'pooled Dice':>11}  {'pooled mIoU':>11}  {'not present':>11}",
     ]
     for name, summary in report["sets"].items():
@@ -228,6 +233,12 @@ def parse_sets(text: str) -> tuple[str, ...]:
     return sets
 
 
+def parse_wording(text: str) -> str:
+    if text.count("{}") != 1:
+        raise argparse.ArgumentTypeError(f"--wording needs one '{{}}' where the prompt goes; got {text!r}")
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory (or 'default')")
     parser.add_argument("--data", required=True, type=Path, help="LViT split folder (or a root: its Val_Folder)")
@@ -241,6 +252,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=parse_sets,
         default=SETS,
         help=f"comma list of referring sets (default all: {','.join(SETS)}); 'full' alone is plain Dice",
+    )
+    parser.add_argument(
+        "--wording",
+        type=parse_wording,
+        default="{}",
+        help="a sentence every prompt is put into at its '{}' (free wording; default: the prompt alone)",
     )
     parser.add_argument("--adapter", help="a LoRA adapter of the model directory (adapters/<name>)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -279,6 +296,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         snap=not args.no_snap,
         start=args.start,
+        wording=args.wording,
     )
     report = {
         "model": str(pipeline.model_dir),
