@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from napari_mris.model.decoder import DecoderConfig
+from napari_mris.model.sequence import count_text_tokens
 from napari_mris.model.vocab import REJ, SOV
 from napari_mris.phantom import write_lvit_dataset
 from napari_mris.tokenizers import load_tokenizers
@@ -106,6 +107,35 @@ def test_mixing_builds_every_kind_of_sequence(tiny_data, tmp_path):
     # the same (seed, step) gives the same batch: what exact resume relies on
     again_batch = SequenceMixer(data, tokenizers, layout, recipe).batch(5, 8)
     assert [s.key for s in again_batch] == [s.key for s in mixer.batch(5, 8)]
+
+
+def test_wording_puts_prompts_into_sentences_and_keeps_their_targets(tiny_data, tmp_path):
+    """train.wording_fraction: the same sample (kind, flip, target) with its prompt inside a radiology
+    sentence, encoded whole; a sentence longer than the model reads is not cut (the zone words could go)
+    but left plain."""
+    from napari_mris_train.prompts import WORDING_CLOSINGS, WORDING_OPENINGS
+
+    root, tokenizers_dir = tiny_data
+    tokenizers = load_tokenizers(tokenizers_dir)
+    layout = trainer.vocab_layout(tokenizers)
+    data = cached_encoding(tmp_path, load_split(root, split="train"), tokenizers, 32, progress=False)
+    plain = replace(tiny_recipe().train, absent_fraction=0.3, zone_fraction=0.3)
+    mixers = [SequenceMixer(data, tokenizers, layout, replace(plain, wording_fraction=f)) for f in (0.0, 1.0)]
+    worded_count = 0
+    for index in range(len(data)):
+        for seed in range(6):
+            before, after = (m.sample(index, np.random.default_rng(seed), "raster") for m in mixers)
+            assert after.kind == before.kind and before.text in after.text
+            targets = [s.sequence.labels[s.sequence.labels >= 0] for s in (before, after)]  # decision and mask
+            assert torch.equal(*targets)
+            if after.text != before.text:
+                worded_count += 1
+                assert after.text.startswith(WORDING_OPENINGS) or after.text.endswith(WORDING_CLOSINGS)
+                ids = tokenizers.text.encode(after.text)  # raises if it were longer than the model reads
+                assert count_text_tokens(layout, after.sequence.input_ids) == len(ids)
+    assert worded_count > 0
+    with pytest.raises(ConfigError, match="wording_fraction"):
+        replace(plain, wording_fraction=1.5)
 
 
 def test_loss_decreases_on_a_fixed_batch(tiny_data, tmp_path):

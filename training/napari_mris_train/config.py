@@ -70,6 +70,7 @@ class TrainRecipe:
     zone_fraction: float = 0.25  # zone-restricted prompts -> partial mask
     foreign_fraction: float = 0.05  # another image's description whose mask does not overlap -> [REJ]
     flip: bool = True  # horizontal flip with left/right swapped in the text
+    wording_fraction: float = 0.0  # prompts put into a random radiology sentence (prompts.reword): free wording
     seed: int = 0
     stem_warmup_steps: int = 0  # stem-only steps on the lesion target before the decoder trains (0 = none)
     stem_warmup_lr: float = 1.0e-3
@@ -85,6 +86,8 @@ class TrainRecipe:
             raise ConfigError(
                 f"train: absent_fraction + zone_fraction + foreign_fraction must be in [0, 1], got {fractions}"
             )
+        if not 0 <= self.wording_fraction <= 1:
+            raise ConfigError(f"train: wording_fraction must be in [0, 1], got {self.wording_fraction}")
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError(f"train: steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
         if self.stem_warmup_steps < 0:

@@ -9,7 +9,8 @@ Each example is drawn as one of four kinds, with fractions from the recipe:
 - `foreign`: the description of another image whose mask does not overlap this one and whose text names
   only the other lung side, target = `[REJ]` (the text, not the image, must decide what is segmented).
 
-Optionally the image is flipped left-right, with left and right swapped in the text. The decoding order
+Optionally the image is flipped left-right, with left and right swapped in the text, and (with
+`train.wording_fraction`) the prompt of any kind is put into a random radiology sentence. The decoding order
 is drawn per batch, not per example: a raster sequence is ~430 tokens and a next-scale one ~660, so a
 mixed batch pads every raster example to the next-scale length (measured on the default recipe, 1 thread:
 one-order batches make a step about 15 % cheaper on average). Everything is a function of (seed, step,
@@ -23,13 +24,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from napari_mris.errors import PromptError
 from napari_mris.model.orders import decoding_order
 from napari_mris.model.sequence import TrainingSequence, build_training_sequence
 from napari_mris.model.vocab import VocabLayout
 from napari_mris_train.config import ConfigError, TrainRecipe
 from napari_mris_train.encode_cache import EncodedSplit
 from napari_mris_train.het_memory import sample_key
-from napari_mris_train.prompts import absent_target, lesion_zones, parse_zones, swap_left_right, zone_restricted
+from napari_mris_train.prompts import (
+    absent_target,
+    lesion_zones,
+    parse_zones,
+    reword,
+    swap_left_right,
+    zone_restricted,
+)
 
 KINDS = ("full", "zone", "absent", "foreign")
 FOREIGN_TRIES = 16  # random candidates tried for a non-overlapping foreign description
@@ -100,8 +109,14 @@ class SequenceMixer:
             text = self.data.descriptions[index]
             built = (swap_left_right(text) if flip else text, [c[index, int(flip)] for c in self.codes(order)])
         text, codes = built
-        cached = kind == "full" and not flip
-        ids = self.data.text_ids[index] if cached else self.tokenizers.text.encode(text, truncate=True)
+        fraction = self.recipe.wording_fraction  # drawn only when asked: older recipes see the same data
+        worded = self.reworded(text, rng) if fraction and rng.random() < fraction else None
+        if worded is not None:
+            text, ids = worded
+        elif kind == "full" and not flip:
+            ids = self.data.text_ids[index]
+        else:
+            ids = self.tokenizers.text.encode(text, truncate=True)
         sequence = build_training_sequence(
             self.decoding_orders[order],
             self.data.image_codes[index, int(flip)],
@@ -113,6 +128,15 @@ class SequenceMixer:
         )
         key = sample_key(index, order, flip, kind, text)
         return Sample(sequence, key, kind, text, index, self.lesion_target(mask))
+
+    def reworded(self, text: str, rng: np.random.Generator) -> tuple[str, list[int]] | None:
+        """`text` in a random radiology sentence and its ids; None when the sentence is longer than the
+        model reads (cutting it could drop the zone words the target depends on)."""
+        sentence = reword(text, rng)
+        try:
+            return sentence, self.tokenizers.text.encode(sentence)
+        except PromptError:
+            return None
 
     def stem_batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(pixels (B, 1, S, S), whole masks (B, 1, S, S)) of random examples, each flipped or not: the

@@ -7,6 +7,10 @@ good Dice while ignoring the text. Two kinds of extra prompts break that shortcu
   matching part of the mask;
 - absent-target: a description naming only lung zones where the mask is empty, whose answer is `[REJ]`.
 
+And any prompt can be put into a radiologist's sentence (`reword`, `train.wording_fraction`): the
+templates alone taught a model that read them by position, not by their words (docs/results.md, "Free
+wording").
+
 Zone geometry (shared with `napari_mris.phantom`, so phantom descriptions and these agree):
 
 - side: the image's vertical midline; "left" is the viewer's left (the QaTa-COV19 convention). Pixels
@@ -190,6 +194,46 @@ def absent_target(mask: np.ndarray, rng: np.random.Generator) -> str | None:
         run = _random_run(empty[side], rng)
         zones.extend(f"{level} {side}" for level in run)
     return describe(zones, len(chosen))
+
+
+# The sentences `reword` puts a training prompt into: a report's opening and a closing remark, each often
+# left out. None is one of the wordings docs/results.md measures free wording with, which stay unseen.
+WORDING_OPENINGS = (
+    "Findings: ",
+    "Impression: ",
+    "Frontal radiograph. ",
+    "AP portable chest film: ",
+    "PA view of the chest. ",
+    "Known COVID-19 patient. ",
+    "History of fever and cough. ",
+    "Compared with the prior study, ",
+    "The radiograph shows ",
+    "There is ",
+    "Airspace disease: ",
+    "Patchy consolidation, ",
+    "Hazy opacity: ",
+    "Please segment the ",
+)
+WORDING_CLOSINGS = (
+    " No pleural effusion.",
+    " Heart size is normal.",
+    " Likely infection.",
+    " Recommend follow-up imaging.",
+    " Worse than before.",
+    " Improving since the last film.",
+    " No pneumothorax.",
+    " Atypical pattern.",
+    " Lines and tubes unchanged.",
+)
+
+
+def reword(text: str, rng: np.random.Generator) -> str:
+    """`text` inside a random sentence: an opening, a closing or both from the lists above (never neither)."""
+    opening, closing = "", ""
+    while not opening and not closing:
+        opening = WORDING_OPENINGS[int(rng.integers(len(WORDING_OPENINGS)))] if rng.random() < 0.7 else ""
+        closing = WORDING_CLOSINGS[int(rng.integers(len(WORDING_CLOSINGS)))] if rng.random() < 0.6 else ""
+    return f"{opening}{text}{closing}"
 
 
 def _random_run(levels: list[str], rng: np.random.Generator) -> list[str]:
