@@ -44,6 +44,17 @@ def test_vocabulary_keeps_frequent_and_constructed_words_and_drops_typos() -> No
     assert vocabulary.examples[0] in DESCRIPTIONS
 
 
+def test_a_model_trained_with_free_wording_knows_the_report_words_but_they_name_nothing() -> None:
+    plain, worded = build_vocabulary(DESCRIPTIONS), build_vocabulary(DESCRIPTIONS, wording=True)
+    sentence = "Findings: lower left lung. No pleural effusion."
+    assert plain.check(sentence).unknown == ("findings", "no", "pleural", "effusion")
+    assert worded.check(sentence).note() is None and {"findings", "effusion"} <= set(worded.categories["report"])
+    assert "lung" not in worded.categories["report"]  # a description's word keeps its own category
+    with pytest.raises(PromptError) as caught:  # report words alone say nothing about what to segment
+        worded.check("No pleural effusion.")
+    assert "report" not in str(caught.value) and "effusion" not in worded.completions()
+
+
 @pytest.mark.parametrize("prompt", ["asdf qwerty", "左下肺感染", "and", "segment the liver"])
 def test_a_prompt_with_no_known_word_is_refused_with_the_list(prompt) -> None:
     vocabulary = build_vocabulary(DESCRIPTIONS)
@@ -80,7 +91,7 @@ def test_shipped_file_is_what_the_command_writes_from_qata(qata_root, tmp_path) 
     model = tmp_path / "model"
     model.mkdir()
     shutil.copy(DEFAULT_MODEL_DIR / "config.json", model / "config.json")
-    assert train_main(["vocabulary", "--model", str(model), "--data", str(qata_root)]) == 0
+    assert train_main(["vocabulary", "--model", str(model), "--data", str(qata_root), "--wording"]) == 0
     written = json.loads((model / VOCABULARY_FILE).read_text(encoding="utf-8"))
     shipped = json.loads((DEFAULT_MODEL_DIR / VOCABULARY_FILE).read_text(encoding="utf-8"))
     assert written["categories"] == shipped["categories"] and written["examples"] == shipped["examples"]

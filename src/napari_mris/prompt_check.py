@@ -23,9 +23,12 @@ from napari_mris.io.atomic import write_text_atomic
 
 VOCABULARY_FILE = "prompt_vocabulary.json"
 FORMAT_VERSION = 1
-# Categories whose words alone do not make a prompt usable ("and" says nothing about where to look).
+# Categories whose words alone do not make a prompt usable ("and" says nothing about where to look; nor do
+# the report sentences a model trained with free wording learnt to read past, "Findings: ... No effusion.").
 CONNECTIVE = "connective"
-CATEGORY_ORDER = ("finding", "side", "zone", "count", CONNECTIVE, "other")
+REPORT = "report"
+NOT_NAMING = (CONNECTIVE, REPORT)
+CATEGORY_ORDER = ("finding", "side", "zone", "count", CONNECTIVE, REPORT, "other")
 _WORD = re.compile(r"[^\W\d_]+|\d+")  # letter runs (any script) or digit runs; punctuation separates words
 
 
@@ -67,11 +70,12 @@ class PromptVocabulary:
 
     @property
     def content_words(self) -> frozenset[str]:
-        return frozenset(w for cat, words in self.categories.items() if cat != CONNECTIVE for w in words)
+        return frozenset(w for cat, words in self.categories.items() if cat not in NOT_NAMING for w in words)
 
     def summary(self) -> str:
-        """'finding: infected, infection, ...; side: left, ...' (the list shown when a prompt is refused)."""
-        cats = [cat for cat in _ordered(self.categories) if self.categories[cat]]
+        """'finding: infected, infection, ...; side: left, ...' (the list shown when a prompt is refused; the
+        report words are left out: they describe no finding)."""
+        cats = [cat for cat in _ordered(self.categories) if self.categories[cat] and cat != REPORT]
         return "; ".join(f"{cat}: {', '.join(self.categories[cat])}" for cat in cats)
 
     def check(self, prompt: str) -> PromptCheck:
@@ -95,8 +99,8 @@ class PromptVocabulary:
         return PromptCheck(known, unknown, suggestions)
 
     def completions(self) -> list[str]:
-        """Example prompts first, then every word (for a completer or an examples list)."""
-        return [*self.examples, *sorted(self.words)]
+        """Example prompts first, then every word that describes a finding (for a completer or an examples list)."""
+        return [*self.examples, *sorted(w for cat, ws in self.categories.items() if cat != REPORT for w in ws)]
 
     # ------------------------------------------------------------------ file
 
@@ -127,7 +131,7 @@ class PromptVocabulary:
             examples = tuple(str(e) for e in data.get("examples", ()))
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ModelDirectoryError(f"{path} is not a readable prompt vocabulary: {exc}") from exc
-        if not any(words for cat, words in categories.items() if cat != CONNECTIVE):
+        if not any(words for cat, words in categories.items() if cat not in NOT_NAMING):
             raise ModelDirectoryError(f"{path} lists no words")
         return cls(categories, examples, dict(data.get("source", {})))
 

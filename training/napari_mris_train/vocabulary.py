@@ -5,7 +5,9 @@ The runtime refuses a prompt with none of these words and names the unknown word
 which `prompts.py` uses for zone-restricted and absent-target prompts) plus every word that occurs at least
 `--min-count` times in the training split's descriptions; rarer words are annotators' typos
 ("lowerl", "midddle": QaTa-COV19's Train_Folder has 47 distinct words, 17 of them used 10 times or more),
-which a user should not be offered.
+which a user should not be offered. With `--wording` (a model trained with `train.wording_fraction`) the
+words of the report sentences training put prompts into (`prompts.reword`) are recorded too, as `report`
+words: the model read past them, so they are not "unknown", but alone they name nothing to segment.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pathlib import Path
 
 from napari_mris.errors import MRISError
 from napari_mris.phantom import LEVELS, NUMBER_WORDS, SIDES, ZONES, describe
-from napari_mris.prompt_check import CONNECTIVE, PromptVocabulary, prompt_words
+from napari_mris.prompt_check import CONNECTIVE, REPORT, PromptVocabulary, prompt_words
+from napari_mris_train.prompts import WORDING_CLOSINGS, WORDING_OPENINGS
 
 DEFAULT_MIN_COUNT = 10
 MAX_AREAS = 10  # the constructed prompts spell counts up to ten as words
@@ -44,17 +47,25 @@ def constructed_words() -> set[str]:
     return words
 
 
+def wording_words() -> set[str]:
+    """Every word of the report sentences `prompts.reword` puts training prompts into."""
+    return {word for text in (*WORDING_OPENINGS, *WORDING_CLOSINGS) for word in prompt_words(text)}
+
+
 def build_vocabulary(
-    descriptions: Iterable[str], min_count: int = DEFAULT_MIN_COUNT, source: str = ""
+    descriptions: Iterable[str], min_count: int = DEFAULT_MIN_COUNT, source: str = "", wording: bool = False
 ) -> PromptVocabulary:
-    """The vocabulary of `descriptions` (words used >= `min_count` times) plus the constructed prompts' words."""
+    """The vocabulary of `descriptions` (words used >= `min_count` times) plus the constructed prompts' words,
+    and with `wording` the report sentences' words (category `report` unless they belong to another)."""
     descriptions = list(descriptions)
     counts = Counter(word for text in descriptions for word in prompt_words(text))
     frequent = {word for word, n in counts.items() if n >= min_count}
     words = frequent | constructed_words()
+    report = wording_words() - words if wording else set()
     categories: dict[str, list[str]] = {}
-    for word in sorted(words, key=_reading_order):
+    for word in sorted(words | report, key=_reading_order):
         category = next((cat for cat, members in CATEGORIES.items() if word in members), "other")
+        category = REPORT if word in report and category == "other" else category
         categories.setdefault(category, []).append(word)
     common = Counter(" ".join(text.split()) for text in descriptions).most_common(N_EXAMPLES)
     examples = [text for text, _ in common] or [describe(["lower left", "lower right"], 2)]
@@ -66,6 +77,7 @@ def build_vocabulary(
             "descriptions": len(descriptions),
             "distinct_words": len(counts),
             "min_count": min_count,
+            "wording": wording,
             "dropped_rare_words": sorted(set(counts) - words),
         },
     )
@@ -95,6 +107,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--min-count", type=int, default=DEFAULT_MIN_COUNT, help="keep description words used at least this often"
     )
+    parser.add_argument(
+        "--wording",
+        action="store_true",
+        help="also the report sentences' words (for a model trained with train.wording_fraction > 0)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         if not (args.model / "config.json").is_file():
             raise MRISError(f"{args.model} is not a model directory (no config.json)")
         split = load_split(args.data, split="train")
-        vocabulary = build_vocabulary(split.descriptions, args.min_count, source=str(split.folder))
+        vocabulary = build_vocabulary(split.descriptions, args.min_count, str(split.folder), args.wording)
         path = vocabulary.save(args.model)
         _record_in_manifest(path)
     except (MRISError, OSError) as exc:
