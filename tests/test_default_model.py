@@ -20,7 +20,7 @@ def test_bundled_model_is_small_and_has_a_model_card() -> None:
     assert {"config.json", "model.safetensors", "mask_tokenizer.safetensors", "MODEL_CARD.md"} <= set(files)
     assert sum(files.values()) <= 40 * 1024 * 1024
     assert not any(name.endswith((".pt", ".pth", ".bin", ".ckpt")) for name in files)  # safetensors only
-    assert json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())["model_id"] == "default-qata-v8"
+    assert json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())["model_id"] == "default-qata-v9"
 
 
 def test_default_model_segments_the_sample_phantom() -> None:
