@@ -12,6 +12,7 @@ from napari_mris_train.prompts import lesion_zones, parse_zones, zone_regions
 from napari_mris_train.referring import (
     SETS,
     absent_kind,
+    image_prompts,
     other_description,
     referring_prompts,
     side_prompts,
@@ -89,6 +90,20 @@ def test_other_description_differs() -> None:
     texts = ["a", "A ", "b"]
     assert other_description(texts, 0, np.random.default_rng(0)) == "b"
     assert other_description(["same", "same"], 0, np.random.default_rng(0)) is None
+
+
+def test_an_images_prompts_do_not_depend_on_the_other_sets_asked_for() -> None:
+    """`presence` and checkpoint selection ask for fewer sets than `eval`: they must score the same prompts.
+    (Before, leaving out `other` or `zone` shifted the random stream and so the absent prompt.)"""
+    masks = [_mask(UPPER_LEFT, LOWER_LEFT), _mask(LOWER_LEFT), _mask(UPPER_LEFT, LOWER_LEFT, MIDDLE_RIGHT)]
+    descriptions = ["first text", "second text", "third text", "fourth text"]
+    for seed in range(12):
+        for index, mask in enumerate(masks):
+            every = image_prompts(descriptions, index, mask, seed)
+            for subset in (("absent",), ("full", "side", "absent"), ("full", "side", "zone", "absent"), ("zone",)):
+                asked = image_prompts(descriptions, index, mask, seed, subset)
+                assert [(p.set, p.text) for p in asked] == [(p.set, p.text) for p in every if p.set in subset]
+            assert every[-1].set == "other" and every[-1].text != descriptions[index]
 
 
 def _row(set_name, prediction, truth, full=None, region=None, rejected=False):

@@ -37,7 +37,7 @@ from napari_mris.io.atomic import write_text_atomic
 from napari_mris.pipeline import MRISPipeline
 from napari_mris_train.data import load_split
 from napari_mris_train.metrics import dice_iou, overlap_counts, pooled_dice_iou
-from napari_mris_train.referring import ABSENT_KINDS, RESTRICTED, SETS, other_description, referring_prompts
+from napari_mris_train.referring import ABSENT_KINDS, RESTRICTED, SETS, image_prompts
 
 SELECTION_SETS = ("full", "side", "zone", "absent")
 
@@ -72,11 +72,9 @@ def evaluate_split(
     began = time.perf_counter()
     for index in tqdm(range(start, start + count), desc=f"eval {order}", disable=not progress, leave=False):
         example = split[index]
-        rng = np.random.default_rng([seed, index])  # per image: a --limit run is a prefix of the full run
-        other = other_description(descriptions, index, rng) if "other" in sets else None
         prompts = [
             prompt
-            for prompt in referring_prompts(example.mask, example.description, other, rng, ("full", *sets))
+            for prompt in image_prompts(descriptions, index, example.mask, seed, ("full", *sets))
             if prompt.set != "full" or "full" in sets
         ]
         worded = {text: wording.replace("{}", text) for text in (example.description, *(p.text for p in prompts))}

@@ -113,20 +113,40 @@ def referring_prompts(
     rng: np.random.Generator,
     sets: tuple[str, ...] = SETS,
 ) -> list[ReferringPrompt]:
-    """The prompts of one image for the requested `sets`, in SETS order (`full` first when asked for)."""
+    """The prompts of one image for the requested `sets`, in SETS order (`full` first when asked for).
+
+    The zone and the absent prompt are drawn from `rng` whatever `sets` asks for, so an image's prompt of
+    one set does not depend on which other sets were requested (the presence calibration and checkpoint
+    selection ask for fewer sets than `eval` and must score the same prompts).
+    """
     unknown = sorted(set(sets) - set(SETS))
     if unknown:
         raise ValueError(f"unknown referring sets {unknown}; known: {list(SETS)}")
     mask = np.asarray(mask, bool)
+    zone = zone_prompt(mask, rng)
+    absent = absent_target(mask, rng)
     prompts: list[ReferringPrompt] = []
     if "full" in sets:
         prompts.append(ReferringPrompt("full", description, mask))
     if "side" in sets:
         prompts.extend(side_prompts(mask))
-    if "zone" in sets and (made := zone_prompt(mask, rng)) is not None:
-        prompts.append(made)
-    if "absent" in sets and (text := absent_target(mask, rng)) is not None:
-        prompts.append(ReferringPrompt("absent", text, np.zeros_like(mask), kind=absent_kind(mask, text)))
+    if "zone" in sets and zone is not None:
+        prompts.append(zone)
+    if "absent" in sets and absent is not None:
+        prompts.append(ReferringPrompt("absent", absent, np.zeros_like(mask), kind=absent_kind(mask, absent)))
     if "other" in sets and other is not None:
         prompts.append(ReferringPrompt("other", other, mask))
     return prompts
+
+
+def image_prompts(
+    descriptions: list[str], index: int, mask: np.ndarray, seed: int, sets: tuple[str, ...] = SETS
+) -> list[ReferringPrompt]:
+    """The referring prompts of image `index` of a split with these `descriptions`, for `seed`.
+
+    One random stream per (seed, image), so a `--limit` run is a prefix of the whole run; another image's
+    description is drawn first whether or not `other` is asked for (see `referring_prompts`).
+    """
+    rng = np.random.default_rng([seed, index])
+    other = other_description(descriptions, index, rng)
+    return referring_prompts(mask, descriptions[index], other, rng, sets)
