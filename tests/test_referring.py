@@ -12,6 +12,7 @@ from napari_mris_train.prompts import lesion_zones, parse_zones, zone_regions
 from napari_mris_train.referring import (
     SETS,
     absent_kind,
+    description_kind,
     image_prompts,
     other_description,
     referring_prompts,
@@ -82,8 +83,24 @@ def test_absent_kind_says_whether_the_named_lung_is_lesion_free() -> None:
     both = "Bilateral pulmonary infection, two infected areas, upper left lung and all right lung."
     assert absent_kind(unilateral, both) == "other_level"  # one named lung holds a lesion
     rngs = [np.random.default_rng(seed) for seed in range(40)]
-    kinds = {p.kind for rng in rngs for p in referring_prompts(unilateral, "t", None, rng)}
-    assert kinds == {None, "empty_lung", "other_level"}  # only absent prompts carry a kind; both kinds occur
+    kinds = {(p.set, p.kind) for rng in rngs for p in referring_prompts(unilateral, "t", None, rng)}
+    assert {kind for name, kind in kinds if name == "absent"} == {"empty_lung", "other_level"}  # both occur
+    assert {name for name, _ in kinds} == {"full", "absent"} and ("full", "names_lesion") in kinds
+
+
+def test_description_kind_says_whether_the_text_names_a_zone_with_lesions() -> None:
+    """A full description whose named zones are all empty by the absent rule is what the absent set asks
+    with an empty truth: its "not present" answers are counted apart."""
+    lower_left = _mask(LOWER_LEFT)
+    one = "Unilateral pulmonary infection, one infected area, {} lung."
+    assert description_kind(lower_left, one.format("lower left")) == "names_lesion"
+    assert description_kind(lower_left, one.format("upper right")) == "names_only_empty"
+    assert description_kind(lower_left, one.format("upper left")) == "names_only_empty"  # same lung, far level
+    both = "Bilateral pulmonary infection, two infected areas, lower left lung and upper right lung."
+    assert description_kind(lower_left, both) == "names_lesion"  # one named zone holds the lesion
+    assert description_kind(lower_left, "Pulmonary infection.") == "names_lesion"  # names no zone
+    prompt = referring_prompts(lower_left, one.format("upper right"), None, np.random.default_rng(0))[0]
+    assert (prompt.set, prompt.kind) == ("full", "names_only_empty")
 
 
 def test_other_description_differs() -> None:
@@ -126,7 +143,8 @@ def test_summary_reports_both_references_pooled_and_n_acc() -> None:
     left = side_prompts(mask)[0]
     empty = np.zeros_like(mask)
     rows = [
-        _row("full", mask, mask),
+        _row("full", mask, mask) | {"kind": "names_lesion"},
+        _row("full", empty, mask, rejected=True) | {"kind": "names_only_empty"},
         _row("side", left.truth, left.truth, full=mask, region=left.region),  # follows the text
         _row("side", mask, left.truth, full=mask, region=left.region),  # ignores it
         _row("absent", empty, empty, rejected=True) | {"kind": "empty_lung"},
@@ -142,11 +160,15 @@ def test_summary_reports_both_references_pooled_and_n_acc() -> None:
     assert side["dice"] == pytest.approx((1 + ignored) / 2)
     assert side["text_ignored"]["dice"] == pytest.approx(ignored) and side["oracle"]["dice"] == pytest.approx(1.0)
     assert side["of_oracle"] == pytest.approx(side["dice"])
-    assert side["pooled_dice"] == pytest.approx(pooled_dice_iou([r["counts"] for r in rows[1:3]])[0])
-    assert report["n_acc"] == 0.5 and report["false_rejection_rate"] == 0.0
-    assert report["selection"] == pytest.approx(np.mean([1.0, side["dice"], 0.5]))
+    assert side["pooled_dice"] == pytest.approx(pooled_dice_iou([r["counts"] for r in rows[2:4]])[0])
+    assert report["n_acc"] == 0.5 and report["false_rejection_rate"] == 0.5
+    assert report["sets"]["full"]["by_kind"] == {
+        "names_lesion": {"n": 1, "not_present": 0.0},
+        "names_only_empty": {"n": 1, "not_present": 1.0},
+    }
+    assert report["selection"] == pytest.approx(np.mean([0.5, side["dice"], 0.5]))
     table = format_table({"n_images": 1, "order": "raster", "beam": 1, "snap": True, "seconds": 0.0, **report})
-    assert "N-Acc (absent)" in table and "empty lung (n = 1)" in table
+    assert "N-Acc (absent)" in table and "empty lung (n = 1)" in table and "names only empty (n = 1)" in table
 
 
 def test_pooled_dice_weighs_pixels_not_images() -> None:

@@ -37,7 +37,7 @@ from napari_mris.io.atomic import write_text_atomic
 from napari_mris.pipeline import MRISPipeline
 from napari_mris_train.data import load_split
 from napari_mris_train.metrics import dice_iou, overlap_counts, pooled_dice_iou
-from napari_mris_train.referring import ABSENT_KINDS, RESTRICTED, SETS, image_prompts
+from napari_mris_train.referring import KINDS, RESTRICTED, SETS, image_prompts
 
 SELECTION_SETS = ("full", "side", "zone", "absent")
 
@@ -156,10 +156,10 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         summary["rejected"] = float(np.mean([r["rejected"] for r in chosen]))
         if name != "absent":  # an empty truth has no Dice worth averaging: N-Acc says it
             summary |= _scores([tuple(r["counts"]) for r in chosen])
-        else:  # N-Acc of each kind of absent prompt (rows of older runs carry no kind)
+        if name in KINDS:  # "not present" per kind of prompt (rows of older runs carry no kind)
             summary["by_kind"] = {
                 kind: {"n": len(part), "not_present": float(np.mean([r["not_present"] for r in part]))}
-                for kind in ABSENT_KINDS
+                for kind in KINDS[name]
                 if (part := [r for r in chosen if r.get("kind") == kind])
             }
         if name in RESTRICTED:
@@ -213,8 +213,9 @@ def format_table(report: dict[str, Any]) -> str:
     ):
         if report.get(key) is not None:
             lines.append(f"{label:<28}{pct(report[key])}")
-        if key == "n_acc" and "absent" in report["sets"]:
-            for kind, part in report["sets"]["absent"]["by_kind"].items():
+        by_set = {"false_rejection_rate": "full", "n_acc": "absent"}
+        if key in by_set and by_set[key] in report["sets"] and report.get(key) is not None:
+            for kind, part in report["sets"][by_set[key]]["by_kind"].items():
                 label = f"  {kind.replace('_', ' ')} (n = {part['n']})"
                 lines.append(f"{label:<28}{pct(part['not_present'])}")
     for name in RESTRICTED:

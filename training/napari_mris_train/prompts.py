@@ -165,14 +165,10 @@ def side_columns(width: int) -> dict[str, slice]:
     return {"left": slice(0, width // 2), "right": slice(width // 2, width)}
 
 
-def absent_target(mask: np.ndarray, rng: np.random.Generator) -> str | None:
-    """A description naming only zones where the mask is empty (answer: `[REJ]`), or None if there are none.
-
-    A zone counts as empty only when no mask pixel lies on its side within its rows widened by
-    ABSENT_MARGIN (the upper zone up to the top edge, the lower one down to the bottom edge), because
-    annotators place levels loosely: with this margin 1.9 % of the QaTa-COV19 training descriptions name
-    a zone this rule calls empty (3.9 % with a margin of 0.03), and 52 % of the masks still offer one.
-    """
+def empty_zones(mask: np.ndarray) -> dict[str, list[str]]:
+    """{side: [level, ...]} of the zones with no mask pixel on their side within their rows widened by
+    ABSENT_MARGIN (the upper zone up to the top edge, the lower one down to the bottom edge): the zones an
+    absent prompt may name (`absent_target`)."""
     mask = np.asarray(mask, bool)
     height, width = mask.shape
     margin = int(round(ABSENT_MARGIN * height))
@@ -184,6 +180,16 @@ def absent_target(mask: np.ndarray, rng: np.random.Generator) -> str | None:
             stop = height if k == len(LEVELS) - 1 else bands[k][1] + margin
             if not mask[start:stop, columns].any():
                 empty.setdefault(side, []).append(level)
+    return empty
+
+
+def absent_target(mask: np.ndarray, rng: np.random.Generator) -> str | None:
+    """A description naming only zones where the mask is empty (answer: `[REJ]`), or None if there are none.
+
+    Empty means `empty_zones`, whose margin allows for annotators placing levels loosely (the margin's
+    trade-off, descriptions naming a zone it calls empty against masks that offer one: docs/training.md).
+    """
+    empty = empty_zones(mask)
     if not empty:
         return None
     sides = list(empty)

@@ -25,12 +25,23 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_mris.phantom import SIDES, count_areas
-from napari_mris_train.prompts import absent_target, describe, parse_zones, side_columns, zone_regions
+from napari_mris_train.prompts import (
+    absent_target,
+    describe,
+    empty_zones,
+    parse_zones,
+    side_columns,
+    zone_regions,
+)
 
 SETS = ("full", "side", "zone", "absent", "other")
 RESTRICTED = ("side", "zone")  # the sets scored against a part of the mask, with both references
 # An absent prompt names a lung with no lesion at all, or the wrong level of a lung that has one.
 ABSENT_KINDS = ("empty_lung", "other_level")
+# A full description names a zone that holds lesions, or only zones that `absent_target`'s rule calls empty
+# (the annotator's words and mask disagree: the absent set would ask that text with an empty truth).
+FULL_KINDS = ("names_lesion", "names_only_empty")
+KINDS = {"full": FULL_KINDS, "absent": ABSENT_KINDS}
 OTHER_TRIES = 32
 
 
@@ -40,7 +51,7 @@ class ReferringPrompt:
     text: str
     truth: np.ndarray  # bool (H, W): what the answer should be
     region: np.ndarray | None = None  # bool (H, W): the named part of the image (side and zone sets)
-    kind: str | None = None  # absent set: ABSENT_KINDS, which says what the model had to see to answer
+    kind: str | None = None  # full and absent sets: KINDS[set], which says what the answer should rest on
 
 
 def side_prompts(mask: np.ndarray) -> list[ReferringPrompt]:
@@ -106,6 +117,15 @@ def absent_kind(mask: np.ndarray, text: str) -> str:
     return "other_level" if any(mask[:, columns[side]].any() for side in sides) else "empty_lung"
 
 
+def description_kind(mask: np.ndarray, text: str) -> str:
+    """'names_only_empty' when every zone `text` names is empty by the absent rule (`empty_zones`), else
+    'names_lesion' (also a text that names no zone). A model that reads levels strictly may well answer
+    the first "not present": the false-rejection rate is reported for both kinds."""
+    named = set(parse_zones(text))
+    empty = {f"{level} {side}" for side, levels in empty_zones(mask).items() for level in levels}
+    return "names_only_empty" if named and named <= empty else "names_lesion"
+
+
 def referring_prompts(
     mask: np.ndarray,
     description: str,
@@ -127,7 +147,7 @@ def referring_prompts(
     absent = absent_target(mask, rng)
     prompts: list[ReferringPrompt] = []
     if "full" in sets:
-        prompts.append(ReferringPrompt("full", description, mask))
+        prompts.append(ReferringPrompt("full", description, mask, kind=description_kind(mask, description)))
     if "side" in sets:
         prompts.extend(side_prompts(mask))
     if "zone" in sets and zone is not None:
