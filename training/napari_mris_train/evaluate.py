@@ -205,19 +205,19 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{label:<22}{n}  {pct(s.get('dice')):>7}  {pct(s.get('miou')):>7}  "
                 f"{pct(s.get('pooled_dice')):>11}  {pct(s.get('pooled_miou')):>11}  {present}"
             )
+    split_by_kind = {"false_rejection_rate": "full", "n_acc": "absent"}  # figure -> the set it is the rate of
     for key, label in (
         ("false_rejection_rate", "false rejections (full)"),
         ("n_acc", "N-Acc (absent)"),
         ("other_text_drop", "Dice drop, other text"),
         ("selection", "selection score"),
     ):
-        if report.get(key) is not None:
-            lines.append(f"{label:<28}{pct(report[key])}")
-        by_set = {"false_rejection_rate": "full", "n_acc": "absent"}
-        if key in by_set and by_set[key] in report["sets"] and report.get(key) is not None:
-            for kind, part in report["sets"][by_set[key]]["by_kind"].items():
-                label = f"  {kind.replace('_', ' ')} (n = {part['n']})"
-                lines.append(f"{label:<28}{pct(part['not_present'])}")
+        if report.get(key) is None:
+            continue
+        lines.append(f"{label:<28}{pct(report[key])}")
+        for kind, part in report["sets"][split_by_kind[key]]["by_kind"].items() if key in split_by_kind else ():
+            label = f"  {kind.replace('_', ' ')} (n = {part['n']})"
+            lines.append(f"{label:<28}{pct(part['not_present'])}")
     for name in RESTRICTED:
         if name in report["sets"]:
             lines.append(f"{name + ' Dice / oracle':<28}{pct(report['sets'][name]['of_oracle'])}")
