@@ -15,6 +15,12 @@ description through the pipeline and measures the same on its final mask (what t
 `--unet DIR` the same for a text-free U-Net peer's checkpoint (`benchmarks/unet_baseline.py --out DIR`:
 DIR/checkpoint).
 
+The third figure bounds what a decision can get from such a read-out: over every half of every image, how
+well the highest lesion probability in a half tells the halves without a mask pixel from those with one
+(the AUC), and the share of lesion-free halves whose peak lies below all but MAX_FALSE_EMPTY of the lesion
+halves' peaks: the lesion-free lungs a decision reading the peak could answer "not present" while saying
+so of at most 3 % of the lungs with a lesion (issue 15's bound on false "not present" answers).
+
     python benchmarks/stem_readout.py --model src/napari_mris/models/default --data ../shared/data/QaTa-COV19
     python benchmarks/stem_readout.py --data ../shared/data/QaTa-COV19 --start 300 --limit 300 --with-text \\
         --unet runs/unet224_131
@@ -30,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import mannwhitneyu
 from tqdm import tqdm
 
 from napari_mris.model.decoder_files import load_decoder
@@ -41,6 +48,7 @@ from napari_mris_train.metrics import dice_iou
 from napari_mris_train.prompts import side_columns
 
 MARKED_PIXELS = 500  # about 2 % of a 224 px image's half: a lesion a reader would see, not a stray pixel
+MAX_FALSE_EMPTY = 0.03  # issue 15: at most 3 % of present findings answered "not present"
 
 
 def lesion_free_half(mask: np.ndarray) -> tuple[slice, slice] | None:
@@ -61,6 +69,24 @@ def half_marks(masks: list[tuple[np.ndarray, tuple[slice, slice]]]) -> dict[str,
     }
 
 
+def half_peaks(prob: np.ndarray, mask: np.ndarray) -> list[tuple[float, bool]]:
+    """(the highest probability in the half, whether the mask leaves it lesion-free) for each half."""
+    halves = side_columns(mask.shape[1]).values()
+    return [(float(prob[:, columns].max()), not mask[:, columns].any()) for columns in halves]
+
+
+def lesion_free_separation(peaks: list[tuple[float, bool]]) -> dict[str, float]:
+    """How well a low peak marks a lesion-free half: the AUC (Mann-Whitney U over the two groups) and the
+    share of lesion-free halves strictly below the MAX_FALSE_EMPTY quantile of the lesion halves' peaks."""
+    values = np.array([peak for peak, _ in peaks])
+    free = np.array([lesion_free for _, lesion_free in peaks])
+    if free.all() or not free.any():
+        raise ValueError("the separation needs halves with and without a lesion")
+    u = mannwhitneyu(values[~free], values[free]).statistic  # lesion halves ranked above lesion-free ones
+    cut = np.quantile(values[~free], MAX_FALSE_EMPTY)
+    return {"auc": float(u / (free.sum() * (~free).sum())), "caught": float((values[free] < cut).mean())}
+
+
 def load_unet(folder: Path):
     """A unet_baseline.py run's U-Net (its checkpoint: the state at the last save) and its input size."""
     sys.path.insert(0, str(Path(__file__).parent))
@@ -72,13 +98,13 @@ def load_unet(folder: Path):
     return model.eval(), int(info["recipe"]["size"]), int(info["steps"])
 
 
-def unet_mask(model, size: int, image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """The U-Net's mask at the truth's size, as unet_baseline.py scores it (pixels / 255, area-resized,
-    its `predict`)."""
-    from unet_baseline import predict  # on sys.path since load_unet
+def unet_probability(model, size: int, image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The U-Net's lesion probabilities at the truth's size, as unet_baseline.py scores it (pixels / 255,
+    area-resized, its `probabilities`; its mask is these at 0.5)."""
+    from unet_baseline import probabilities  # on sys.path since load_unet
 
     x = torch.from_numpy(image.astype(np.float32) / 255.0)[None, None]
-    return predict(model, F.interpolate(x, size=(size, size), mode="area"), out_size=shape)[0]
+    return probabilities(model, F.interpolate(x, size=(size, size), mode="area"), out_size=shape)[0]
 
 
 def main() -> None:
@@ -108,14 +134,20 @@ def main() -> None:
     split = load_split(args.data, split="val")
     stop = len(split) if args.limit is None else min(args.start + args.limit, len(split))
     scores, marks = [], {"map": [], "text": [], "unet": []}
+    peaks = {"map": [], "unet": []}
     with torch.no_grad():
         for i in tqdm(range(args.start, stop), desc="stem read-out", mininterval=5):
             example = split[i]
             pixels = torch.from_numpy(np.ascontiguousarray(to_model_image(example.image, None, size)))[None, None]
             prob = torch.sigmoid(decoder.lesion_logits(pixels))
             prob = F.interpolate(prob, size=example.mask.shape, mode="bilinear", align_corners=False)
-            lesion_map = prob[0, 0].numpy() > 0.5
+            prob = prob[0, 0].numpy()
+            lesion_map = prob > 0.5
             scores.append(dice_iou(lesion_map, example.mask))
+            peaks["map"] += half_peaks(prob, example.mask > 0)
+            unet_prob = unet_probability(unet[0], unet[1], example.image, example.mask.shape) if unet else None
+            if unet_prob is not None:
+                peaks["unet"] += half_peaks(unet_prob, example.mask > 0)
             half = lesion_free_half(example.mask > 0)
             if half is None:
                 continue
@@ -123,7 +155,7 @@ def main() -> None:
             if pipeline is not None:
                 marks["text"].append((pipeline.segment(example.image, example.description).mask, half))
             if unet is not None:
-                marks["unet"].append((unet_mask(unet[0], unet[1], example.image, example.mask.shape), half))
+                marks["unet"].append((unet_prob > 0.5, half))
     dice, iou = (float(np.mean(values)) for values in zip(*scores, strict=True))
     print(f"lesion read-out alone, {len(scores)} images: Dice {100 * dice:.2f} %, mIoU {100 * iou:.2f} %")
     names = {
@@ -140,6 +172,15 @@ def main() -> None:
                 f"  {names[key]}: marks it in {100 * m['marked']:.1f} % ({100 * m['marked_500']:.1f} % with >= "
                 f"{MARKED_PIXELS} px), {m['mean_pixels']:.0f} px on average"
             )
+    free = sum(lesion_free for _, lesion_free in peaks["map"])
+    print(
+        f"all {len(peaks['map'])} halves, {free} lesion-free: the half's peak probability as a lesion-free test "
+        f"(caught: lesion-free halves below all but {100 * MAX_FALSE_EMPTY:.0f} % of the lesion halves' peaks):"
+    )
+    for key, values in peaks.items():
+        if values:
+            sep = lesion_free_separation(values)
+            print(f"  {names[key]}: AUC {sep['auc']:.3f}, caught {100 * sep['caught']:.1f} %")
 
 
 if __name__ == "__main__":

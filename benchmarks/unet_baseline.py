@@ -153,14 +153,19 @@ def train(
 
 
 @torch.no_grad()
-def predict(model: UNet, x: torch.Tensor, out_size: tuple[int, int]) -> np.ndarray:
+def probabilities(model: UNet, x: torch.Tensor, out_size: tuple[int, int]) -> np.ndarray:
+    """(N, H, W) lesion probabilities of a batch of inputs, resized bilinearly to the masks' size."""
     model.eval()
-    masks = []
+    probs = []
     for start in range(0, len(x), 32):
         logits = model(x[start : start + 32])
-        prob = F.interpolate(torch.sigmoid(logits), size=out_size, mode="bilinear", align_corners=False)
-        masks.append((prob[:, 0] > 0.5).numpy())
-    return np.concatenate(masks)
+        probs.append(F.interpolate(torch.sigmoid(logits), size=out_size, mode="bilinear", align_corners=False)[:, 0])
+    return torch.cat(probs).numpy()
+
+
+def predict(model: UNet, x: torch.Tensor, out_size: tuple[int, int]) -> np.ndarray:
+    """(N, H, W) masks: the probabilities at 0.5."""
+    return probabilities(model, x, out_size) > 0.5
 
 
 def main() -> None:

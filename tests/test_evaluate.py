@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,15 @@ import pytest
 from napari_mris_train.cli import main
 from napari_mris_train.metrics import dice_iou
 from napari_mris_train.tiny import build_tiny_model
+
+
+def _benchmark(name: str):
+    """A script of benchmarks/ (not a package) loaded as a module, for its functions."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_dice_and_iou_by_hand():
@@ -98,13 +109,7 @@ def test_eval_puts_every_prompt_into_the_wording(tmp_path, monkeypatch):
 
 def test_compare_evals_pairs_the_same_prompts(tmp_path):
     """benchmarks/compare_evals.py: B - A per set over the prompts both runs asked."""
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_evals.py"
-    spec = importlib.util.spec_from_file_location("compare_evals", script)
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
+    compare = _benchmark("compare_evals")
 
     def row(name, kind, dice, p_reject, drawn=True):
         rejected = p_reject > 0.5
@@ -126,13 +131,7 @@ def test_compare_evals_pairs_the_same_prompts(tmp_path):
 def test_stem_readout_measures_marks_on_the_lesion_free_half():
     """benchmarks/stem_readout.py: a one-sided mask's other half is the lesion-free one (none for a
     bilateral or an empty mask), and the marks there are counted and sized."""
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "stem_readout.py"
-    spec = importlib.util.spec_from_file_location("stem_readout", script)
-    readout = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(readout)
+    readout = _benchmark("stem_readout")
 
     truth = np.zeros((64, 64), bool)
     truth[20:30, 5:15] = True  # one lesion, in the first half's columns
@@ -147,6 +146,22 @@ def test_stem_readout_measures_marks_on_the_lesion_free_half():
     assert figures["marked"] == pytest.approx(2 / 3)
     assert figures["marked_500"] == pytest.approx(1 / 3)  # 64 x 32 = 2,048 px >= MARKED_PIXELS; one px is not
     assert figures["mean_pixels"] == pytest.approx((0 + 1 + 64 * 32) / 3)
+    assert readout.half_peaks(np.where(truth, 0.9, 0.2), truth) == [(0.9, False), (0.2, True)]
+
+
+def test_stem_readout_separation_of_lesion_free_halves():
+    """The peak test: AUC 1 and every lesion-free half caught when all their peaks lie below the lesion
+    halves'; a lesion-free half that peaks like the lowest lesion halves is not caught (the 3 % cut)."""
+    readout = _benchmark("stem_readout")
+
+    lesion = [(0.5 + 0.005 * k, False) for k in range(100)]  # peaks 0.5 .. 0.995
+    clean = readout.lesion_free_separation(lesion + [(0.1, True), (0.2, True)])
+    assert clean == {"auc": pytest.approx(1.0), "caught": pytest.approx(1.0)}
+    mixed = readout.lesion_free_separation(lesion + [(0.1, True), (0.52, True), (0.9, True)])
+    assert mixed["caught"] == pytest.approx(1 / 3)  # 0.52 is above the 3 % quantile (0.515)
+    assert mixed["auc"] == pytest.approx((100 + 95 + 20) / 300)  # lesion halves ranked above each free one
+    with pytest.raises(ValueError, match="with and without"):
+        readout.lesion_free_separation(lesion)
 
 
 def test_presence_threshold_is_chosen_on_the_selection_score():
