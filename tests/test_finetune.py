@@ -103,8 +103,9 @@ def test_with_an_adapter_the_base_model_decides_presence(tiny):
     model, data = tiny
     tuned, _ = train_adapter(model, data / "Train_Folder", steps=3, lr=5e-2, batch_size=2)
     save_adapter(tuned.llama, model, "decides")
-    base, adapted = MRISPipeline.from_pretrained(model, device="cpu"), MRISPipeline.from_pretrained(
-        model, device="cpu", adapter="decides"
+    base, adapted = (
+        MRISPipeline.from_pretrained(model, device="cpu"),
+        MRISPipeline.from_pretrained(model, device="cpu", adapter="decides"),
     )
     assert adapted.presence_decoder is not None and base.presence_decoder is None
     assert adapted.info()["presence_decided_by"] == "base model" and base.info()["presence_decided_by"] == "model"

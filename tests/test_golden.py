@@ -110,9 +110,7 @@ def test_referring_benchmark_on_32_validation_images(pipeline, qata_root) -> Non
     from napari_mris_train.evaluate import evaluate_split
 
     split = load_split(qata_root, split="val")
-    report = evaluate_split(
-        pipeline, split, order="raster", limit=32, sets=("full", "side", "absent"), progress=False
-    )
+    report = evaluate_split(pipeline, split, order="raster", limit=32, sets=("full", "side", "absent"), progress=False)
     figures = {"full": report["dice"], "side": report["sets"]["side"]["dice"], "n_acc": report["n_acc"]}
     below = {k: round(v, 4) for k, v in figures.items() if v < VAL32_FLOORS[k]}
     assert not below, f"under the floors {VAL32_FLOORS}: {below}"

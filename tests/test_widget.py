@@ -371,9 +371,7 @@ def test_several_findings_get_one_label_and_one_undo_step_each(viewer, image_lay
     assert not labels.data.any()
 
 
-def test_stop_during_a_finding_keeps_earlier_findings_and_starts_none_of_the_rest(
-    viewer, image_layer, qtbot
-) -> None:
+def test_stop_during_a_finding_keeps_earlier_findings_and_starts_none_of_the_rest(viewer, image_layer, qtbot) -> None:
     shape = image_layer.data.shape
     gate = threading.Event()
     first = box(shape, slice(0, 10), slice(0, 10))
@@ -405,9 +403,7 @@ def test_stop_during_a_finding_keeps_earlier_findings_and_starts_none_of_the_res
         ("\n".join(f"zone {i}" for i in range(9)), "more than the 8"),
     ],
 )
-def test_a_bad_list_of_findings_is_refused_and_nothing_drawn_is_lost(
-    viewer, image_layer, qtbot, text, message
-) -> None:
+def test_a_bad_list_of_findings_is_refused_and_nothing_drawn_is_lost(viewer, image_layer, qtbot, text, message) -> None:
     shape = image_layer.data.shape
     earlier = box(shape, slice(0, 10), slice(0, 10))
     pipeline = ScriptedPipeline([earlier])
@@ -450,7 +446,10 @@ def test_two_findings_with_the_real_model(viewer, image_layer, qtbot, tiny_pipel
 
 
 def test_an_overlong_prompt_is_refused_by_the_real_model_and_nothing_drawn_is_lost(
-    viewer, image_layer, qtbot, tiny_pipeline  # noqa: F811
+    viewer,
+    image_layer,
+    qtbot,
+    tiny_pipeline,  # noqa: F811
 ) -> None:
     """A finding longer than the model reads (its place named at the end) is refused in plain words, not
     answered for its first tokens; the labels drawn before stay as they were."""

@@ -43,9 +43,21 @@ LABELS_PREFIX = "labels_"  # several findings of one image: label k = the k-th f
 INSTANCES_PREFIX = "instances_"  # --instances: each finding's lesions numbered 1..n
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 PREDICTION_COLUMNS = [
-    "image", "prompt", "answer", "rejected", "seconds", "model_id", "model_hash", "adapter", "order", "domain_score",
-    "label", "lesions", "stated_lesions", "reject_probability",
-]  # fmt: skip  (new columns go at the end: readers that index columns keep working)
+    "image",
+    "prompt",
+    "answer",
+    "rejected",
+    "seconds",
+    "model_id",
+    "model_hash",
+    "adapter",
+    "order",
+    "domain_score",
+    "label",
+    "lesions",
+    "stated_lesions",
+    "reject_probability",
+]  # new columns go at the end: readers that index columns keep working
 
 
 class _Parser(argparse.ArgumentParser):

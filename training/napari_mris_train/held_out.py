@@ -56,7 +56,14 @@ def score_held_out(
     merged = copy.deepcopy(decoder)
     merged.llama = merged.llama.merge_and_unload()
     adapted = MRISPipeline(
-        base.model_dir, base.config, base.tokenizers, merged.eval(), layout, base.device, name, base.model_hash,
+        base.model_dir,
+        base.config,
+        base.tokenizers,
+        merged.eval(),
+        layout,
+        base.device,
+        name,
+        base.model_hash,
         presence_decoder=base.decoder,  # the base decides presence, as when the adapter is loaded
     )
     items = [(e.name, e.image, e.description, e.mask) for e in examples]

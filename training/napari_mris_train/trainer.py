@@ -387,9 +387,7 @@ def train(
     cfg = recipe.train
     end = cfg.steps if stop_after is None else min(cfg.steps, run.step + stop_after)
     # the whole stem warms up only from scratch; a loaded model's stem only ever has its map warmed up again
-    warm_up = cfg.stem_warmup_steps and (
-        cfg.stem_warmup_parts == "map" or (not cfg.freeze_stem and init_from is None)
-    )
+    warm_up = cfg.stem_warmup_steps and (cfg.stem_warmup_parts == "map" or (not cfg.freeze_stem and init_from is None))
     if warm_up and not run.last.exists():  # a checkpoint means the warm-up is behind us
         warm_up_stem(run, progress)
     bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train {recipe.name}", disable=not progress)

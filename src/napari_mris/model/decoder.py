@@ -44,7 +44,6 @@ from napari_mris.model.vocab import BOS, EOS, PAD
 CELL_POSITION_FREQUENCIES = 4  # octaves of the (row, column) code: half the image down to 1/16 of it
 
 
-
 @dataclass
 class DecoderConfig:
     """Architecture of the decoder; stored as the `decoder` section of config.json."""
@@ -314,8 +313,10 @@ def cell_position_codes(sizes: range) -> torch.Tensor:
         centre = (torch.arange(s, dtype=torch.float32) + 0.5) / s
         rows.append(centre.repeat_interleave(s))
         cols.append(centre.repeat(s))
-    angles = torch.stack([torch.cat(rows), torch.cat(cols)], 1)[:, :, None] * math.pi * 2.0 ** torch.arange(
-        CELL_POSITION_FREQUENCIES, dtype=torch.float32
+    angles = (
+        torch.stack([torch.cat(rows), torch.cat(cols)], 1)[:, :, None]
+        * math.pi
+        * 2.0 ** torch.arange(CELL_POSITION_FREQUENCIES, dtype=torch.float32)
     )
     return torch.cat([angles.sin(), angles.cos()], dim=2).flatten(1)
 
