@@ -142,16 +142,16 @@ def main() -> None:
             prob = torch.sigmoid(decoder.lesion_logits(pixels))
             prob = F.interpolate(prob, size=example.mask.shape, mode="bilinear", align_corners=False)
             prob = prob[0, 0].numpy()
-            lesion_map = prob > 0.5
-            scores.append(dice_iou(lesion_map, example.mask))
-            peaks["map"] += half_peaks(prob, example.mask > 0)
-            unet_prob = unet_probability(unet[0], unet[1], example.image, example.mask.shape) if unet else None
-            if unet_prob is not None:
-                peaks["unet"] += half_peaks(unet_prob, example.mask > 0)
-            half = lesion_free_half(example.mask > 0)
+            truth = example.mask > 0
+            scores.append(dice_iou(prob > 0.5, example.mask))
+            peaks["map"] += half_peaks(prob, truth)
+            if unet is not None:
+                unet_prob = unet_probability(unet[0], unet[1], example.image, example.mask.shape)
+                peaks["unet"] += half_peaks(unet_prob, truth)
+            half = lesion_free_half(truth)
             if half is None:
                 continue
-            marks["map"].append((lesion_map, half))
+            marks["map"].append((prob > 0.5, half))
             if pipeline is not None:
                 marks["text"].append((pipeline.segment(example.image, example.description).mask, half))
             if unet is not None:
