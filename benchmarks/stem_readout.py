@@ -173,6 +173,9 @@ def main() -> None:
                 f"{MARKED_PIXELS} px), {m['mean_pixels']:.0f} px on average"
             )
     free = sum(lesion_free for _, lesion_free in peaks["map"])
+    if free in (0, len(peaks["map"])):
+        print(f"all {len(peaks['map'])} halves, {free} lesion-free: no lesion-free test without both kinds of half")
+        return
     print(
         f"all {len(peaks['map'])} halves, {free} lesion-free: the half's peak probability as a lesion-free test "
         f"(caught: lesion-free halves below all but {100 * MAX_FALSE_EMPTY:.0f} % of the lesion halves' peaks):"
