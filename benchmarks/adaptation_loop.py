@@ -36,6 +36,7 @@ benchmark leaves neither the model directory nor the user's own adapters touched
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -43,11 +44,14 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
+from skimage import morphology
 
 from napari_mris.corrections import CorrectionsStore
 from napari_mris.model.modeldir import model_hash
@@ -64,10 +68,11 @@ PROXY_KINDS = {"full": (0.0, 0.0), "zone": (0.0, 1.0), "absent": (1.0, 0.0)}  # 
 
 
 class Picked:
-    """Chosen pairs of a split, with the split's interface (what evaluate_split needs)."""
+    """Chosen pairs of a split, with the split's interface (what evaluate_split needs); `style` redraws
+    each mask as a simulated annotator would (`annotator_style`)."""
 
-    def __init__(self, split, indices: list[int]) -> None:
-        self.split, self.indices = split, list(indices)
+    def __init__(self, split, indices: list[int], style: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        self.split, self.indices, self.style = split, list(indices), style
         self.folder = split.folder
         self.pairs = [split.pairs[i] for i in self.indices]
         self.descriptions = [p[3] for p in self.pairs]
@@ -77,7 +82,29 @@ class Picked:
         return len(self.indices)
 
     def __getitem__(self, index: int):
-        return self.split[self.indices[index]]
+        example = self.split[self.indices[index]]
+        return example if self.style is None else dataclasses.replace(example, mask=self.style(example.mask))
+
+
+def annotator_style(spec: str) -> Callable[[np.ndarray], np.ndarray] | None:
+    """`as-is`, `dilate:K` or `erode:K`: a new annotator who outlines every lesion K pixels wider or
+    tighter than Val_Folder's. Val_Folder's own difference from Train_Folder is not one an adapter can
+    learn (docs/results.md, stop 32); a known, systematic one shows whether the loop learns a style at all.
+    A mask that erosion would empty keeps its original drawing (a correction is always a present finding)."""
+    if spec == "as-is":
+        return None
+    kind, _, size = spec.partition(":")
+    if kind not in ("dilate", "erode") or not size.isdigit() or int(size) < 1:
+        raise argparse.ArgumentTypeError(f"annotator style must be as-is, dilate:K or erode:K (K >= 1), got {spec!r}")
+    disk = morphology.disk(int(size))
+
+    def redraw(mask: np.ndarray) -> np.ndarray:
+        change = ndimage.binary_dilation if kind == "dilate" else ndimage.binary_erosion
+        drawn = change(mask, structure=disk)
+        return drawn if drawn.any() else mask
+
+    redraw.spec = spec  # type: ignore[attr-defined]  # the base scores' cache key
+    return redraw
 
 
 def subject(name: str) -> str:
@@ -116,8 +143,8 @@ def choose_cases(val, train, args) -> dict[str, Picked]:
     if not scored:
         raise SystemExit("no val cases left to score: lower --pool or the largest --n")
     return {
-        "pool": Picked(val, pool),
-        "scored": Picked(val, scored),
+        "pool": Picked(val, pool, args.annotator),
+        "scored": Picked(val, scored, args.annotator),
         "forgetting": Picked(train, forgetting),
         "replay": Picked(train, replay),
     }
@@ -172,7 +199,9 @@ def cached_base(model_dir: Path, cases: dict[str, Picked], args, cache: Path | N
     """The base model's scores (they do not depend on the recipe: cached by model, cases, sets and order)."""
     key = hashlib.sha256(
         json.dumps(
-            [model_hash(model_dir), args.order, list(args.sets)] + [cases["scored"].names, cases["forgetting"].names]
+            [model_hash(model_dir), args.order, list(args.sets)]
+            + [cases["scored"].names, cases["forgetting"].names]
+            + ([args.annotator.spec] if args.annotator else [])
         ).encode()
     ).hexdigest()[:16]
     path = cache / f"base_{key}.json" if cache is not None else None
@@ -392,6 +421,12 @@ def main() -> None:
     parser.add_argument("--sets", type=parse_sets, default=("full", "side", "absent"), help="referring sets on val")
     parser.add_argument("--order", default=None, choices=("scale", "raster"), help="default: the model's")
     parser.add_argument("--tune", action="store_true", help="score held-back pool cases, not the scored cases")
+    parser.add_argument(
+        "--annotator",
+        type=annotator_style,
+        default=None,
+        help="as-is (default), dilate:K or erode:K: val masks (corrections, scored truths) drawn K px wider / tighter",
+    )
     recipe = parser.add_argument_group("recipe (napari-mris-train finetune's options; unset: its defaults)")
     recipe.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     recipe.add_argument("--rank", type=int)
@@ -403,7 +438,7 @@ def main() -> None:
     recipe.add_argument("--replay-fraction", type=float)
     recipe.add_argument("--seed", type=int)
     recipe.add_argument(
-        "--option", action="append", metavar="KEY=JSON", help="another train_adapter keyword, e.g. stem='\"up\"'"
+        "--option", action="append", metavar="KEY=JSON", help="another train_adapter keyword, e.g. max_passes=3"
     )
     parser.add_argument("--proxy", action="store_true", help="with --tune: answers' cross-entropy, no decoding")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the timing's CPU budget)")
@@ -420,7 +455,8 @@ def main() -> None:
     print(
         f"pool val[0:{len(cases['pool'])}], scored {len(cases['scored'])} val cases "
         f"({'tuning' if args.tune else 'final'}), "
-        f"forgetting {len(cases['forgetting'])} train cases, replay {len(cases['replay'])}, order {args.order}",
+        f"forgetting {len(cases['forgetting'])} train cases, replay {len(cases['replay'])}, order {args.order}, "
+        f"annotator {args.annotator.spec if args.annotator else 'as-is'}",
         flush=True,
     )
     if args.proxy:
@@ -464,6 +500,7 @@ def main() -> None:
             "model": str(model_dir),
             "mode": "tune" if args.tune else "final",
             "order": args.order,
+            "annotator": args.annotator.spec if args.annotator else "as-is",
             "sets": list(args.sets),
             "threads": args.threads,
             "steps": args.steps,

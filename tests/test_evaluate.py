@@ -164,6 +164,36 @@ def test_stem_readout_separation_of_lesion_free_halves():
         readout.lesion_free_separation(lesion)
 
 
+def test_adaptation_benchmark_simulated_annotator(tmp_path):
+    """benchmarks/adaptation_loop.py --annotator: dilate:K / erode:K redraw every val mask K px wider /
+    tighter, in the corrections and the scored truths alike; erosion never empties a present finding."""
+    import argparse
+
+    from napari_mris.phantom import write_lvit_dataset
+    from napari_mris_train.data import load_split
+
+    loop = _benchmark("adaptation_loop")
+    mask = np.zeros((40, 40), bool)
+    mask[10:20, 10:20] = True
+    assert loop.annotator_style("as-is") is None
+    wider, tighter = loop.annotator_style("dilate:2")(mask), loop.annotator_style("erode:2")(mask)
+    assert wider[8:22, 10:20].all() and not wider[7, 15] and wider.sum() > mask.sum()
+    assert tighter[12:18, 12:18].all() and tighter.sum() == 36 and (tighter <= mask).all()
+    assert (loop.annotator_style("erode:6")(mask) == mask).all()  # emptied: the drawing stays
+    for bad in ("grow:2", "erode:0", "dilate:x", "dilate"):
+        with pytest.raises(argparse.ArgumentTypeError, match="annotator style"):
+            loop.annotator_style(bad)
+
+    root = write_lvit_dataset(tmp_path / "lvit", n_train=2, n_val=4, size=64, seed=3)
+    val = load_split(root, split="val")
+    styled = loop.Picked(val, [1, 3], loop.annotator_style("dilate:1"))
+    for k, index in enumerate((1, 3)):
+        original = val[index].mask
+        assert styled[k].image is not None and styled[k].description == val[index].description
+        assert styled[k].mask.sum() > original.sum() and (styled[k].mask >= original).all()
+    assert (loop.Picked(val, [1])[0].mask == val[1].mask).all()
+
+
 def test_presence_threshold_is_chosen_on_the_selection_score():
     """answered_at turns findings above the threshold into empty "not present" answers; the choice is the
     threshold with the best selection score (here one that rejects the absent prompt and no present one)."""
