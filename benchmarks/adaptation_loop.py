@@ -484,6 +484,7 @@ def main() -> None:
             adapted = MRISPipeline.from_pretrained(model_dir, device="cpu", adapter=f"n{n}")
             row = {
                 "n": n,
+                "lesion_threshold": adapted.lesion_threshold,  # the border cut chosen on the corrections
                 "adapt_seconds": adapt_seconds,  # wall clock, on a CPU other jobs may share
                 "adapt_cpu_seconds": adapt_cpu_seconds,  # this process's CPU time: the cost on an idle core
                 "scored": score(adapted, cases["scored"], args.order, args.sets),
@@ -491,7 +492,8 @@ def main() -> None:
             }
             rows.append(row)
             print(
-                f"N={n}: {json.dumps(headline(row))}, adaptation {adapt_seconds:.0f} s ({adapt_cpu_seconds:.0f} s CPU)",
+                f"N={n}: {json.dumps(headline(row))}, lesion cut {adapted.lesion_threshold:g}, "
+                f"adaptation {adapt_seconds:.0f} s ({adapt_cpu_seconds:.0f} s CPU)",
                 flush=True,
             )
     print_table(base, rows)

@@ -50,6 +50,12 @@ def test_default_model_snaps_its_finished_mask_to_its_lesion_map() -> None:
     with torch.inference_mode():
         lesion = lesion_probability(pipeline.decoder.lesion_logits(model_image[None]), image.pixels.shape)
     assert lesion is not None and lesion.shape == image.pixels.shape
+    np.testing.assert_allclose(pipeline.lesion_map(image.pixels, image.window), lesion, atol=1e-6)
     expected = snap_to_lesion_map(tokens.probability, lesion)
     np.testing.assert_allclose(snapped.probability, expected, atol=1e-6)
     assert np.array_equal(snapped.mask, expected >= 0.5) and snapped.mask.sum() >= tokens.mask.sum()
+
+    pipeline.lesion_threshold = 0.8  # an adapter's calibrated cut (adapters.adapter_lesion_threshold)
+    tighter = pipeline.segment(image.pixels, description, window=image.window)
+    assert np.array_equal(tighter.mask, snap_to_lesion_map(tokens.probability, lesion, 0.8) >= 0.5)
+    assert tighter.mask.sum() < snapped.mask.sum() and pipeline.info()["lesion_threshold"] == 0.8

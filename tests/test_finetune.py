@@ -5,18 +5,20 @@ from __future__ import annotations
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
-from napari_mris.adapters import adapters_folder, list_adapters, save_adapter
+from napari_mris.adapters import CALIBRATION, adapter_dir, adapters_folder, list_adapters, save_adapter
 from napari_mris.errors import ModelDirectoryError
 from napari_mris.model.decoder_files import load_decoder
 from napari_mris.model.generate import presence_probabilities
 from napari_mris.model.modeldir import file_sha256, model_hash
 from napari_mris.pipeline import MRISPipeline, as_plane
 from napari_mris_train.cli import main
-from napari_mris_train.data import load_split
-from napari_mris_train.finetune import finetune, train_adapter
+from napari_mris_train.data import Example, load_split
+from napari_mris_train.finetune import MIN_BORDER_GAIN, choose_lesion_threshold, finetune, train_adapter
+from napari_mris_train.metrics import dice_iou
 from napari_mris_train.tiny import build_tiny_model
 
 
@@ -122,3 +124,58 @@ def test_with_an_adapter_the_base_model_decides_presence(tiny):
     texts = [adapted.layout.text_ids(torch.as_tensor(adapted._encode_prompt(p)[0])) for p in prompts]
     own = presence_probabilities(adapted.decoder, adapted.decoding_orders[order], image.prefill, texts)
     assert max(abs(a - r.reject_probability) for a, r in zip(own, reference, strict=True)) > 1e-4
+
+
+class _Maps:
+    """A stand-in pipeline whose lesion map is given (choose_lesion_threshold only asks for the map)."""
+
+    def __init__(self, maps):
+        self.maps = {id(image): probability for image, probability in maps}
+
+    def lesion_map(self, image):
+        return self.maps[id(image)]
+
+
+def test_the_border_cut_is_chosen_on_the_corrections():
+    """Masks drawn at the map's 0.8 (a tighter annotator) choose 0.8, at its 0.3 choose 0.3; masks that
+    match the map at 0.5, or a cut that gains less than MIN_BORDER_GAIN, keep 0.5."""
+    ramp = np.tile(np.linspace(0, 1, 1000, dtype=np.float32), (4, 1))  # the cut sets where the mask starts
+    images = [np.zeros((4, 1000), np.uint8) for _ in range(3)]
+    pipeline = _Maps([(image, ramp) for image in images])
+
+    def drawn_at(cut):
+        return [Example(f"c{k}", image, ramp >= cut, "finding") for k, image in enumerate(images)]
+
+    assert choose_lesion_threshold(pipeline, drawn_at(0.8)) == 0.8
+    assert choose_lesion_threshold(pipeline, drawn_at(0.3)) == 0.3
+    assert choose_lesion_threshold(pipeline, drawn_at(0.5)) == 0.5
+    nearly = drawn_at(0.553)
+    dice = {cut: dice_iou(ramp >= cut, nearly[0].mask)[0] for cut in (0.5, 0.6)}
+    assert 0 < dice[0.6] - dice[0.5] < MIN_BORDER_GAIN  # 0.6 fits better, but not by a Dice point
+    assert choose_lesion_threshold(pipeline, nearly) == 0.5
+    assert choose_lesion_threshold(_Maps([(image, None) for image in images]), drawn_at(0.8)) == 0.5  # no map
+
+
+def test_the_adapter_carries_its_border_and_the_pipeline_draws_with_it(tiny):
+    """finetune saves the chosen cut with the adapter; loading the adapter draws with it; --keep-border and a
+    damaged calibration behave as documented."""
+    model, data = tiny
+    folder = finetune(model, data / "Train_Folder", "border", steps=1, batch_size=2)
+    saved = json.loads((folder / CALIBRATION).read_text())["lesion_threshold"]
+    assert 0 < saved < 1
+    assert MRISPipeline.from_pretrained(model, device="cpu", adapter="border").lesion_threshold == saved
+    assert MRISPipeline.from_pretrained(model, device="cpu").lesion_threshold == 0.5
+
+    (folder / CALIBRATION).write_text(json.dumps({"lesion_threshold": 0.7}))
+    pipeline = MRISPipeline.from_pretrained(model, device="cpu", adapter="border")
+    assert pipeline.lesion_threshold == 0.7 and pipeline.info()["lesion_threshold"] == 0.7
+    (folder / CALIBRATION).unlink()  # an adapter saved before calibrations existed: the default cut
+    assert MRISPipeline.from_pretrained(model, device="cpu", adapter="border").lesion_threshold == 0.5
+    for damaged in ('{"lesion_threshold": 1.5}', '{"lesion_threshold": true}', "{not json", "{}"):
+        (folder / CALIBRATION).write_text(damaged)
+        with pytest.raises(ModelDirectoryError, match="lesion_threshold"):
+            MRISPipeline.from_pretrained(model, device="cpu", adapter="border")
+
+    args = ["finetune", "--model", str(model), "--data", str(data / "Train_Folder"), "--out", "kept"]
+    assert main([*args, "--steps", "1", "--batch-size", "2", "--keep-border", "--device", "cpu"]) == 0
+    assert json.loads((adapter_dir(model, "kept") / CALIBRATION).read_text()) == {"lesion_threshold": 0.5}

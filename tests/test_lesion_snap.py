@@ -67,3 +67,30 @@ def test_diagonal_neighbours_are_one_lesion():
     tokens = np.zeros((6, 6), np.float32)
     tokens[1, 1] = 0.9
     assert (snap_to_lesion_map(tokens, lesions) >= 0.5).sum() == 3
+
+
+def test_an_adapters_lesion_threshold_moves_the_border():
+    """A user's own cut (an adapter's calibration) draws the touched lesion tighter or wider; thresholding
+    at 0.5 still gives exactly the supported parts and the lesions at that cut."""
+    shape = (30, 30)
+    halo = blob(shape, slice(4, 26), slice(4, 26), 0.4)
+    rim = blob(shape, slice(7, 23), slice(7, 23), 0.6)
+    core = blob(shape, slice(10, 20), slice(10, 20), 0.9)
+    lesion = np.maximum(np.maximum(halo, rim), core)
+    tokens = blob(shape, slice(12, 14), slice(12, 14), 0.8)
+    for threshold, drawn in ((0.5, rim), (0.8, core), (0.3, halo)):
+        mask = snap_to_lesion_map(tokens, lesion, lesion_threshold=threshold) >= 0.5
+        assert np.array_equal(mask, drawn > 0), threshold
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        snap_to_lesion_map(tokens, lesion, lesion_threshold=1.0)
+
+
+def test_recentred_puts_the_threshold_on_one_half():
+    from napari_mris.lesion_snap import recentred
+
+    p = np.linspace(0, 1, 101, dtype=np.float32)
+    np.testing.assert_allclose(recentred(p, 0.5), p, atol=1e-6)  # the default cut changes nothing
+    for threshold in (0.2, 0.8):
+        r = recentred(p, threshold)
+        assert r[0] == 0 and r[-1] == pytest.approx(1) and (np.diff(r) > 0).all()
+        assert np.array_equal(r >= 0.5, p >= threshold)

@@ -8,6 +8,7 @@ model hash (`modeldir.model_hash`, which covers every model file) and one per ad
 
     <root>/<base model hash, 16 hex>/<adapter name>/adapter_model.safetensors, adapter_config.json, base_model.json
                                                      [evaluation.json: base vs adapter on held-back corrections]
+                                                     [calibration.json: the lesion map's cut chosen on the corrections]
 
 The hash key means a model directory only ever sees its own adapters, wherever it is installed; the
 `base_model.json` inside each adapter is checked again on load, so a folder copied by hand under another
@@ -30,6 +31,7 @@ WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 BASE = "base_model.json"
 EVALUATION = "evaluation.json"  # napari_mris.adaptation.HeldOutComparison, written with the adapter
+CALIBRATION = "calibration.json"  # {"lesion_threshold": t}: the user's border (lesion_snap.py)
 HASH_CHARS = 16
 
 
@@ -111,10 +113,36 @@ def adapter_evaluation(model_dir: str | Path, name: str) -> dict[str, Any] | Non
     return data if isinstance(data, dict) else None
 
 
-def save_adapter(peft_llama: Any, model_dir: str | Path, name: str, evaluation: dict[str, Any] | None = None) -> Path:
+def adapter_lesion_threshold(model_dir: str | Path, name: str) -> float:
+    """The lesion map's cut that adapter `name` was calibrated with; lesion_snap's default for an adapter
+    without a calibration (saved before there was one). A damaged calibration refuses the adapter: drawing
+    with another border than the one its held-back comparison measured would mislead the user."""
+    from napari_mris.lesion_snap import LESION_THRESHOLD
+
+    path = adapter_dir(model_dir, name) / CALIBRATION
+    if not path.is_file():
+        return LESION_THRESHOLD
+    try:
+        threshold = json.loads(path.read_text(encoding="utf-8"))["lesion_threshold"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ModelDirectoryError(f"{path} does not hold a lesion_threshold: {exc}") from exc
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
+        raise ModelDirectoryError(
+            f"{path}: lesion_threshold must be a number strictly between 0 and 1, got {threshold!r}"
+        )
+    return float(threshold)
+
+
+def save_adapter(
+    peft_llama: Any,
+    model_dir: str | Path,
+    name: str,
+    evaluation: dict[str, Any] | None = None,
+    lesion_threshold: float | None = None,
+) -> Path:
     """Save a peft-wrapped `decoder.llama` as this model's adapter `name`, replacing it atomically: a
     finished temporary folder is renamed into place, so a crash leaves the old adapter or none, and an
-    `evaluation` (JSON-ready) is never seen without its adapter or the other way round."""
+    `evaluation` (JSON-ready) or a `lesion_threshold` is never seen without its adapter or the other way round."""
     target = adapter_dir(model_dir, name)
     base_hash = _model_hash(model_dir)
     try:
@@ -127,6 +155,10 @@ def save_adapter(peft_llama: Any, model_dir: str | Path, name: str, evaluation: 
         (staging / BASE).write_text(json.dumps({"base_model_hash": base_hash}) + "\n", encoding="utf-8")
         if evaluation is not None:
             (staging / EVALUATION).write_text(json.dumps(evaluation) + "\n", encoding="utf-8")
+        if lesion_threshold is not None:
+            (staging / CALIBRATION).write_text(
+                json.dumps({"lesion_threshold": lesion_threshold}) + "\n", encoding="utf-8"
+            )
         if target.exists():
             old = target.with_name(f".{name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -14,6 +14,11 @@ The snap only ever follows the tokens' reading of the text: it never adds a lesi
 touch, and an empty drawing stays empty (the answer "not present"), because the map is text-free: filling
 an empty answer with every lesion would answer a prompt for an empty zone with the lesions elsewhere.
 The stream itself shows the tokens; only the finished update is snapped.
+
+Where the map's border lies is its threshold, 0.5 unless an adapter carries one chosen on a user's own
+corrections (finetune.choose_lesion_threshold in the training package, stored by adapters.save_adapter):
+a radiologist who outlines lesions tighter or wider than the training annotators moves the border there,
+which the LoRA matrices on the transformer cannot reach (docs/results.md, "Correction loop").
 """
 
 from __future__ import annotations
@@ -22,16 +27,34 @@ import numpy as np
 from scipy import ndimage
 
 
-def snap_to_lesion_map(token_probability: np.ndarray, lesion_probability: np.ndarray) -> np.ndarray:
+LESION_THRESHOLD = 0.5  # the map's cut unless an adapter carries a user's own
+
+
+def recentred(probability: np.ndarray, threshold: float) -> np.ndarray:
+    """`probability` mapped piecewise-linearly so that `threshold` lands on 0.5 (0 and 1 stay where they
+    are, the order of values is kept): a lesion cut other than 0.5 then agrees with the 0.5 that the rest
+    of the pipeline thresholds at. The identity at 0.5."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"lesion threshold must lie strictly between 0 and 1, got {threshold}")
+    low = probability * (0.5 / threshold)
+    high = 0.5 + (probability - threshold) * (0.5 / (1.0 - threshold))
+    return np.where(probability < threshold, low, high).astype(np.float32)
+
+
+def snap_to_lesion_map(
+    token_probability: np.ndarray, lesion_probability: np.ndarray, lesion_threshold: float = LESION_THRESHOLD
+) -> np.ndarray:
     """max(supported token probability, lesion probability on the touched lesions), both (H, W) in [0, 1].
 
     Parts and lesions are the 8-connected components of `token_probability >= 0.5` and of
-    `lesion_probability >= 0.5`. A token part is supported when it overlaps a lesion; unsupported parts
-    are set to 0. Thresholding the result at 0.5 gives exactly the supported parts united with the lesions
-    they touch; an empty token mask comes back unchanged.
+    `lesion_probability >= lesion_threshold`. A token part is supported when it overlaps a lesion;
+    unsupported parts are set to 0. Thresholding the result at 0.5 gives exactly the supported parts united
+    with the lesions they touch (the lesion values `recentred` onto 0.5); an empty token mask comes back
+    unchanged.
     """
     if token_probability.shape != lesion_probability.shape:
         raise ValueError(f"token {token_probability.shape} and lesion {lesion_probability.shape} maps differ")
+    lesion_probability = recentred(lesion_probability, lesion_threshold)
     tokens = token_probability >= 0.5
     if not tokens.any():
         return token_probability

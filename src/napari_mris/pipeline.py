@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from napari_mris.adapters import adapter_lesion_threshold
 from napari_mris.domain import DomainCheck, DomainGuard
 from napari_mris.errors import ModelDirectoryError, MRISError, UnsupportedImageError
 from napari_mris.export import software_versions
 from napari_mris.findings import check_findings
-from napari_mris.lesion_snap import snap_to_lesion_map
+from napari_mris.lesion_snap import LESION_THRESHOLD, snap_to_lesion_map
 from napari_mris.model.decoder_files import load_decoder
 from napari_mris.model.generate import (
     DecodeStep,
@@ -184,12 +185,13 @@ class MRISPipeline:
     draws the mask. Why: an adapter learns from corrections, which are always present findings, and is not
     taught the decision (finetune.DECISION_WEIGHT), yet its weights move p([REJ]) anyway; on the correction
     loop's benchmark the findings it turned "not present" made up nearly all of what it changed on full
-    descriptions (docs/results.md, "Correction loop").
+    descriptions (docs/results.md, "Correction loop"). The adapter also brings the lesion map's cut chosen on
+    the user's corrections (`lesion_threshold`, lesion_snap.py), where a user's border style lies.
     """
 
     def __init__(
         self, model_dir: Path, config: dict, tokenizers, decoder, layout, device, adapter, weights_hash, *,
-        weights_verified: bool = False, presence_decoder=None,
+        weights_verified: bool = False, presence_decoder=None, lesion_threshold: float = LESION_THRESHOLD,
     ):  # fmt: skip
         self.model_dir = model_dir
         self.config = config
@@ -199,6 +201,7 @@ class MRISPipeline:
         self.device = device
         self.adapter = adapter
         self.presence_decoder = presence_decoder  # an adapter's base model, which decides presence (above)
+        self.lesion_threshold = lesion_threshold  # the lesion map's cut in the final snap (an adapter's own)
         self.model_hash = weights_hash  # covers every file of the model directory (modeldir.model_files)
         self.weights_verified = weights_verified  # True when the files matched the directory's SHA256SUMS
         self.decoding_orders = {  # the model's orders that have a mask tokenizer, in the layout's order
@@ -226,12 +229,13 @@ class MRISPipeline:
         decoder, layout = load_decoder(model_dir, adapter=adapter, device=torch_device)
         decoder.eval()
         base = load_decoder(model_dir, device=torch_device)[0].eval() if adapter is not None else None
+        threshold = adapter_lesion_threshold(model_dir, adapter) if adapter is not None else LESION_THRESHOLD
         missing = [order for order in layout.orders if order not in tokenizers.masks]
         if missing:
             raise ModelDirectoryError(f"{model_dir}: the decoder knows orders {missing} but no mask tokenizer for them")
         return cls(
             model_dir, config, tokenizers, decoder, layout, torch_device, adapter, check.model_hash,
-            weights_verified=check.verified, presence_decoder=base,
+            weights_verified=check.verified, presence_decoder=base, lesion_threshold=threshold,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ description
@@ -273,6 +277,7 @@ class MRISPipeline:
             "domain_threshold": self.domain_guard.threshold if self.domain_guard is not None else None,
             "reject_threshold": self.reject_threshold,
             "presence_decided_by": "base model" if self.presence_decoder is not None else "model",
+            "lesion_threshold": self.lesion_threshold,
             "prompt_vocabulary": sorted(self.vocabulary.words) if self.vocabulary is not None else None,
         }
 
@@ -531,6 +536,19 @@ class MRISPipeline:
         batch = torch.as_tensor(np.ascontiguousarray(model_image), dtype=torch.float32)[None]
         return self._domain_of(batch.to(self.device))
 
+    def lesion_map(self, image: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray | None:
+        """The stem's text-free lesion probability at the 2D `image`'s size, as the final snap reads it
+        (None: the model has no lesion map). What a user's border cut is chosen on (finetune)."""
+        stem = getattr(self.decoder, "pixel_stem", None)
+        if stem is None or stem.lesion_map is None:
+            return None
+        plane = as_plane(image)
+        model_image = to_model_image(plane, window, self.image_size)
+        batch = torch.as_tensor(np.ascontiguousarray(model_image), dtype=torch.float32)[None, None]
+        with torch.no_grad():
+            logits = self.decoder.lesion_logits(batch.to(self.device))
+        return lesion_probability(logits, plane.shape)
+
     def _domain_of(self, model_image: torch.Tensor) -> DomainCheck | None:
         """The check of a (1, S, S) model image, cached for the last image (a widget asks many prompts of one)."""
         if self.domain_guard is None or self.decoder.pixel_stem is None:
@@ -607,7 +625,7 @@ class MRISPipeline:
             )
         probability = resize_probability(probs.mean(axis=0), shape).astype(np.float32)
         if lesion is not None:
-            probability = snap_to_lesion_map(probability, lesion)
+            probability = snap_to_lesion_map(probability, lesion, self.lesion_threshold)
         uncertainty = resize_probability(probs.std(axis=0), shape).astype(np.float32) if several else None
         return StreamUpdate(
             mask=probability >= 0.5,

@@ -17,6 +17,11 @@ The [SOV]/[REJ] decision is left out of the adapter's loss (DECISION_WEIGHT): a 
 present finding, and adapters that were taught its decision learnt to answer "present" to prompts for
 empty zones too. At run time the base model takes the decision for the adapter (pipeline.MRISPipeline),
 since LoRA weights move it even untaught.
+
+The border: the final mask's borders are the stem's lesion map (napari_mris.lesion_snap), which LoRA on
+the transformer does not reach. So the adapter also carries the map's cut that best fits the trained
+corrections (`choose_lesion_threshold`): a user who outlines lesions tighter or wider than the training
+annotators gets their border; a user who outlines like them keeps 0.5 (the cut must gain MIN_BORDER_GAIN).
 """
 
 from __future__ import annotations
@@ -27,22 +32,25 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from napari_mris.adapters import adapter_dir, save_adapter
 from napari_mris.errors import DatasetError, MRISError
+from napari_mris.lesion_snap import LESION_THRESHOLD
 from napari_mris.model.decoder import lora_target_modules
 from napari_mris.model.decoder_files import load_decoder
 from napari_mris.model_location import peek_config, resolve_model_dir
 from napari_mris.phantom import write_lvit_dataset
-from napari_mris.pipeline import resolve_device
+from napari_mris.pipeline import MRISPipeline, resolve_device
 from napari_mris.tokenizers import load_tokenizers
 from napari_mris_train.config import TrainRecipe
 from napari_mris_train.data import load_split
 from napari_mris_train.encode_cache import encode_split
 from napari_mris_train.held_out import report_held_out, score_held_out, split_held_out
 from napari_mris_train.losses import LossConfig
+from napari_mris_train.metrics import dice_iou
 from napari_mris_train.mixing import SequenceMixer
 from napari_mris_train.objective import Objective, adamw, collate_samples
 
@@ -75,6 +83,8 @@ NO_MIX = (0.0, 0.0, 0.0)
 OWN_MIX = (0.0, 0.25, 0.0)  # one-side / one-zone prompts made from the corrections: keep the referring skill
 TRAINING_MIX = (0.15, 0.25, 0.05)  # TrainRecipe's own (absent, zone, foreign) fractions
 DECISION_WEIGHT = 0.0  # the [SOV]/[REJ] token against one mask code: not trained (why: the module docstring)
+LESION_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the cuts `choose_lesion_threshold` tries
+MIN_BORDER_GAIN = 0.01  # mean Dice a cut must gain over LESION_THRESHOLD on the corrections to be chosen
 
 
 def mix_recipe(orders: tuple[str, ...], mix: tuple[float, float, float], seed: int) -> TrainRecipe:
@@ -216,6 +226,20 @@ def train_adapter(
     return decoder.eval(), layout
 
 
+def choose_lesion_threshold(pipeline: MRISPipeline, examples) -> float:
+    """The lesion map's cut (of LESION_THRESHOLDS) whose map best matches the corrections' masks (mean
+    Dice). The map is text-free and LoRA leaves it unchanged, so the base `pipeline`'s map is the
+    adapter's. LESION_THRESHOLD stays unless another cut gains MIN_BORDER_GAIN: a few corrections should
+    not move the border on noise."""
+    maps = [(pipeline.lesion_map(example.image), example.mask) for example in examples]
+    maps = [(probability, mask) for probability, mask in maps if probability is not None]
+    if not maps:
+        return LESION_THRESHOLD
+    dice = {t: np.mean([dice_iou(probability >= t, mask)[0] for probability, mask in maps]) for t in LESION_THRESHOLDS}
+    best = max(dice, key=dice.get)
+    return best if dice[best] >= dice[LESION_THRESHOLD] + MIN_BORDER_GAIN else LESION_THRESHOLD
+
+
 def finetune(
     model_dir: str | Path,
     dataset: str | Path,
@@ -224,27 +248,36 @@ def finetune(
     *,
     held_out_fraction: float = 0.0,
     held_out_progress: Callable[[int, int], None] | None = None,
+    calibrate_border: bool = True,
     **options,
 ) -> Path:
     """Fine-tune with LoRA and save it as adapter `name` of the model (napari_mris.adapters); returns its folder.
 
     `progress_callback(step, total, loss)` is called after each step (`--report-steps` prints it for the
     widget, which runs this command in a process of its own and stops it by ending that process); a
-    failure, or a process ended before the end, leaves no adapter folder behind. With `held_out_fraction`,
-    that part of the data is not trained on; the base model and the adapter are scored on it and the
-    comparison is saved with the adapter (held_out.py). Options: see `train_adapter`.
+    failure, or a process ended before the end, leaves no adapter folder behind. With `calibrate_border`,
+    the lesion map's cut is chosen on the trained corrections and saved with the adapter
+    (`choose_lesion_threshold`). With `held_out_fraction`, that part of the data is not trained on; the
+    base model and the adapter (with its cut) are scored on it and the comparison is saved with the
+    adapter (held_out.py). Options: see `train_adapter`.
     """
     model_dir = resolve_model_dir(model_dir)
     adapter_dir(model_dir, name)  # a bad name fails before the training, not after it
     with tempfile.TemporaryDirectory(prefix="mris-held-out-") as scratch:
         train_part, held = split_held_out(open_dataset(dataset), held_out_fraction, scratch)
-        decoder, layout = train_adapter(model_dir, train_part if held else dataset, steps, **options)
+        trained = train_part if held else dataset
+        decoder, layout = train_adapter(model_dir, trained, steps, **options)
+        device = next(decoder.parameters()).device
+        base = MRISPipeline.from_pretrained(model_dir, device=str(device))
+        threshold = LESION_THRESHOLD
+        if calibrate_border:
+            split = open_dataset(trained)
+            threshold = choose_lesion_threshold(base, (split[i] for i in range(len(split))))
         evaluation = None
         if held:
-            device = next(decoder.parameters()).device
-            comparison = score_held_out(model_dir, decoder, layout, held, name, device, held_out_progress)
+            comparison = score_held_out(base, decoder, layout, held, name, threshold, held_out_progress)
             evaluation = comparison.to_json()
-    return save_adapter(decoder.llama.cpu(), model_dir, name, evaluation)
+    return save_adapter(decoder.llama.cpu(), model_dir, name, evaluation, threshold)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -305,6 +338,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         metavar="FRACTION",
         help="score base and adapter on this fraction of the data, not trained on (saved with the adapter)",
+    )
+    parser.add_argument(
+        "--keep-border",
+        action="store_true",
+        help="keep the lesion map's cut at 0.5 (default: choose it on the corrections, saved with the adapter)",
     )
     parser.add_argument(
         "--report-steps", action="store_true", help="print 'step I/N loss L' lines (for the widget), no bar"
@@ -368,4 +406,5 @@ def finetune_command(args: argparse.Namespace) -> Path:
             progress_callback=report_step if args.report_steps else None,
             held_out_fraction=args.hold_out,
             held_out_progress=report_held_out if args.report_steps else None,
+            calibrate_border=not args.keep_border,
         )

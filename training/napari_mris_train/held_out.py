@@ -42,17 +42,17 @@ def split_held_out(split, fraction: float, scratch: str | Path) -> tuple[Path, l
 
 
 def score_held_out(
-    model_dir: Path,
+    base: MRISPipeline,
     decoder,
     layout,
     examples: list[Example],
     name: str,
-    device,
+    lesion_threshold: float,
     progress: Callable[[int, int], None] | None = None,
 ) -> HeldOutComparison:
-    """The base model and the fine-tuned `decoder` (its Llama peft-wrapped; a merged copy is scored, the
-    decoder itself is left as it is for saving) on the held-back examples, as the widget decodes them."""
-    base = MRISPipeline.from_pretrained(model_dir, device=str(device))
+    """The `base` pipeline and the fine-tuned `decoder` (its Llama peft-wrapped; a merged copy is scored,
+    the decoder itself is left as it is for saving) with the adapter's `lesion_threshold` on the held-back
+    examples, as the widget decodes them."""
     merged = copy.deepcopy(decoder)
     merged.llama = merged.llama.merge_and_unload()
     adapted = MRISPipeline(
@@ -65,6 +65,7 @@ def score_held_out(
         name,
         base.model_hash,
         presence_decoder=base.decoder,  # the base decides presence, as when the adapter is loaded
+        lesion_threshold=lesion_threshold,
     )
     items = [(e.name, e.image, e.description, e.mask) for e in examples]
     return compare_on_held_out(base, adapted, items, progress)
