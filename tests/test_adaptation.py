@@ -249,26 +249,37 @@ def test_the_job_asks_for_held_back_cases_and_reports_their_scoring(model_copy: 
     ]
 
 
-def _fake_adapter(model_dir: Path, name: str, comparison: HeldOutComparison | None) -> None:
-    """An adapter folder as list_adapters sees it (the widget only lists it and reads its comparison)."""
+def _fake_adapter(
+    model_dir: Path, name: str, comparison: HeldOutComparison | None, calibration: str | None = None
+) -> None:
+    """An adapter folder as list_adapters sees it (the widget only lists it and reads its comparison and
+    its border calibration)."""
     folder = adapters_folder(model_dir) / name
     folder.mkdir(parents=True)
     (folder / "adapter_model.safetensors").write_bytes(b"")
     if comparison is not None:
         (folder / "evaluation.json").write_text(json.dumps(comparison.to_json()))
+    if calibration is not None:
+        (folder / "calibration.json").write_text(calibration)
 
 
 @needs_display
 def test_the_widget_shows_an_adapters_effect_before_the_user_switches(make_napari_viewer, model_copy: Path) -> None:
     better = HeldOutComparison(["a", "b"], base_dice=[0.5, 0.6], adapter_dice=[0.7, 0.8])
     _fake_adapter(model_copy, "corrections-1", better)
-    _fake_adapter(model_copy, "corrections-2", None)
+    _fake_adapter(model_copy, "corrections-2", None, calibration='{"lesion_threshold": 0.9}')
+    _fake_adapter(model_copy, "corrections-3", better, calibration='{"lesion_threshold": 0.5}')
+    _fake_adapter(model_copy, "corrections-4", None, calibration='{"lesion_threshold": "wide"}')
     widget = MRISWidget(make_napari_viewer(), model=model_copy)
     assert widget.adapter is None and not widget.adapter_effect.isVisibleTo(widget)  # base model: nothing to show
     first, second = (widget.adapter_combo.findData(n) for n in ("corrections-1", "corrections-2"))
     expected = "On 2 held-back corrections: Dice 75.0 % with this adapter, 55.0 % with the base model (+20.0 points)"
     assert widget.adapter_combo.itemData(first, Qt.ToolTipRole) == f"corrections-1: {expected}"
     assert "not compared with the base model" in widget.adapter_combo.itemData(second, Qt.ToolTipRole)
+    assert "outline lesions tighter than the model did" in widget.adapter_combo.itemData(second, Qt.ToolTipRole)
+    third, fourth = (widget.adapter_combo.findData(n) for n in ("corrections-3", "corrections-4"))
+    assert widget.adapter_combo.itemData(third, Qt.ToolTipRole) == f"corrections-3: {expected}"  # the default cut
+    assert "cannot be loaded" in widget.adapter_combo.itemData(fourth, Qt.ToolTipRole)
 
     widget.adapter_combo.highlighted.emit(first)  # the pointer on it in the open list: not switched yet
     assert widget.adapter is None and widget.adapter_effect.text() == f"corrections-1: {expected}"

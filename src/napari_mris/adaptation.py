@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_mris.errors import MRISError
+from napari_mris.errors import ModelDirectoryError, MRISError
 
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss ([-+0-9.eEnaif]+)$")
 HELD_OUT_LINE = re.compile(r"^held-back (\d+)/(\d+)$")  # after training: the held-back cases scored so far
@@ -214,11 +214,29 @@ def adapter_effect(model_dir: str | Path, name: str) -> str:
 
     data = adapter_evaluation(model_dir, name)
     if data is None:
-        return (
+        effect = (
             f"{name}: not compared with the base model (no corrections were held back from its training: "
             f"that needs {MIN_TO_HOLD_OUT} or more)"
         )
+    else:
+        try:
+            effect = f"{name}: {HeldOutComparison.from_json(data).summary()}"
+        except (KeyError, TypeError, ValueError):
+            effect = f"{name}: its stored comparison with the base model is unreadable"
+    return effect + border_note(model_dir, name)
+
+
+def border_note(model_dir: str | Path, name: str) -> str:
+    """'' when adapter `name` draws lesion borders at the map's default cut, else a sentence on the border
+    it learnt from the corrections (or that its calibration is damaged, which refuses the adapter)."""
+    from napari_mris.adapters import adapter_lesion_threshold
+    from napari_mris.lesion_snap import LESION_THRESHOLD
+
     try:
-        return f"{name}: {HeldOutComparison.from_json(data).summary()}"
-    except (KeyError, TypeError, ValueError):
-        return f"{name}: its stored comparison with the base model is unreadable"
+        threshold = adapter_lesion_threshold(model_dir, name)
+    except ModelDirectoryError as exc:
+        return f"; it cannot be loaded: {exc}"
+    if threshold == LESION_THRESHOLD:
+        return ""
+    way = "tighter" if threshold > LESION_THRESHOLD else "wider"
+    return f"; your corrections outline lesions {way} than the model did, and it draws them so (cut {threshold:g})"

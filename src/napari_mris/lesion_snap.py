@@ -26,7 +26,6 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-
 LESION_THRESHOLD = 0.5  # the map's cut unless an adapter carries a user's own
 
 
