@@ -14,7 +14,13 @@ site's radiologist. Val_Folder holds BIMCV subjects sorted by subject; the bench
   other training cases.
 
 An adapter is fine-tuned for each N with `napari-mris-train finetune`'s function and the recipe given
-here, timed end to end (loading, encoding, the steps, saving), and every set is scored before and after.
+here, timed end to end (loading, encoding, the steps, choosing the border cut, saving), and every set is
+scored before and after; each row records the lesion-map cut its adapter chose (`lesion_threshold`).
+
+`--annotator dilate:K` / `erode:K` plays a new annotator who outlines every lesion K pixels wider or
+tighter: the pool's corrections and the scored truths are redrawn so (`annotator_style`), the forgetting
+slice is not. Val_Folder's own annotators differ from Train_Folder's in no way an adapter learns (docs/
+results.md, "Stop 32"), so this is the benchmark's case of a difference there is to learn.
 
 `--tune` is for choosing the recipe without looking at the scored cases: it trains on the first N pool
 cases and scores on pool cases of OTHER subjects (`--eval-count` of them, from the end of the pool) and

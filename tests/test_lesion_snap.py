@@ -94,3 +94,21 @@ def test_recentred_puts_the_threshold_on_one_half():
         r = recentred(p, threshold)
         assert r[0] == 0 and r[-1] == pytest.approx(1) and (np.diff(r) > 0).all()
         assert np.array_equal(r >= 0.5, p >= threshold)
+
+
+def test_a_users_cut_moves_borders_never_which_parts_are_supported():
+    """Support is decided at the model's own cut: a faint lesion (peak 0.6) still supports its token part
+    under a tight 0.8 cut (the finding stays present, drawn by its tokens), and a wide 0.3 cut neither
+    supports a part that touches only a sub-0.5 haze nor draws a haze no touched lesion lies in."""
+    shape = (30, 60)
+    faint = blob(shape, slice(5, 15), slice(5, 15), 0.6)
+    tokens = blob(shape, slice(8, 12), slice(8, 12), 0.9)
+    mask = snap_to_lesion_map(tokens, faint, lesion_threshold=0.8) >= 0.5
+    assert np.array_equal(mask, tokens > 0)  # kept, and the lesion is not drawn below the user's cut
+
+    haze = blob(shape, slice(5, 25), slice(35, 55), 0.35)
+    lesion = np.maximum(np.maximum(blob(shape, slice(2, 28), slice(2, 28), 0.35), faint), haze)
+    tokens_on_haze = tokens + blob(shape, slice(18, 20), slice(40, 42), 0.9)
+    mask = snap_to_lesion_map(tokens_on_haze, lesion, lesion_threshold=0.3) >= 0.5
+    assert mask[2:28, 2:28].all()  # the faint lesion's 0.3 component, drawn wide
+    assert not mask[:, 30:].any()  # the token part on the haze: unsupported; the haze: no touched lesion in it

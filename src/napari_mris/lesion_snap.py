@@ -15,10 +15,12 @@ touch, and an empty drawing stays empty (the answer "not present"), because the 
 an empty answer with every lesion would answer a prompt for an empty zone with the lesions elsewhere.
 The stream itself shows the tokens; only the finished update is snapped.
 
-Where the map's border lies is its threshold, 0.5 unless an adapter carries one chosen on a user's own
+Where the map's border lies is its cut, 0.5 unless an adapter carries one chosen on a user's own
 corrections (finetune.choose_lesion_threshold in the training package, stored by adapters.save_adapter):
 a radiologist who outlines lesions tighter or wider than the training annotators moves the border there,
-which the LoRA matrices on the transformer cannot reach (docs/results.md, "Correction loop").
+which the LoRA matrices on the transformer cannot reach (docs/results.md, "Correction loop"). The user's
+cut moves borders only: which lesions are there, and so which token parts are supported, is decided at
+the model's own cut (LESION_THRESHOLD), so a calibrated border never turns a finding "not present".
 """
 
 from __future__ import annotations
@@ -43,22 +45,23 @@ def recentred(probability: np.ndarray, threshold: float) -> np.ndarray:
 def snap_to_lesion_map(
     token_probability: np.ndarray, lesion_probability: np.ndarray, lesion_threshold: float = LESION_THRESHOLD
 ) -> np.ndarray:
-    """max(supported token probability, lesion probability on the touched lesions), both (H, W) in [0, 1].
+    """max(supported token probability, lesion probability drawn for the touched lesions), (H, W) in [0, 1].
 
     Parts and lesions are the 8-connected components of `token_probability >= 0.5` and of
-    `lesion_probability >= lesion_threshold`. A token part is supported when it overlaps a lesion;
-    unsupported parts are set to 0. Thresholding the result at 0.5 gives exactly the supported parts united
-    with the lesions they touch (the lesion values `recentred` onto 0.5); an empty token mask comes back
-    unchanged.
+    `lesion_probability >= LESION_THRESHOLD`. A token part is supported when it overlaps a lesion;
+    unsupported parts are set to 0. A touched lesion is drawn at `lesion_threshold`: its pixels at or above
+    the cut when the cut is higher, the whole component of `lesion_probability >= lesion_threshold` around
+    it when lower. Thresholding the result at 0.5 gives exactly the supported parts united with the drawn
+    lesions (the lesion values `recentred` onto 0.5); an empty token mask comes back unchanged.
     """
     if token_probability.shape != lesion_probability.shape:
         raise ValueError(f"token {token_probability.shape} and lesion {lesion_probability.shape} maps differ")
-    lesion_probability = recentred(lesion_probability, lesion_threshold)
+    drawn_values = recentred(lesion_probability, lesion_threshold)
     tokens = token_probability >= 0.5
     if not tokens.any():
         return token_probability
     eight = np.ones((3, 3), bool)
-    lesions, lesion_count = ndimage.label(lesion_probability >= 0.5, structure=eight)
+    lesions, lesion_count = ndimage.label(lesion_probability >= LESION_THRESHOLD, structure=eight)
     parts, part_count = ndimage.label(tokens, structure=eight)
     supported = np.zeros(part_count + 1, bool)
     supported[np.unique(parts[lesions > 0])] = True
@@ -66,5 +69,9 @@ def snap_to_lesion_map(
     touched = np.zeros(lesion_count + 1, bool)
     touched[np.unique(lesions[tokens])] = True
     touched[0] = False
+    drawn = touched[lesions]
+    if lesion_threshold < LESION_THRESHOLD:  # wider: the components at the lower cut around the touched lesions
+        wide, _ = ndimage.label(lesion_probability >= lesion_threshold, structure=eight)
+        drawn = np.isin(wide, np.unique(wide[drawn])) & (wide > 0)
     kept = np.where(tokens & ~supported[parts], 0.0, token_probability)
-    return np.maximum(kept, np.where(touched[lesions], lesion_probability, 0.0)).astype(np.float32)
+    return np.maximum(kept, np.where(drawn, drawn_values, 0.0)).astype(np.float32)
