@@ -267,13 +267,12 @@ def finetune(
         train_part, held = split_held_out(open_dataset(dataset), held_out_fraction, scratch)
         trained = train_part if held else dataset
         decoder, layout = train_adapter(model_dir, trained, steps, **options)
-        device = next(decoder.parameters()).device
-        base = MRISPipeline.from_pretrained(model_dir, device=str(device))
-        threshold = LESION_THRESHOLD
+        threshold, evaluation = LESION_THRESHOLD, None
+        if calibrate_border or held:  # the base pipeline: its lesion map, and the held-back comparison's base
+            base = MRISPipeline.from_pretrained(model_dir, device=str(next(decoder.parameters()).device))
         if calibrate_border:
             split = open_dataset(trained)
             threshold = choose_lesion_threshold(base, (split[i] for i in range(len(split))))
-        evaluation = None
         if held:
             comparison = score_held_out(base, decoder, layout, held, name, threshold, held_out_progress)
             evaluation = comparison.to_json()
