@@ -109,8 +109,13 @@ def annotator_style(spec: str) -> Callable[[np.ndarray], np.ndarray] | None:
         drawn = change(mask, structure=disk)
         return drawn if drawn.any() else mask
 
-    redraw.spec = spec  # type: ignore[attr-defined]  # the base scores' cache key
     return redraw
+
+
+def parse_annotator(spec: str) -> str:
+    """--annotator: checked here (argparse reports a bad spec), kept as text (the cache key, the JSON)."""
+    annotator_style(spec)
+    return spec
 
 
 def subject(name: str) -> str:
@@ -148,9 +153,10 @@ def choose_cases(val, train, args) -> dict[str, Picked]:
     )
     if not scored:
         raise SystemExit("no val cases left to score: lower --pool or the largest --n")
+    style = annotator_style(args.annotator)
     return {
-        "pool": Picked(val, pool, args.annotator),
-        "scored": Picked(val, scored, args.annotator),
+        "pool": Picked(val, pool, style),
+        "scored": Picked(val, scored, style),
         "forgetting": Picked(train, forgetting),
         "replay": Picked(train, replay),
     }
@@ -207,7 +213,7 @@ def cached_base(model_dir: Path, cases: dict[str, Picked], args, cache: Path | N
         json.dumps(
             [model_hash(model_dir), args.order, list(args.sets)]
             + [cases["scored"].names, cases["forgetting"].names]
-            + ([args.annotator.spec] if args.annotator else [])
+            + ([args.annotator] if args.annotator != "as-is" else [])  # as-is: the keys of earlier runs
         ).encode()
     ).hexdigest()[:16]
     path = cache / f"base_{key}.json" if cache is not None else None
@@ -429,8 +435,8 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="score held-back pool cases, not the scored cases")
     parser.add_argument(
         "--annotator",
-        type=annotator_style,
-        default=None,
+        type=parse_annotator,
+        default="as-is",
         help="as-is (default), dilate:K or erode:K: val masks (corrections, scored truths) drawn K px wider / tighter",
     )
     recipe = parser.add_argument_group("recipe (napari-mris-train finetune's options; unset: its defaults)")
@@ -462,7 +468,7 @@ def main() -> None:
         f"pool val[0:{len(cases['pool'])}], scored {len(cases['scored'])} val cases "
         f"({'tuning' if args.tune else 'final'}), "
         f"forgetting {len(cases['forgetting'])} train cases, replay {len(cases['replay'])}, order {args.order}, "
-        f"annotator {args.annotator.spec if args.annotator else 'as-is'}",
+        f"annotator {args.annotator}",
         flush=True,
     )
     if args.proxy:
@@ -508,7 +514,7 @@ def main() -> None:
             "model": str(model_dir),
             "mode": "tune" if args.tune else "final",
             "order": args.order,
-            "annotator": args.annotator.spec if args.annotator else "as-is",
+            "annotator": args.annotator,
             "sets": list(args.sets),
             "threads": args.threads,
             "steps": args.steps,

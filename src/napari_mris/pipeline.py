@@ -532,9 +532,7 @@ class MRISPipeline:
         ask before `stream()`, which reuses the result for the same image."""
         if self.domain_guard is None:
             return None
-        model_image = to_model_image(as_plane(image), window, self.image_size)
-        batch = torch.as_tensor(np.ascontiguousarray(model_image), dtype=torch.float32)[None]
-        return self._domain_of(batch.to(self.device))
+        return self._domain_of(self._model_image(as_plane(image), window).to(self.device))
 
     def lesion_map(self, image: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray | None:
         """The stem's text-free lesion probability at the 2D `image`'s size, as the final snap reads it
@@ -543,10 +541,8 @@ class MRISPipeline:
         if stem is None or stem.lesion_map is None:
             return None
         plane = as_plane(image)
-        model_image = to_model_image(plane, window, self.image_size)
-        batch = torch.as_tensor(np.ascontiguousarray(model_image), dtype=torch.float32)[None, None]
         with torch.no_grad():
-            logits = self.decoder.lesion_logits(batch.to(self.device))
+            logits = self.decoder.lesion_logits(self._model_image(plane, window)[None].to(self.device))
         return lesion_probability(logits, plane.shape)
 
     def _domain_of(self, model_image: torch.Tensor) -> DomainCheck | None:
@@ -583,11 +579,16 @@ class MRISPipeline:
 
     def _model_input(self, pixels: np.ndarray, window: tuple[float, float] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The (1, S, S) model image on the pipeline's device (the pixel stem's input) and its image codes."""
-        image = to_model_image(pixels, window, self.image_size)
         with torch.inference_mode():
-            batch = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)[None, None]
+            batch = self._model_image(pixels, window)[None]
             codes = self.tokenizers.image.encode(batch)[0]
         return batch[0].to(self.device), codes
+
+    def _model_image(self, pixels: np.ndarray, window: tuple[float, float] | None) -> torch.Tensor:
+        """The (1, S, S) float32 model image on the CPU (windowed, scaled, resized): the one preprocessing
+        that the pixel stem, the image tokenizer, the lesion map and the domain guard all read."""
+        image = to_model_image(pixels, window, self.image_size)
+        return torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)[None]
 
     def _generator(self, seed: int | None) -> torch.Generator | None:
         if seed is None:
